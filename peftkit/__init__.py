@@ -1,0 +1,77 @@
+"""peftkit: parameter-efficient fine-tuning behind one interface.
+
+    import peftkit
+    model = peftkit.adapt(model, "lora", r=8, alpha=16, target_modules="all-linear")
+    ...train...
+    peftkit.save_adapter(model, "out/adapter")   # HF PEFT's format
+"""
+
+from peftkit.errors import (
+    AdapterExistsError,
+    AdapterFileError,
+    AdapterNotFoundError,
+    AdapterStateError,
+    ConfigError,
+    MergeError,
+    PeftkitError,
+    ShapeMismatchError,
+    TargetNotFoundError,
+    UnknownMethodError,
+    UnsupportedModuleError,
+)
+from peftkit.inject import (
+    adapt,
+    adapter_methods,
+    delete_adapter,
+    disable_adapters,
+    mark_trainable,
+    set_active_adapters,
+    set_adapters_enabled,
+    trainable_parameters,
+)
+from peftkit.layer import Adapter, AdapterHost, AdapterLayer, TrainableCopy
+from peftkit.merge import merge, merge_and_unload, unload, unmerge
+from peftkit.method import AdapterMethod, MethodConfig, peft_option
+from peftkit.registry import available_methods, get_method, register_method
+from peftkit.serialization import adapter_state_dict, load_adapter, save_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AdapterExistsError",
+    "AdapterFileError",
+    "AdapterHost",
+    "AdapterLayer",
+    "AdapterMethod",
+    "AdapterNotFoundError",
+    "AdapterStateError",
+    "ConfigError",
+    "MergeError",
+    "MethodConfig",
+    "PeftkitError",
+    "ShapeMismatchError",
+    "TargetNotFoundError",
+    "TrainableCopy",
+    "UnknownMethodError",
+    "UnsupportedModuleError",
+    "adapt",
+    "adapter_methods",
+    "adapter_state_dict",
+    "available_methods",
+    "delete_adapter",
+    "disable_adapters",
+    "get_method",
+    "load_adapter",
+    "mark_trainable",
+    "merge",
+    "merge_and_unload",
+    "peft_option",
+    "register_method",
+    "save_adapter",
+    "set_active_adapters",
+    "set_adapters_enabled",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

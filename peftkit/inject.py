@@ -1,0 +1,189 @@
+"""Putting adapters into a model and steering them: inject, freeze, activate, enable.
+
+The model stays the user's own object (so `generate`, `save_pretrained` and
+transformers' `Trainer` keep working); peftkit records which method each adapter
+name uses in `model.peftkit_methods`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.errors import AdapterExistsError, AdapterNotFoundError, AdapterStateError, TargetNotFoundError
+from peftkit.layer import AdapterHost, AdapterLayer, TrainableCopy
+from peftkit.method import AdapterMethod
+from peftkit.registry import get_method
+from peftkit.targets import candidate_modules, find_targets, matches_pattern
+
+__all__ = [
+    "DEFAULT_ADAPTER",
+    "adapt",
+    "inject_adapters",
+    "adapter_methods",
+    "hosts",
+    "set_active_adapters",
+    "set_adapters_enabled",
+    "disable_adapters",
+    "mark_trainable",
+    "delete_adapter",
+    "trainable_parameters",
+]
+
+DEFAULT_ADAPTER = "default"
+
+
+def adapter_methods(model: nn.Module) -> dict[str, AdapterMethod]:
+    """The adapters on `model`, by name, with the method instance each was built from."""
+    return model.__dict__.setdefault("peftkit_methods", {})
+
+
+def hosts(model: nn.Module) -> Iterator[tuple[str, AdapterHost]]:
+    """Every peftkit host module in `model`, with its path."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterHost):
+            yield name, module
+
+
+def adapt(
+    model: nn.Module,
+    method: str | AdapterMethod,
+    adapter_name: str = DEFAULT_ADAPTER,
+    **options: Any,
+) -> nn.Module:
+    """Adapt `model` in place with `method` (a registered name or an instance) and return it.
+
+    The new adapter becomes the active one and its parameters the only trainable ones.
+    """
+    if isinstance(method, str):
+        method = get_method(method).from_options(**options)
+    elif options:
+        raise TypeError("pass options either in the method instance or as keywords, not both.")
+    methods = adapter_methods(model)
+    if adapter_name in methods:
+        raise AdapterExistsError(
+            f"model already has an adapter named {adapter_name!r} ({methods[adapter_name].name}); "
+            f"pick another adapter_name. In use: {', '.join(methods)}."
+        )
+    method.attach(model, adapter_name)
+    methods[adapter_name] = method
+    set_active_adapters(model, adapter_name)
+    mark_trainable(model, adapter_name)
+    return model
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def inject_adapters(model: nn.Module, method: AdapterMethod, adapter_name: str) -> list[str]:
+    """Wrap each targeted module in an `AdapterLayer` (once) and add the method's adapter to it."""
+    targets = find_targets(model, method.config, method.adaptable_types())
+    for name in targets:
+        module = model.get_submodule(name)
+        host = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
+        adapter = method.create_adapter(host.base_layer, name)
+        host.adapters[adapter_name] = adapter.to(_device_of(host.base_layer))
+        if host is not module:
+            model.set_submodule(name, host)
+    _wrap_modules_to_save(model, method.config.modules_to_save, adapter_name)
+    return targets
+
+
+def _wrap_modules_to_save(model: nn.Module, patterns: list[str] | None, adapter_name: str) -> None:
+    if not patterns:
+        return
+    chosen = [name for name, _ in candidate_modules(model) if matches_pattern(name, patterns)]
+    if not chosen:
+        raise TargetNotFoundError(f"modules_to_save={patterns!r} matched no module of {type(model).__name__}.")
+    for name in chosen:
+        module = model.get_submodule(name)
+        host = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
+        host.adapters[adapter_name] = copy.deepcopy(host.original_module)
+        if host is not module:
+            model.set_submodule(name, host)
+
+
+def _require_adapters(model: nn.Module, names: list[str]) -> None:
+    known = adapter_methods(model)
+    for name in names:
+        if name not in known:
+            raise AdapterNotFoundError(
+                f"model has no adapter named {name!r}; adapters: {', '.join(known) or '(none)'}."
+            )
+
+
+def set_active_adapters(model: nn.Module, names: str | list[str]) -> None:
+    """Make `names` the adapters whose outputs are added in every forward."""
+    names = [names] if isinstance(names, str) else list(names)
+    _require_adapters(model, names)
+    for _, host in hosts(model):
+        host.active_adapters = [n for n in names if n in host.adapters]
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch all adapters on or off; off gives the base model's output."""
+    for _, host in hosts(model):
+        host.adapters_enabled = enabled
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """`with disable_adapters(model):` runs the base model, then restores the adapters."""
+    set_adapters_enabled(model, False)
+    try:
+        yield model
+    finally:
+        set_adapters_enabled(model, True)
+
+
+def mark_trainable(model: nn.Module, adapter_name: str) -> None:
+    """Freeze everything but `adapter_name`'s parameters (and the biases its config asks for)."""
+    _require_adapters(model, [adapter_name])
+    bias = adapter_methods(model)[adapter_name].config.bias
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, host in hosts(model):
+        if adapter_name in host.adapters:
+            host.adapters[adapter_name].requires_grad_(True)
+            layer_bias = getattr(host.wrapped, "bias", None)
+            if bias == "lora_only" and isinstance(host, AdapterLayer) and isinstance(layer_bias, nn.Parameter):
+                layer_bias.requires_grad_(True)
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and param.is_floating_point():
+                param.requires_grad_(True)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove an adapter and free its parameters; hosts left empty give back their module."""
+    _require_adapters(model, [adapter_name])
+    for path, host in hosts(model):
+        if adapter_name in getattr(host, "merged_adapters", ()):
+            raise AdapterStateError(f"adapter {adapter_name!r} is merged into {path!r}; unmerge it before deleting.")
+    for path, host in list(hosts(model)):
+        if adapter_name not in host.adapters:
+            continue
+        del host.adapters[adapter_name]
+        host.active_adapters = [n for n in host.active_adapters if n != adapter_name]
+        if not host.adapters:
+            model.set_submodule(path, host.wrapped)
+    del adapter_methods(model)[adapter_name]
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count their unpacked elements."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel() * (2 if getattr(param, "quant_state", None) is not None else 1)
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total

@@ -1,0 +1,74 @@
+"""Adapter methods by name: a decorator to register one, entry points to find them.
+
+Built-in methods (in the top-level `variants` package) and third-party ones are
+declared the same way, in the `peftkit.methods` entry-point group:
+
+    [project.entry-points."peftkit.methods"]
+    lora = "variants.lora:LoRA"
+
+The core never imports a method by name; it loads the group on first use.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import entry_points
+from typing import TypeVar
+
+from peftkit.errors import ConfigError, UnknownMethodError, closest_match
+from peftkit.method import AdapterMethod
+
+__all__ = ["ENTRY_POINT_GROUP", "register_method", "get_method", "available_methods", "discover_methods"]
+
+ENTRY_POINT_GROUP = "peftkit.methods"
+
+M = TypeVar("M", bound=type[AdapterMethod])
+
+_METHODS: dict[str, type[AdapterMethod]] = {}
+_discovered = False
+
+
+def register_method(cls: M) -> M:
+    """Class decorator: make `cls` available under `cls.name`."""
+    if not (inspect.isclass(cls) and issubclass(cls, AdapterMethod)) or inspect.isabstract(cls):
+        raise TypeError(f"register_method takes a concrete AdapterMethod subclass, got {cls!r}.")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{cls.__qualname__} must set a non-empty `name` to be registered.")
+    existing = _METHODS.get(name)
+    if existing is not None and existing.__qualname__ != cls.__qualname__:
+        raise ConfigError(f"method name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}.")
+    _METHODS[name] = cls
+    return cls
+
+
+def discover_methods() -> None:
+    """Load every `peftkit.methods` entry point once; a loaded class registers itself if needed."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        loaded = entry.load()
+        if inspect.isclass(loaded) and issubclass(loaded, AdapterMethod) and loaded.name not in _METHODS:
+            register_method(loaded)
+
+
+def available_methods() -> list[str]:
+    """Names of all registered methods, sorted."""
+    discover_methods()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type[AdapterMethod]:
+    """The method class registered as `name`; an unknown name lists the known ones."""
+    discover_methods()
+    if name in _METHODS:
+        return _METHODS[name]
+    names = sorted(_METHODS)
+    hint = closest_match(name, names)
+    raise UnknownMethodError(
+        f"unknown adapter method {name!r}."
+        + (f" Did you mean {hint!r}?" if hint else "")
+        + f" Registered methods: {', '.join(names) or '(none)'}."
+    )

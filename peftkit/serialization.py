@@ -1,0 +1,242 @@
+"""Adapters on disk in HF PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+This is the one place that knows PEFT's names. Internally an adapter's tensor lives
+at `<module>.adapters.<name>.<param>`; PEFT writes `base_model.model.<module>.<param>`.
+Config fields map through each option's `peft` metadata, so adapter_config.json is
+exactly what PEFT reads; peftkit's own full options ride along in the safetensors
+header metadata (which PEFT ignores), so a peftkit round trip is exact.
+Loading reads JSON and safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from peftkit.errors import AdapterFileError, ShapeMismatchError
+from peftkit.files import atomic_write, atomic_write_json
+from peftkit.inject import DEFAULT_ADAPTER, adapt, adapter_methods, delete_adapter, hosts, mark_trainable
+from peftkit.layer import AdapterLayer
+from peftkit.method import AdapterMethod
+from peftkit.registry import available_methods, get_method
+from peftkit.targets import portable_target_modules
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "adapter_state_dict",
+    "peft_config",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter_config",
+    "method_from_config",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+METADATA_KEY = "peftkit"
+
+_TASK_TYPES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+}
+
+
+def _adapter_entries(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, str, torch.Tensor]]:
+    """PEFT key -> (module path, tensor name, live tensor) for every tensor of one adapter."""
+    bias_policy = adapter_methods(model)[adapter_name].config.bias
+    entries: dict[str, tuple[str, str, torch.Tensor]] = {}
+    for path, host in hosts(model):
+        if adapter_name not in host.adapters:
+            continue
+        for name, tensor in host.adapters[adapter_name].state_dict(keep_vars=True).items():
+            entries[f"{PEFT_PREFIX}{path}.{name}"] = (path, name, tensor)
+        bias = getattr(host.wrapped, "bias", None)
+        if bias_policy == "lora_only" and isinstance(host, AdapterLayer) and isinstance(bias, nn.Parameter):
+            entries[f"{PEFT_PREFIX}{path}.base_layer.bias"] = (path, "base_layer.bias", bias)
+    if bias_policy == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and ".adapters." not in name:
+                path, _, local = name.rpartition(".")
+                entries.setdefault(PEFT_PREFIX + name, (path, local, param))
+    return entries
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+    """The live tensors that make up one adapter, under PEFT's key names."""
+    return {key: tensor for key, (_, _, tensor) in _adapter_entries(model, adapter_name).items()}
+
+
+def _task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    return next((task for suffix, task in _TASK_TYPES.items() if cls.endswith(suffix)), None)
+
+
+def _options(method: AdapterMethod) -> dict[str, Any]:
+    return {f.name: getattr(method.config, f.name) for f in dataclasses.fields(method.config)}
+
+
+def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, Any]:
+    """The adapter_config.json content PEFT would write for this adapter."""
+    method = adapter_methods(model)[adapter_name]
+    targeted = [path for path, host in hosts(model) if isinstance(host, AdapterLayer) and adapter_name in host.adapters]
+    config: dict[str, Any] = {
+        f.metadata["peft"]: getattr(method.config, f.name)
+        for f in dataclasses.fields(method.config)
+        if "peft" in f.metadata
+    }
+    config.update(method.peft_markers)
+    config.update(
+        peft_type=method.peft_type,
+        target_modules=portable_target_modules(model, targeted, method.config),
+        base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        task_type=_task_type(model),
+        inference_mode=True,
+    )
+    return config
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER) -> Path:
+    """Write one adapter to `directory` in PEFT's format (only adapter tensors); returns the path."""
+    directory = Path(directory)
+    method = adapter_methods(model)[adapter_name]
+    config = peft_config(model, adapter_name)
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps({"method": method.name, "options": _options(method)})}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write_json(directory / CONFIG_NAME, config)
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse `adapter_config.json`, with a clear error when it is missing or not JSON."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterFileError(f"no {CONFIG_NAME} in {str(directory)!r}; is this an adapter directory?")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterFileError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{path} must hold a JSON object, got {type(config).__name__}.")
+    return config
+
+
+def _peft_method_class(config: dict[str, Any]) -> type[AdapterMethod]:
+    peft_type = config.get("peft_type")
+    candidates = [
+        cls
+        for cls in map(get_method, available_methods())
+        if cls.reads_peft_files
+        and cls.peft_type is not None
+        and cls.peft_type == peft_type
+        and all(config.get(key, False) == value for key, value in cls.peft_markers.items())
+    ]
+    if len(candidates) != 1:
+        readable = sorted({cls.peft_type for cls in map(get_method, available_methods()) if cls.peft_type})
+        raise AdapterFileError(
+            f"adapter_config.json is for peft_type {peft_type!r}"
+            + (f" with {', '.join(sorted(config.keys() & {'use_dora'}))}" if len(candidates) > 1 else "")
+            + f", which no registered method reads. Readable peft_types: {', '.join(readable)}; "
+            f"registered methods: {', '.join(available_methods())}."
+        )
+    return candidates[0]
+
+
+def method_from_config(config: dict[str, Any], metadata: dict[str, str] | None = None) -> AdapterMethod:
+    """Rebuild the method an adapter was saved with: from peftkit's metadata, else PEFT's config."""
+    own = json.loads((metadata or {}).get(METADATA_KEY, "null"))
+    if isinstance(own, dict) and "method" in own:
+        return get_method(own["method"]).from_options(**own.get("options", {}))
+    cls = _peft_method_class(config)
+    options = {
+        f.name: config[f.metadata["peft"]]
+        for f in dataclasses.fields(cls.config_class)
+        if "peft" in f.metadata and config.get(f.metadata["peft"]) is not None
+    }
+    return cls.from_options(**options)
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        pickled = path.with_name("adapter_model.bin")
+        hint = f" ({pickled.name} exists, but peftkit never unpickles files; re-save it as safetensors)" if pickled.exists() else ""
+        raise AdapterFileError(f"missing {path}{hint}.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterFileError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    adapter_name: str = DEFAULT_ADAPTER,
+    *,
+    method: str | AdapterMethod | None = None,
+    trainable: bool = False,
+) -> nn.Module:
+    """Adapt `model` as the saved config says, fill in the saved tensors, and make it active.
+
+    `method` overrides the method named in the file (e.g. `"qlora"` to load a LoRA file
+    onto a base that should be quantized). With `trainable=False` (PEFT's default) the
+    loaded adapter is frozen for inference.
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    tensors, metadata = _load_tensors(directory / WEIGHTS_NAME)
+    if method is None:
+        method = method_from_config(config, metadata)
+    elif isinstance(method, str):
+        method = get_method(method).from_options(**_options(method_from_config(config, metadata)))
+    adapt(model, method, adapter_name)
+    try:
+        _copy_tensors(model, adapter_name, tensors, directory)
+    except Exception:
+        delete_adapter(model, adapter_name)
+        raise
+    if trainable:
+        mark_trainable(model, adapter_name)
+    else:
+        for param in adapter_state_dict(model, adapter_name).values():
+            param.requires_grad_(False)
+    return model
+
+
+def _copy_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    entries = _adapter_entries(model, adapter_name)
+    expected = {key: tensor for key, (_, _, tensor) in entries.items()}
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        raise ShapeMismatchError(
+            f"adapter in {str(directory)!r} does not fit this model: "
+            + (f"{len(missing)} tensor(s) missing (e.g. {missing[:3]})" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"{len(unexpected)} tensor(s) name modules this model lacks (e.g. {unexpected[:3]})" if unexpected else "")
+            + "."
+        )
+    for key, target in expected.items():
+        if target.shape != tensors[key].shape:
+            module, name, _ = entries[key]
+            raise ShapeMismatchError(
+                f"module {module!r}: saved {name} has shape {tuple(tensors[key].shape)}, "
+                f"but this model needs {tuple(target.shape)}; was the adapter trained on another base model?"
+            )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))

@@ -1,0 +1,1 @@
+"""peftkit's built-in adapter methods, registered through the `peftkit.methods` entry points."""
