@@ -12,6 +12,7 @@ The core never imports a method by name; it loads the group on first use.
 from __future__ import annotations
 
 import inspect
+import warnings
 from importlib.metadata import entry_points
 from typing import TypeVar
 
@@ -25,6 +26,7 @@ ENTRY_POINT_GROUP = "peftkit.methods"
 M = TypeVar("M", bound=type[AdapterMethod])
 
 _METHODS: dict[str, type[AdapterMethod]] = {}
+_BROKEN: dict[str, str] = {}  # entry-point name -> why it failed to load
 _discovered = False
 
 
@@ -49,7 +51,12 @@ def discover_methods() -> None:
         return
     _discovered = True
     for entry in entry_points(group=ENTRY_POINT_GROUP):
-        loaded = entry.load()
+        try:
+            loaded = entry.load()
+        except Exception as error:  # one broken plugin must not take the others down
+            _BROKEN[entry.name] = f"{entry.value}: {type(error).__name__}: {error}"
+            warnings.warn(f"peftkit method {entry.name!r} failed to load ({_BROKEN[entry.name]})", stacklevel=2)
+            continue
         if inspect.isclass(loaded) and issubclass(loaded, AdapterMethod) and loaded.name not in _METHODS:
             register_method(loaded)
 
@@ -65,6 +72,8 @@ def get_method(name: str) -> type[AdapterMethod]:
     discover_methods()
     if name in _METHODS:
         return _METHODS[name]
+    if name in _BROKEN:
+        raise UnknownMethodError(f"adapter method {name!r} is installed but failed to load: {_BROKEN[name]}")
     names = sorted(_METHODS)
     hint = closest_match(name, names)
     raise UnknownMethodError(
