@@ -19,7 +19,7 @@ from peftkit.errors import AdapterExistsError, AdapterNotFoundError, AdapterStat
 from peftkit.layer import AdapterHost, AdapterLayer, TrainableCopy
 from peftkit.method import AdapterMethod
 from peftkit.registry import get_method
-from peftkit.targets import candidate_modules, find_targets, matches_pattern
+from peftkit.targets import candidate_modules, find_targets, matches_pattern, task_heads
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -93,7 +93,9 @@ def inject_adapters(model: nn.Module, method: AdapterMethod, adapter_name: str) 
         host.adapters[adapter_name] = adapter.to(_device_of(host.base_layer))
         if host is not module:
             model.set_submodule(name, host)
-    _wrap_modules_to_save(model, method.config.modules_to_save, adapter_name)
+    # A random task head trains in full, unless the user chose to adapt it instead.
+    to_save = (method.config.modules_to_save or []) + [h for h in task_heads(model) if h not in targets]
+    _wrap_modules_to_save(model, to_save, adapter_name)
     return targets
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftkit.errors import ConfigError, TargetNotFoundError, UnsupportedModuleError
-from peftkit.layer import AdapterHost
+from peftkit.layer import AdapterHost, TrainableCopy
 from peftkit.method import MethodConfig
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "layer_index",
     "portable_target_modules",
     "resolved_config_targets",
+    "task_heads",
 ]
 
 ALL_LINEAR = "all-linear"
@@ -44,6 +45,14 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "falcon": ["query_key_value"],
     **dict.fromkeys(["bert", "roberta", "xlm-roberta", "distilbert"], ["query", "value"]),
     "t5": ["q", "v"],
+}
+
+# Task heads that start random and so always train and save with the adapter, as PEFT
+# does for its SEQ_CLS / TOKEN_CLS / QUESTION_ANS task types.
+TASK_HEADS: dict[str, list[str]] = {
+    "ForSequenceClassification": ["classifier", "score"],
+    "ForTokenClassification": ["classifier", "score"],
+    "ForQuestionAnswering": ["qa_outputs"],
 }
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
@@ -74,10 +83,12 @@ def layer_index(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def _wanted(name: str, module: nn.Module, config: MethodConfig, head: nn.Module | None) -> bool:
+def _wanted(name: str, module: nn.Module, config: MethodConfig, heads: list[nn.Module]) -> bool:
     targets = config.target_modules
+    if isinstance(module, TrainableCopy) or (config.modules_to_save and matches_pattern(name, config.modules_to_save)):
+        return False  # trained in full already
     if targets == ALL_LINEAR:
-        hit = isinstance(_unwrap(module), LINEAR_TYPES) and _unwrap(module) is not head
+        hit = isinstance(_unwrap(module), LINEAR_TYPES) and all(_unwrap(module) is not head for head in heads)
     else:
         hit = matches_pattern(name, targets)
     if not hit or (config.exclude_modules is not None and matches_pattern(name, config.exclude_modules)):
@@ -93,9 +104,18 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.wrapped if isinstance(module, AdapterHost) else module
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
+def _heads(model: nn.Module) -> list[nn.Module]:
+    """Output and task heads, which "all-linear" leaves alone (as PEFT does)."""
     get = getattr(model, "get_output_embeddings", None)
-    return get() if callable(get) else None
+    output = get() if callable(get) else None
+    return [head for head in [output, *(getattr(model, name) for name in task_heads(model))] if head is not None]
+
+
+def task_heads(model: nn.Module) -> list[str]:
+    """Names of the randomly initialised task head of a transformers task model, if any."""
+    cls = type(model).__name__
+    heads = next((names for suffix, names in TASK_HEADS.items() if cls.endswith(suffix)), [])
+    return [name for name in heads if isinstance(getattr(model, name, None), nn.Module)]
 
 
 def resolved_config_targets(model: nn.Module, config: MethodConfig) -> list[str] | str:
@@ -114,9 +134,9 @@ def resolved_config_targets(model: nn.Module, config: MethodConfig) -> list[str]
 def find_targets(model: nn.Module, config: MethodConfig, adaptable: tuple[type[nn.Module], ...]) -> list[str]:
     """Paths of the modules `config` selects; errors if none match or one cannot be adapted."""
     config = dataclasses.replace(config, target_modules=resolved_config_targets(model, config))
-    head = _output_head(model)
+    heads = _heads(model)
     modules = list(candidate_modules(model))
-    chosen = [(name, m) for name, m in modules if _wanted(name, m, config, head)]
+    chosen = [(name, m) for name, m in modules if _wanted(name, m, config, heads)]
     if not chosen:
         examples = sorted({name.rsplit(".", 1)[-1] for name, m in modules if isinstance(_unwrap(m), adaptable)})
         raise TargetNotFoundError(
@@ -143,7 +163,7 @@ def portable_target_modules(model: nn.Module, targeted: list[str], config: Metho
     """
     leaves = sorted({name.rsplit(".", 1)[-1] for name in targeted})
     by_leaves = dataclasses.replace(config, target_modules=leaves)
-    reselected = [n for n, m in candidate_modules(model) if _wanted(n, m, by_leaves, None)]
+    reselected = [n for n, m in candidate_modules(model) if _wanted(n, m, by_leaves, [])]
     if sorted(reselected) == sorted(targeted):
         return leaves
     return "(" + "|".join(re.escape(name) for name in sorted(targeted)) + ")"

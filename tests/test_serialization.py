@@ -1,0 +1,159 @@
+"""Adapters on disk in PEFT's format: file contents, both interop directions, bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from conftest import MODEL_BUILDERS, model_output, randomize_adapters, tiny_gpt2, tiny_llama
+from safetensors.torch import load_file, save_file
+
+import peftkit
+from peftkit.errors import AdapterExistsError, AdapterFileError, ShapeMismatchError
+
+LORA_OPTIONS = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
+
+
+def trained(model_name: str, **options: object) -> torch.nn.Module:
+    model = peftkit.adapt(MODEL_BUILDERS[model_name](), "lora", **{**LORA_OPTIONS, **options})
+    randomize_adapters(model)
+    return model
+
+
+def test_files_hold_peft_keys_and_config_fields(tmp_path: Path) -> None:
+    model = trained("llama", rslora=True, rank_pattern={"v_proj": 2})
+    peftkit.save_adapter(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert len(tensors) == 2 * 7 * 2  # layers x targets x (A, B): only adapter tensors
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
+    assert tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"].shape == (16, 2)
+    live = model.model.layers[1].mlp.up_proj.adapters["default"].lora_B.weight
+    assert torch.equal(tensors["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"], live)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert (config["r"], config["lora_alpha"], config["use_rslora"], config["use_dora"]) == (4, 8, True, False)
+    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert config["rank_pattern"] == {"v_proj": 2} and config["bias"] == "none"
+
+
+def test_round_trip_gives_identical_logits(model_name: str, ids: torch.Tensor, tmp_path: Path) -> None:
+    model = trained(model_name)
+    expected = model_output(model, ids)
+    peftkit.save_adapter(model, tmp_path)
+    fresh = peftkit.load_adapter(MODEL_BUILDERS[model_name](), tmp_path)
+    assert torch.equal(model_output(fresh, ids), expected)
+    assert peftkit.trainable_parameters(fresh)[0] == 0  # loaded for inference, as PEFT does
+    again = peftkit.load_adapter(MODEL_BUILDERS[model_name](), tmp_path, trainable=True)
+    assert peftkit.trainable_parameters(again)[0] == peftkit.trainable_parameters(model)[0]
+
+
+@pytest.mark.parametrize("options", [{}, {"rslora": True, "alpha_pattern": {"fc": 3, "dense": 3, "o_proj": 3}}])
+def test_peftkit_adapter_loads_in_peft_with_same_logits(
+    model_name: str, options: dict, ids: torch.Tensor, tmp_path: Path
+) -> None:
+    model = trained(model_name, **options)
+    expected = model_output(model, ids)
+    peftkit.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(MODEL_BUILDERS[model_name](), tmp_path).eval()
+    torch.testing.assert_close(model_output(theirs, ids), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("targets", [r".*\.(q|v)_proj", ["q_proj"]])
+def test_regex_targets_survive_the_trip_to_peft(targets: object, ids: torch.Tensor, tmp_path: Path) -> None:
+    model = trained("llama", target_modules=targets, layers_to_transform=[1])
+    expected = model_output(model, ids)
+    peftkit.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert len([m for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]) == (2 if isinstance(targets, str) else 1)
+    torch.testing.assert_close(model_output(theirs, ids), expected, atol=1e-6, rtol=0)
+
+
+def test_peft_adapter_loads_in_peftkit_with_same_logits(model_name: str, ids: torch.Tensor, tmp_path: Path) -> None:
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", use_rslora=True, init_lora_weights=False)
+    theirs = peft.get_peft_model(MODEL_BUILDERS[model_name](), config).eval()
+    expected = model_output(theirs, ids)
+    theirs.save_pretrained(tmp_path)
+    ours = peftkit.load_adapter(MODEL_BUILDERS[model_name](), tmp_path)
+    assert peftkit.adapter_methods(ours)["default"].name == "lora"
+    torch.testing.assert_close(model_output(ours, ids), expected, atol=1e-6, rtol=0)
+
+
+def test_modules_to_save_and_embeddings_interop_with_peft(ids: torch.Tensor, tmp_path: Path) -> None:
+    model = peftkit.adapt(tiny_gpt2(), "lora", r=4, target_modules=["c_attn", "wte"], modules_to_save=["lm_head"])
+    randomize_adapters(model)
+    expected = model_output(model, ids)
+    peftkit.save_adapter(model, tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert "base_model.model.lm_head.weight" in keys
+    assert "base_model.model.transformer.wte.lora_embedding_A" in keys
+    theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path).eval()
+    torch.testing.assert_close(model_output(theirs, ids), expected, atol=1e-6, rtol=0)
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = trained("llama")
+    peftkit.save_adapter(model, tmp_path)
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    randomize_adapters(model, seed=7)
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("peftkit.serialization.save_file", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        peftkit.save_adapter(model, tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_missing_corrupt_and_pickled_weights_are_refused(tmp_path: Path) -> None:
+    peftkit.save_adapter(trained("llama"), tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(AdapterFileError, match="not a readable safetensors file"):
+        peftkit.load_adapter(tiny_llama(), tmp_path)
+    weights.unlink()
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(AdapterFileError, match="never unpickles"):
+        peftkit.load_adapter(tiny_llama(), tmp_path)
+    with pytest.raises(AdapterFileError, match="no adapter_config.json"):
+        peftkit.load_adapter(tiny_llama(), tmp_path / "nowhere")
+
+
+def test_config_of_another_method_is_refused(tmp_path: Path) -> None:
+    peftkit.save_adapter(trained("llama"), tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "peft_type": "IA3"}))
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    save_file(tensors, tmp_path / "adapter_model.safetensors")  # drop peftkit's metadata: a PEFT-written file
+    with pytest.raises(AdapterFileError) as error:
+        peftkit.load_adapter(tiny_llama(), tmp_path)
+    assert "peft_type 'IA3'" in str(error.value) and "LORA" in str(error.value)
+
+
+def test_shape_mismatch_names_module_and_both_shapes(tmp_path: Path, ids: torch.Tensor) -> None:
+    peftkit.save_adapter(trained("llama"), tmp_path)
+    other = tiny_llama()
+    wider = torch.nn.Linear(48, 32, bias=False)
+    other.model.layers[0].self_attn.q_proj = torch.nn.Linear(32, 48, bias=False)
+    other.model.layers[0].self_attn.o_proj = wider
+    with pytest.raises(ShapeMismatchError) as error:
+        peftkit.load_adapter(other, tmp_path)
+    message = str(error.value)
+    assert "model.layers.0.self_attn" in message and "(4, 32)" in message or "(48, 4)" in message
+    assert peftkit.adapter_methods(other) == {}  # the failed load left the model as it was
+    assert type(other.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_loading_under_a_name_in_use_is_refused(tmp_path: Path) -> None:
+    model = trained("llama")
+    peftkit.save_adapter(model, tmp_path)
+    with pytest.raises(AdapterExistsError):
+        peftkit.load_adapter(model, tmp_path)
+    peftkit.load_adapter(model, tmp_path, adapter_name="copy")
+    assert sorted(peftkit.adapter_methods(model)) == ["copy", "default"]

@@ -1,0 +1,40 @@
+"""Option dataclasses reject wrong types and unknown names with a message that helps."""
+
+from __future__ import annotations
+
+import pytest
+
+import peftkit
+from peftkit.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"r": 0}, "LoraConfig.r must be a positive integer, got 0"),
+        ({"r": -3}, "LoraConfig.r must be a positive integer, got -3"),
+        ({"r": 2.5}, "LoraConfig.r must be int, got 2.5"),
+        ({"r": True}, "LoraConfig.r must be int, got True"),
+        ({"dropout": 1.0}, "LoraConfig.dropout must be in [0, 1)"),
+        ({"bias": "some"}, "LoraConfig.bias must be 'none' | 'all' | 'lora_only', got 'some'"),
+        ({"target_modules": ["q_proj", 3]}, "LoraConfig.target_modules must be list[str] | str | None"),
+        ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] must be a positive integer"),
+    ],
+)
+def test_bad_option_values_name_the_field(options: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        peftkit.get_method("lora").from_options(**options)
+    assert message in str(error.value)
+
+
+def test_unknown_option_lists_valid_ones_and_suggests_closest() -> None:
+    with pytest.raises(ConfigError) as error:
+        peftkit.get_method("lora").from_options(rank=8)
+    message = str(error.value)
+    assert "method 'lora' has no option 'rank'" in message
+    assert "Valid options:" in message and "target_modules" in message and "alpha" in message
+
+
+def test_int_is_accepted_where_float_is_declared() -> None:
+    method = peftkit.get_method("lora").from_options(alpha=16)
+    assert method.config.alpha == 16
