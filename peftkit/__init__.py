@@ -19,21 +19,25 @@ from peftkit.errors import (
     UnknownMethodError,
     UnsupportedModuleError,
 )
+from peftkit.combine import combine_adapters
 from peftkit.inject import (
     adapt,
     adapter_methods,
     delete_adapter,
     disable_adapters,
+    list_adapters,
     mark_trainable,
+    mixed_batch,
+    rename_adapter,
     set_active_adapters,
     set_adapters_enabled,
     trainable_parameters,
 )
-from peftkit.layer import Adapter, AdapterHost, AdapterLayer, TrainableCopy
-from peftkit.merge import merge, merge_and_unload, unload, unmerge
+from peftkit.layer import Adapter, AdapterHost, AdapterLayer, RowRouting, TrainableCopy
+from peftkit.merge import merge, merge_and_unload, switch_merged_adapter, unload, unmerge
 from peftkit.method import AdapterMethod, MethodConfig, peft_option
 from peftkit.registry import available_methods, get_method, register_method
-from peftkit.serialization import adapter_state_dict, load_adapter, save_adapter
+from peftkit.serialization import adapter_state_dict, hot_swap_adapter, load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
@@ -50,6 +54,7 @@ __all__ = [
     "MergeError",
     "MethodConfig",
     "PeftkitError",
+    "RowRouting",
     "ShapeMismatchError",
     "TargetNotFoundError",
     "TrainableCopy",
@@ -58,6 +63,12 @@ __all__ = [
     "adapt",
     "adapter_methods",
     "adapter_state_dict",
+    "combine_adapters",
+    "hot_swap_adapter",
+    "list_adapters",
+    "mixed_batch",
+    "rename_adapter",
+    "switch_merged_adapter",
     "available_methods",
     "delete_adapter",
     "disable_adapters",

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.errors import AdapterExistsError, AdapterNotFoundError, AdapterStateError, TargetNotFoundError
-from peftkit.layer import AdapterHost, AdapterLayer, TrainableCopy
+from peftkit.errors import AdapterExistsError, ConfigError, AdapterNotFoundError, AdapterStateError, TargetNotFoundError
+from peftkit.layer import AdapterHost, AdapterLayer, RowRouting, TrainableCopy
 from peftkit.method import AdapterMethod
 from peftkit.registry import get_method
 from peftkit.targets import candidate_modules, find_targets, matches_pattern, task_heads
@@ -32,6 +32,9 @@ __all__ = [
     "disable_adapters",
     "mark_trainable",
     "delete_adapter",
+    "rename_adapter",
+    "list_adapters",
+    "mixed_batch",
     "trainable_parameters",
 ]
 
@@ -65,6 +68,8 @@ def adapt(
     elif options:
         raise TypeError("pass options either in the method instance or as keywords, not both.")
     methods = adapter_methods(model)
+    if adapter_name == RowRouting.BASE:
+        raise ConfigError(f"adapter name {RowRouting.BASE!r} is reserved: it stands for the base model in mixed batches.")
     if adapter_name in methods:
         raise AdapterExistsError(
             f"model already has an adapter named {adapter_name!r} ({methods[adapter_name].name}); "
@@ -178,6 +183,46 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if not host.adapters:
             model.set_submodule(path, host.wrapped)
     del adapter_methods(model)[adapter_name]
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters on `model`, in the order they were added."""
+    return list(adapter_methods(model))
+
+
+def rename_adapter(model: nn.Module, old: str, new: str) -> None:
+    """Give an adapter a new name everywhere (its parameters are kept, not copied)."""
+    _require_adapters(model, [old])
+    methods = adapter_methods(model)
+    if new in methods or new == RowRouting.BASE:
+        raise AdapterExistsError(f"cannot rename {old!r} to {new!r}: that name is in use or reserved.")
+    for _, host in hosts(model):
+        if old in host.adapters:
+            entries = [(new if name == old else name, module) for name, module in host.adapters.items()]
+            host.adapters = nn.ModuleDict(entries)
+            host.active_adapters = [new if n == old else n for n in host.active_adapters]
+            if isinstance(host, AdapterLayer):
+                host.merged_adapters = [new if n == old else n for n in host.merged_adapters]
+    model.__dict__["peftkit_methods"] = {new if name == old else name: m for name, m in methods.items()}
+
+
+@contextmanager
+def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Module]:
+    """Within the block, batch row i goes through adapter `adapter_names[i]` ("base": none).
+
+    Works for forward and `generate` (beam search repeats rows; that is followed).
+    Each row's output equals that of a batch run with its adapter alone.
+    """
+    _require_adapters(model, sorted({n for n in adapter_names if n != RowRouting.BASE}))
+    routing = RowRouting(adapter_names)
+    all_hosts = [host for _, host in hosts(model)]
+    for host in all_hosts:
+        host.routing = routing
+    try:
+        yield model
+    finally:
+        for host in all_hosts:
+            host.routing = None
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

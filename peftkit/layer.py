@@ -22,7 +22,7 @@ from torch import nn
 
 from peftkit.errors import AdapterStateError, MergeError
 
-__all__ = ["Adapter", "AdapterHost", "AdapterLayer", "TrainableCopy"]
+__all__ = ["Adapter", "AdapterHost", "AdapterLayer", "RowRouting", "TrainableCopy"]
 
 
 class Adapter(nn.Module, ABC):
@@ -50,6 +50,39 @@ class Adapter(nn.Module, ABC):
         return weight - self.delta_weight().to(weight.dtype)
 
 
+class RowRouting:
+    """Which batch rows go to which adapter, for one mixed-batch forward.
+
+    Row indices are grouped once per adapter name, so each layer does one gather and
+    one scatter per distinct adapter: the cost grows with the number of adapters in the
+    batch, not with its size. Rows named `BASE` get the base output.
+    """
+
+    BASE = "base"
+
+    def __init__(self, adapter_names: list[str]) -> None:
+        self.rows = len(adapter_names)
+        self.names = list(adapter_names)
+        self._groups: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
+
+    def groups(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Row indices per adapter for a batch of `batch` rows (a multiple, under beam search)."""
+        key = (batch, device)
+        if key not in self._groups:
+            if batch % self.rows:
+                raise AdapterStateError(
+                    f"mixed batch names an adapter for {self.rows} rows, but a layer got {batch} rows."
+                )
+            repeat = batch // self.rows  # generate() repeats each row per beam
+            per_row = [name for name in self.names for _ in range(repeat)]
+            self._groups[key] = {
+                name: torch.tensor([i for i, n in enumerate(per_row) if n == name], device=device)
+                for name in dict.fromkeys(per_row)
+                if name != self.BASE
+            }
+        return self._groups[key]
+
+
 class AdapterHost(nn.Module):
     """Shared state of every module peftkit inserts: named adapters, which are active, on/off.
 
@@ -64,6 +97,7 @@ class AdapterHost(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.adapters_enabled = True
+        self.routing: RowRouting | None = None
 
     @property
     def wrapped(self) -> nn.Module:
@@ -97,10 +131,26 @@ class AdapterLayer(AdapterHost):
         base_output = self.base_layer(x, *args, **kwargs)
         if not self.adapters_enabled:
             return base_output
+        if self.routing is not None:
+            return self._routed(x, base_output, self.routing)
         result = base_output
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 result = result + self.adapters[name](x, base_output, self.base_layer)
+        return result
+
+    def _routed(self, x: torch.Tensor, base_output: torch.Tensor, routing: RowRouting) -> torch.Tensor:
+        if self.merged_adapters:
+            raise AdapterStateError(f"adapters {self.merged_adapters} are merged; unmerge them before a mixed batch.")
+        result = base_output
+        for name, rows in routing.groups(x.shape[0], x.device).items():
+            if name not in self.adapters:
+                continue  # this adapter does not touch this layer
+            if len(rows) == x.shape[0]:
+                result = result + self.adapters[name](x, base_output, self.base_layer)
+            else:
+                delta = self.adapters[name](x[rows], base_output[rows], self.base_layer)
+                result = result.index_add(0, rows, delta)
         return result
 
 
@@ -113,7 +163,18 @@ class TrainableCopy(AdapterHost):
         super().__init__()
         self.original_module = original_module
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.adapters_enabled and self.active_adapters:
-            return self.adapters[self.active_adapters[-1]](*args, **kwargs)
-        return self.original_module(*args, **kwargs)
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self.adapters_enabled:
+            return self.original_module(x, *args, **kwargs)
+        if self.routing is not None:
+            return self._routed(x, self.routing, *args, **kwargs)
+        if self.active_adapters:
+            return self.adapters[self.active_adapters[-1]](x, *args, **kwargs)
+        return self.original_module(x, *args, **kwargs)
+
+    def _routed(self, x: torch.Tensor, routing: RowRouting, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.original_module(x, *args, **kwargs)
+        for name, rows in routing.groups(x.shape[0], x.device).items():
+            if name in self.adapters:
+                result = result.index_copy(0, rows, self.adapters[name](x[rows], *args, **kwargs))
+        return result

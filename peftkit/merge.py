@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from peftkit.errors import AdapterStateError, MergeError
-from peftkit.inject import adapter_methods, hosts
+from peftkit.inject import adapter_methods, hosts, set_active_adapters
 from peftkit.layer import AdapterLayer, TrainableCopy
 from peftkit.weights import read_weight, write_weight
 
-__all__ = ["merge", "unmerge", "merge_and_unload", "unload"]
+__all__ = ["merge", "unmerge", "merge_and_unload", "unload", "switch_merged_adapter"]
 
 
 def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
@@ -83,3 +83,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if not adapter_methods(model):
         raise AdapterStateError(f"{type(model).__name__} has no peftkit adapters to merge.")
     return unload(merge(model))
+
+
+def switch_merged_adapter(model: nn.Module, adapter_names: str | list[str]) -> nn.Module:
+    """Serve another adapter at base-model speed: unmerge what is merged, merge `adapter_names`."""
+    unmerge(model)
+    set_active_adapters(model, adapter_names)
+    return merge(model)

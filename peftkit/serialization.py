@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from peftkit.errors import AdapterFileError, ShapeMismatchError
+from peftkit.errors import AdapterFileError, AdapterStateError, ShapeMismatchError
 from peftkit.files import atomic_write, atomic_write_json
 from peftkit.inject import DEFAULT_ADAPTER, adapt, adapter_methods, delete_adapter, hosts, mark_trainable
 from peftkit.layer import AdapterLayer
@@ -39,6 +39,7 @@ __all__ = [
     "load_adapter",
     "read_adapter_config",
     "method_from_config",
+    "hot_swap_adapter",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -240,3 +241,37 @@ def _copy_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+
+
+def _settings(adapter: nn.Module) -> dict[str, Any]:
+    """The plain (non-tensor) attributes that shape an adapter's output, e.g. LoRA's scaling."""
+    return {k: v for k, v in vars(adapter).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+
+
+def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Overwrite an adapter's tensors in place from `directory`, keeping every module object.
+
+    A served (even compiled) model keeps its graph: nothing is rebuilt, so the saved
+    adapter must have the same method, targets, shapes and settings (rank, scaling).
+    """
+    directory = Path(directory)
+    current = adapter_methods(model).get(adapter_name)
+    if current is None:
+        raise AdapterFileError(f"model has no adapter named {adapter_name!r} to hot-swap; load it first.")
+    config = read_adapter_config(directory)
+    tensors, metadata = _load_tensors(directory / WEIGHTS_NAME)
+    incoming = method_from_config(config, metadata)
+    if incoming.name != current.name:
+        raise AdapterFileError(f"cannot hot-swap a {incoming.name} adapter into {adapter_name!r}, which is {current.name}.")
+    for path, host in hosts(model):
+        if isinstance(host, AdapterLayer) and adapter_name in host.adapters:
+            if adapter_name in host.merged_adapters:
+                raise AdapterStateError(f"adapter {adapter_name!r} is merged into {path!r}; unmerge it before hot-swapping.")
+            live, fresh = _settings(host.adapters[adapter_name]), _settings(incoming.create_adapter(host.base_layer, path))
+            if live != fresh:
+                differing = {k: (live.get(k), fresh.get(k)) for k in live.keys() | fresh.keys() if live.get(k) != fresh.get(k)}
+                raise ShapeMismatchError(
+                    f"module {path!r}: hot-swap needs equal settings; (live, saved) differ in {differing}."
+                )
+    _copy_tensors(model, adapter_name, tensors, directory)
+    return model

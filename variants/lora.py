@@ -111,6 +111,15 @@ class LoraLinear(Adapter):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) with the delta `up @ down` (kernels flattened), for combining adapters."""
+        return self.lora_B.weight.reshape(-1, self.r), self.lora_A.weight.reshape(self.r, -1) * self.scaling
+
+    def set_low_rank_factors(self, up: torch.Tensor, down: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.lora_B.weight.copy_(up.reshape(self.lora_B.weight.shape) / self.scaling)
+            self.lora_A.weight.copy_(down.reshape(self.lora_A.weight.shape))
+
 
 class LoraConv2d(LoraLinear):
     """LoRA for `nn.Conv2d`: A is a conv with the base kernel, B a 1x1 conv (as PEFT)."""
@@ -151,6 +160,14 @@ class LoraEmbedding(Adapter):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_embedding_B @ self.lora_embedding_A) * self.scaling
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_B, self.lora_embedding_A * self.scaling
+
+    def set_low_rank_factors(self, up: torch.Tensor, down: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.lora_embedding_B.copy_(up / self.scaling)
+            self.lora_embedding_A.copy_(down)
+
 
 class LoRA(AdapterMethod):
     """Low-rank adaptation of linear, GPT-2 Conv1D, embedding and Conv2d layers."""
@@ -172,6 +189,15 @@ class LoRA(AdapterMethod):
 
     def adaptable_types(self) -> tuple[type[nn.Module], ...]:
         return tuple(self.adapter_classes)
+
+    def with_rank(self, rank: int, target_modules: str) -> LoRA:
+        """A copy of this method at rank `rank` with unit scaling on exactly `target_modules`."""
+        options = dataclasses.asdict(self.config)
+        options.update(
+            r=rank, alpha=float(rank), rslora=False, rank_pattern={}, alpha_pattern={},
+            target_modules=target_modules, exclude_modules=None, layers_to_transform=None, modules_to_save=None,
+        )
+        return type(self).from_options(**options)
 
     def create_adapter(self, base_layer: nn.Module, module_name: str) -> Adapter:
         r, alpha = self.config.rank_and_alpha(module_name)
