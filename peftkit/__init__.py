@@ -33,7 +33,8 @@ from peftkit.inject import (
     set_adapters_enabled,
     trainable_parameters,
 )
-from peftkit.layer import Adapter, AdapterHost, AdapterLayer, RowRouting, TrainableCopy
+from peftkit.layer import Adapter, AdapterHost, AdapterLayer, LowRankAdapter, TrainableCopy
+from peftkit.routing import RowRouting
 from peftkit.merge import merge, merge_and_unload, switch_merged_adapter, unload, unmerge
 from peftkit.method import AdapterMethod, MethodConfig, peft_option
 from peftkit.registry import available_methods, get_method, register_method
@@ -51,6 +52,7 @@ __all__ = [
     "AdapterNotFoundError",
     "AdapterStateError",
     "ConfigError",
+    "LowRankAdapter",
     "MergeError",
     "MethodConfig",
     "PeftkitError",

@@ -21,21 +21,12 @@ from torch import nn
 
 from peftkit.errors import ConfigError
 from peftkit.inject import adapt, adapter_methods, hosts
-from peftkit.layer import Adapter, AdapterLayer
+from peftkit.layer import Adapter, AdapterLayer, LowRankAdapter, is_additive
 from peftkit.method import AdapterMethod
 
-__all__ = ["LowRankAdapter", "LowRankMethod", "combine_adapters"]
+__all__ = ["LowRankMethod", "combine_adapters"]
 
 Combination = Literal["linear", "cat", "svd"]
-
-
-@runtime_checkable
-class LowRankAdapter(Protocol):
-    """An adapter whose delta is `up @ down`, scaling folded into `down`."""
-
-    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def set_low_rank_factors(self, up: torch.Tensor, down: torch.Tensor) -> None: ...
 
 
 @runtime_checkable
@@ -46,8 +37,7 @@ class LowRankMethod(Protocol):
 
 
 def _factors(path: str, name: str, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
-    additive = type(adapter).merged_weight is Adapter.merged_weight
-    if not (isinstance(adapter, LowRankAdapter) and additive):
+    if not (isinstance(adapter, LowRankAdapter) and is_additive(adapter)):
         raise ConfigError(
             f"adapter {name!r} at {path!r} ({type(adapter).__name__}) is not a pure low-rank delta; "
             "combining supports LoRA-style adapters only."

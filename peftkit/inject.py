@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from peftkit.errors import AdapterExistsError, ConfigError, AdapterNotFoundError, AdapterStateError, TargetNotFoundError
-from peftkit.layer import AdapterHost, AdapterLayer, RowRouting, TrainableCopy
+from peftkit.layer import AdapterHost, AdapterLayer, TrainableCopy
+from peftkit.routing import RowRouting
 from peftkit.method import AdapterMethod
 from peftkit.registry import get_method
 from peftkit.targets import candidate_modules, find_targets, matches_pattern, task_heads

@@ -15,14 +15,17 @@ adapter compose by addition and the host never needs to know the method.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from peftkit.errors import AdapterStateError, MergeError
 
-__all__ = ["Adapter", "AdapterHost", "AdapterLayer", "RowRouting", "TrainableCopy"]
+if TYPE_CHECKING:
+    from peftkit.routing import RowRouting
+
+__all__ = ["Adapter", "AdapterHost", "AdapterLayer", "LowRankAdapter", "TrainableCopy", "is_additive"]
 
 
 class Adapter(nn.Module, ABC):
@@ -50,37 +53,23 @@ class Adapter(nn.Module, ABC):
         return weight - self.delta_weight().to(weight.dtype)
 
 
-class RowRouting:
-    """Which batch rows go to which adapter, for one mixed-batch forward.
+@runtime_checkable
+class LowRankAdapter(Protocol):
+    """An adapter whose delta is `up @ down` (scaling folded into `down`), like LoRA's.
 
-    Row indices are grouped once per adapter name, so each layer does one gather and
-    one scatter per distinct adapter: the cost grows with the number of adapters in the
-    batch, not with its size. Rows named `BASE` get the base output.
+    Such adapters can be combined (`peftkit.combine`) and batched across adapters in
+    one matmul pair (`peftkit.routing`).
     """
 
-    BASE = "base"
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def __init__(self, adapter_names: list[str]) -> None:
-        self.rows = len(adapter_names)
-        self.names = list(adapter_names)
-        self._groups: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
+    def set_low_rank_factors(self, up: torch.Tensor, down: torch.Tensor) -> None: ...
 
-    def groups(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Row indices per adapter for a batch of `batch` rows (a multiple, under beam search)."""
-        key = (batch, device)
-        if key not in self._groups:
-            if batch % self.rows:
-                raise AdapterStateError(
-                    f"mixed batch names an adapter for {self.rows} rows, but a layer got {batch} rows."
-                )
-            repeat = batch // self.rows  # generate() repeats each row per beam
-            per_row = [name for name in self.names for _ in range(repeat)]
-            self._groups[key] = {
-                name: torch.tensor([i for i, n in enumerate(per_row) if n == name], device=device)
-                for name in dict.fromkeys(per_row)
-                if name != self.BASE
-            }
-        return self._groups[key]
+
+def is_additive(adapter: Adapter) -> bool:
+    """Whether merging this adapter is plain `W + delta` (no rule of its own, unlike DoRA)."""
+    cls = type(adapter)
+    return cls.merged_weight is Adapter.merged_weight and cls.unmerged_weight is Adapter.unmerged_weight
 
 
 class AdapterHost(nn.Module):
@@ -142,16 +131,7 @@ class AdapterLayer(AdapterHost):
     def _routed(self, x: torch.Tensor, base_output: torch.Tensor, routing: RowRouting) -> torch.Tensor:
         if self.merged_adapters:
             raise AdapterStateError(f"adapters {self.merged_adapters} are merged; unmerge them before a mixed batch.")
-        result = base_output
-        for name, rows in routing.groups(x.shape[0], x.device).items():
-            if name not in self.adapters:
-                continue  # this adapter does not touch this layer
-            if len(rows) == x.shape[0]:
-                result = result + self.adapters[name](x, base_output, self.base_layer)
-            else:
-                delta = self.adapters[name](x[rows], base_output[rows], self.base_layer)
-                result = result.index_add(0, rows, delta)
-        return result
+        return routing.layer_output(self, x, base_output)
 
 
 class TrainableCopy(AdapterHost):

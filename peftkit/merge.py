@@ -1,8 +1,9 @@
 """Folding adapters into the base weights and taking them out again.
 
-Merging is exact arithmetic on the canonical weight (`peftkit.weights`), done in
-float32 and written back in the layer's own dtype; a merge that would produce NaN
-or Inf is refused before anything is written.
+Merging is arithmetic on the canonical weight (`peftkit.weights`) in float32: in
+place for a float32 weight, else on a float32 copy written back in the layer's own
+dtype (or re-quantized). A merge that would produce NaN or Inf is refused before
+anything is written.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch import nn
 
 from peftkit.errors import AdapterStateError, MergeError
 from peftkit.inject import adapter_methods, hosts, set_active_adapters
-from peftkit.layer import AdapterLayer, TrainableCopy
+from peftkit.layer import Adapter, AdapterLayer, TrainableCopy, is_additive
 from peftkit.weights import read_weight, write_weight
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "unload", "switch_merged_adapter"]
@@ -26,22 +27,58 @@ def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
     return {key: names for key, names in paths.items() if len(names) > 1}
 
 
+def _working_weight(layer: nn.Module) -> tuple[torch.Tensor, bool]:
+    """The canonical weight to fold adapters into, and whether it is the layer's own storage.
+
+    A float32 weight read as a view is edited in place (no copy of a large matrix);
+    anything else (bf16, a 4-bit base) is folded in float32 and written back.
+    """
+    weight = read_weight(layer).detach()
+    own = getattr(layer, "weight", None)
+    in_place = (
+        weight.dtype == torch.float32
+        and isinstance(own, torch.Tensor)
+        and weight.untyped_storage().data_ptr() == own.untyped_storage().data_ptr()
+    )
+    return (weight, True) if in_place else (weight.float(), False)
+
+
+def _fold(weight: torch.Tensor, adapter: Adapter, sign: int, where: str) -> None:
+    """Merge (sign=+1) or unmerge (sign=-1) one adapter into `weight`, in place.
+
+    Nothing is written unless the result is finite: an additive adapter's delta is
+    checked before it is added; any other merge rule's result before it is copied.
+    """
+    if is_additive(adapter):
+        delta = adapter.delta_weight().detach().to(weight.dtype)
+        if not torch.isfinite(delta.sum()):
+            raise MergeError(f"{where} would write NaN/Inf; nothing was changed there.")
+        weight.add_(delta, alpha=sign)
+        return
+    result = adapter.merged_weight(weight) if sign > 0 else adapter.unmerged_weight(weight)
+    if not torch.isfinite(result.sum()):
+        raise MergeError(f"{where} would write NaN/Inf; nothing was changed there.")
+    weight.copy_(result)
+
+
 def _merge_layer(path: str, layer: AdapterLayer, names: list[str], tied: dict[int, list[str]]) -> None:
+    pending = [n for n in names if n not in layer.merged_adapters]
+    if not pending:
+        return
     shared = [n for n in tied.get(id(getattr(layer.base_layer, "weight", None)), []) if not n.startswith(path + ".")]
-    if shared and any(n not in layer.merged_adapters for n in names):
+    if shared:
         raise MergeError(
             f"the weight of {path!r} is tied to {', '.join(shared)}; merging would change all of them. "
             "Untie the weights (e.g. tie_word_embeddings=False) or do not target this module."
         )
-    weight = read_weight(layer.base_layer).detach().float()
-    pending = [n for n in names if n not in layer.merged_adapters]
-    for name in pending:
-        weight = layer.adapters[name].merged_weight(weight)
-        if not torch.isfinite(weight).all():
-            raise MergeError(f"merging adapter {name!r} into {path!r} would write NaN/Inf; nothing was changed there.")
-    if pending:
-        write_weight(layer.base_layer, weight)
-        layer.merged_adapters.extend(pending)
+    weight, in_place = _working_weight(layer.base_layer)
+    try:
+        for name in pending:
+            _fold(weight, layer.adapters[name], +1, f"merging adapter {name!r} into {path!r}")
+            layer.merged_adapters.append(name)
+    finally:
+        if not in_place:
+            write_weight(layer.base_layer, weight)
 
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
@@ -56,12 +93,13 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Take every merged adapter back out of the base weights (last merged first)."""
-    for _, host in hosts(model):
+    for path, host in hosts(model):
         if isinstance(host, AdapterLayer) and host.merged_adapters:
-            weight = read_weight(host.base_layer).detach().float()
+            weight, in_place = _working_weight(host.base_layer)
             for name in reversed(host.merged_adapters):
-                weight = host.adapters[name].unmerged_weight(weight)
-            write_weight(host.base_layer, weight)
+                _fold(weight, host.adapters[name], -1, f"unmerging adapter {name!r} from {path!r}")
+            if not in_place:
+                write_weight(host.base_layer, weight)
             host.merged_adapters.clear()
     return model
 

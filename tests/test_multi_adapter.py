@@ -34,12 +34,14 @@ def logits_with(model: nn.Module, adapter: str, ids: torch.Tensor) -> torch.Tens
     return model(input_ids=ids).logits
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grouped", "stacked"])
 @pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
-def test_each_mixed_batch_row_equals_its_single_adapter_batch(method: str) -> None:
+def test_each_mixed_batch_row_equals_its_single_adapter_batch(method: str, grad: bool) -> None:
+    """With grad on, rows are grouped per adapter; in inference LoRA factors are stacked."""
     model = three_adapters(method)
     rows = ["sql", "base", "chat", "sql", "math", "base"]
     ids = torch.randint(0, VOCAB, (len(rows), 10), generator=torch.Generator().manual_seed(0))
-    with peftkit.mixed_batch(model, rows):
+    with peftkit.mixed_batch(model, rows), torch.set_grad_enabled(grad):
         mixed = model(input_ids=ids).logits
     for name in set(rows):
         expected = logits_with(model, name, ids)

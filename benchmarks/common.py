@@ -1,0 +1,41 @@
+"""Shared pieces of the benchmark scripts: the benchmark model shapes and a fair timer."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+__all__ = ["LLAMA_BENCH", "llama_model", "median_seconds", "machine"]
+
+# The Llama-shaped benchmark model of the issues: hidden 1024, 8 layers, vocab 32000.
+LLAMA_BENCH = dict(
+    vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+    num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
+)
+
+
+def llama_model(seed: int = 0, **overrides: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**LLAMA_BENCH, **overrides})).eval()
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn` over `repeats` runs, after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    return f"{platform.machine()} {device}, torch {torch.__version__}"

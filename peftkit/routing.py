@@ -1,0 +1,98 @@
+"""Mixed batches: each row of one forward goes through its own adapter (or none).
+
+Two ways to compute a layer's per-row adapter output:
+
+- grouped (any method, training included): rows are grouped per adapter once per
+  forward; each layer does one gather, one adapter call and one scatter-add per
+  distinct adapter, so the cost grows with the number of adapters, not of rows;
+- stacked (inference over LoRA-style `up @ down` adapters on linear layers): the
+  factors of all the batch's adapters are stacked once, and each layer does two
+  matmuls whatever the number of adapters, a row mask keeping each row's own block:
+
+      delta = ((x @ [D_1; D_2; ...].T) * row_mask) @ [U_1, U_2, ...].T
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from peftkit.errors import AdapterStateError
+from peftkit.layer import LowRankAdapter, is_additive
+from peftkit.targets import LINEAR_TYPES
+
+if TYPE_CHECKING:
+    from peftkit.layer import AdapterLayer
+
+__all__ = ["RowRouting"]
+
+
+class RowRouting:
+    """Which batch rows go to which adapter, for the forwards inside one `mixed_batch` block."""
+
+    BASE = "base"
+
+    def __init__(self, adapter_names: list[str]) -> None:
+        self.rows = len(adapter_names)
+        self.names = list(adapter_names)
+        self._groups: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
+        self._stacks: dict[tuple[int, int, torch.device], tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _per_row(self, batch: int) -> list[str]:
+        if batch % self.rows:
+            raise AdapterStateError(f"mixed batch names an adapter for {self.rows} rows, but a layer got {batch} rows.")
+        repeat = batch // self.rows  # generate() repeats each row per beam
+        return [name for name in self.names for _ in range(repeat)]
+
+    def groups(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Row indices per adapter (base rows left out) for a batch of `batch` rows."""
+        key = (batch, device)
+        if key not in self._groups:
+            per_row = self._per_row(batch)
+            self._groups[key] = {
+                name: torch.tensor([i for i, n in enumerate(per_row) if n == name], device=device)
+                for name in dict.fromkeys(per_row)
+                if name != self.BASE
+            }
+        return self._groups[key]
+
+    def layer_output(self, layer: AdapterLayer, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        """`base_output` plus, for every row, the output of that row's adapter at `layer`."""
+        groups = {n: rows for n, rows in self.groups(x.shape[0], x.device).items() if n in layer.adapters}
+        if not groups:
+            return base_output
+        adapters = [layer.adapters[name] for name in groups]
+        stackable = (
+            not torch.is_grad_enabled()
+            and isinstance(layer.base_layer, LINEAR_TYPES)
+            and all(isinstance(a, LowRankAdapter) and is_additive(a) and not a.training for a in adapters)
+        )
+        if stackable:
+            return base_output + self._stacked_delta(layer, list(groups), x).to(base_output.dtype)
+        result = base_output.clone()  # one copy, then each adapter's rows are added in place
+        for name, rows in groups.items():
+            if len(rows) == x.shape[0]:
+                result.add_(layer.adapters[name](x, base_output, layer.base_layer))
+            else:
+                result.index_add_(0, rows, layer.adapters[name](x[rows], base_output[rows], layer.base_layer))
+        return result
+
+    def _stacked_delta(self, layer: AdapterLayer, names: list[str], x: torch.Tensor) -> torch.Tensor:
+        key = (id(layer), x.shape[0], x.device)
+        versions = tuple(p._version for name in names for p in layer.adapters[name].parameters())
+        cached = self._stacks.get(key)
+        if cached is None or cached[0] != versions:  # weights changed inside the block: rebuild
+            factors = [layer.adapters[name].low_rank_factors() for name in names]
+            up = torch.cat([u for u, _ in factors], dim=1).detach()
+            down = torch.cat([d for _, d in factors], dim=0).detach()
+            mask = torch.zeros(x.shape[0], down.shape[0], dtype=down.dtype, device=x.device)
+            offsets = dict(zip(names, torch.tensor([0] + [d.shape[0] for _, d in factors]).cumsum(0).tolist()))
+            ranks = {name: d.shape[0] for name, (_, d) in zip(names, factors)}
+            for row, name in enumerate(self._per_row(x.shape[0])):
+                if name in offsets:
+                    mask[row, offsets[name] : offsets[name] + ranks[name]] = 1
+            cached = self._stacks[key] = (versions, up, down, mask)
+        _, up, down, mask = cached
+        hidden = x.to(down.dtype) @ down.T
+        return (hidden * mask.view(x.shape[0], *[1] * (x.dim() - 2), -1)) @ up.T
