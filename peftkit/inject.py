@@ -32,6 +32,7 @@ __all__ = [
     "set_adapters_enabled",
     "disable_adapters",
     "mark_trainable",
+    "adapter_tensors",
     "delete_adapter",
     "rename_adapter",
     "list_adapters",
@@ -152,22 +153,36 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         set_adapters_enabled(model, True)
 
 
+def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Model path -> live tensor for everything one adapter trains and saves, found by structure.
+
+    That is the adapter modules under every host, plus the biases the config's `bias`
+    policy adds. Methods whose state lives elsewhere override `AdapterMethod.trainable_state`.
+    """
+    bias_policy = adapter_methods(model)[adapter_name].config.bias
+    state: dict[str, torch.Tensor] = {}
+    for path, host in hosts(model):
+        if adapter_name not in host.adapters:
+            continue
+        state.update(host.adapters[adapter_name].state_dict(prefix=f"{path}.adapters.{adapter_name}.", keep_vars=True))
+        layer_bias = getattr(host.wrapped, "bias", None)
+        if bias_policy == "lora_only" and isinstance(host, AdapterLayer) and isinstance(layer_bias, nn.Parameter):
+            state[f"{path}.base_layer.bias"] = layer_bias
+    if bias_policy == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and ".adapters." not in name:
+                state.setdefault(name, param)
+    return state
+
+
 def mark_trainable(model: nn.Module, adapter_name: str) -> None:
-    """Freeze everything but `adapter_name`'s parameters (and the biases its config asks for)."""
+    """Freeze everything but the parameters `adapter_name` trains."""
     _require_adapters(model, [adapter_name])
-    bias = adapter_methods(model)[adapter_name].config.bias
     for param in model.parameters():
         param.requires_grad_(False)
-    for _, host in hosts(model):
-        if adapter_name in host.adapters:
-            host.adapters[adapter_name].requires_grad_(True)
-            layer_bias = getattr(host.wrapped, "bias", None)
-            if bias == "lora_only" and isinstance(host, AdapterLayer) and isinstance(layer_bias, nn.Parameter):
-                layer_bias.requires_grad_(True)
-    if bias == "all":
-        for name, param in model.named_parameters():
-            if name.endswith("bias") and param.is_floating_point():
-                param.requires_grad_(True)
+    for tensor in adapter_methods(model)[adapter_name].trainable_state(model, adapter_name).values():
+        if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
+            tensor.requires_grad_(True)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:

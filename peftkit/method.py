@@ -12,6 +12,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import nn
 
 from peftkit.layer import Adapter
@@ -99,6 +100,17 @@ class AdapterMethod(ABC):
         from peftkit.inject import inject_adapters  # inject builds on this module
 
         return inject_adapters(model, self, adapter_name)
+
+    def trainable_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Model path -> live tensor for what this adapter trains and saves.
+
+        By default found by structure: the adapter modules peftkit inserted (plus the
+        biases of the `bias` policy). A method that trains tensors of the model itself
+        (full fine-tuning, a head) overrides this.
+        """
+        from peftkit.inject import adapter_tensors
+
+        return adapter_tensors(model, adapter_name)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"

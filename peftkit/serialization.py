@@ -56,29 +56,15 @@ _TASK_TYPES = {
 }
 
 
-def _adapter_entries(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, str, torch.Tensor]]:
-    """PEFT key -> (module path, tensor name, live tensor) for every tensor of one adapter."""
-    bias_policy = adapter_methods(model)[adapter_name].config.bias
-    entries: dict[str, tuple[str, str, torch.Tensor]] = {}
-    for path, host in hosts(model):
-        if adapter_name not in host.adapters:
-            continue
-        for name, tensor in host.adapters[adapter_name].state_dict(keep_vars=True).items():
-            entries[f"{PEFT_PREFIX}{path}.{name}"] = (path, name, tensor)
-        bias = getattr(host.wrapped, "bias", None)
-        if bias_policy == "lora_only" and isinstance(host, AdapterLayer) and isinstance(bias, nn.Parameter):
-            entries[f"{PEFT_PREFIX}{path}.base_layer.bias"] = (path, "base_layer.bias", bias)
-    if bias_policy == "all":
-        for name, param in model.named_parameters():
-            if name.endswith("bias") and ".adapters." not in name:
-                path, _, local = name.rpartition(".")
-                entries.setdefault(PEFT_PREFIX + name, (path, local, param))
-    return entries
+def _peft_key(path: str, adapter_name: str) -> str:
+    """PEFT's name for a tensor: the adapter-name level dropped, `base_model.model.` in front."""
+    return PEFT_PREFIX + path.replace(f".adapters.{adapter_name}.", ".")
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
     """The live tensors that make up one adapter, under PEFT's key names."""
-    return {key: tensor for key, (_, _, tensor) in _adapter_entries(model, adapter_name).items()}
+    method = adapter_methods(model)[adapter_name]
+    return {_peft_key(path, adapter_name): t for path, t in method.trainable_state(model, adapter_name).items()}
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -219,8 +205,7 @@ def load_adapter(
 
 
 def _copy_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
-    entries = _adapter_entries(model, adapter_name)
-    expected = {key: tensor for key, (_, _, tensor) in entries.items()}
+    expected = adapter_state_dict(model, adapter_name)
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
     if missing or unexpected:
@@ -233,7 +218,9 @@ def _copy_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.
         )
     for key, target in expected.items():
         if target.shape != tensors[key].shape:
-            module, name, _ = entries[key]
+            local = key.removeprefix(PEFT_PREFIX)
+            module = max((p for p, _ in hosts(model) if local.startswith(p + ".")), key=len, default=local.rpartition(".")[0])
+            name = local[len(module) + 1 :]
             raise ShapeMismatchError(
                 f"module {module!r}: saved {name} has shape {tuple(tensors[key].shape)}, "
                 f"but this model needs {tuple(target.shape)}; was the adapter trained on another base model?"
