@@ -1,0 +1,102 @@
+"""QLoRA and QDoRA: LoRA and DoRA over a 4-bit NF4 frozen base (Dettmers et al., 2023, https://arxiv.org/abs/2305.14314).
+
+```
+        x ──► dequant(Wq) (4-bit NF4, frozen) ──────────┐
+        │                                               + ──► h = dequant(Wq) x + s · B A x
+        └──► adapter path of the method (LoRA, DoRA) ───┘
+```
+
+The adapter is the plain method's: only the frozen base differs, so these classes
+add one option, `quantization` (a `peftkit.quantization.QuantizationConfig` or its
+fields as a dict; default NF4 with double quantization), and quantize the targeted
+linear layers before attaching. Files are PEFT's LoRA/DoRA files, so PEFT loads them
+over a bitsandbytes-4-bit base; a PEFT LoRA file loads back as plain `lora` onto
+whatever base the user has (pass `method="qlora"` to `load_adapter` to quantize it).
+
+bitsandbytes is imported only when a config is built or a model adapted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from peftkit import AdapterLayer, AdapterMethod, peft_option
+from peftkit.targets import LINEAR_TYPES, find_targets
+from peftkit.validation import from_options
+from variants.lora import LoRA, LoraConfig
+
+__all__ = ["QuantizedConfig", "QuantizedBase", "QLoraConfig", "QLoRA"]
+
+
+@dataclasses.dataclass
+class QuantizedConfig:
+    """Mixin for a method config: how the frozen base is quantized.
+
+    Args:
+        quantization: a `QuantizationConfig` or a dict of its fields. Kept as a
+            complete dict of those fields, so the options stay JSON (they are saved
+            with the adapter).
+    """
+
+    quantization: dict[str, Any] = peft_option({})
+
+    def __post_init__(self) -> None:
+        if dataclasses.is_dataclass(self.quantization):
+            self.quantization = dataclasses.asdict(self.quantization)
+        super().__post_init__()  # type checks
+        self.quantization = dataclasses.asdict(self.quantization_config)
+
+    @property
+    def quantization_config(self) -> Any:
+        """The options as a `peftkit.quantization.QuantizationConfig` (imports bitsandbytes)."""
+        from peftkit.quantization import QuantizationConfig
+
+        return from_options(QuantizationConfig, self.quantization, where=f"{type(self).__name__}.quantization")
+
+
+def _linear_path(model: nn.Module, path: str) -> str | None:
+    """Where the linear layer a target stands for lives (inside its host if already adapted)."""
+    module = model.get_submodule(path)
+    if isinstance(module, AdapterLayer):
+        module, path = module.base_layer, path + ".base_layer"
+    return path if isinstance(module, LINEAR_TYPES) else None
+
+
+class QuantizedBase(AdapterMethod):
+    """Mixin for a weight-delta method: quantize the targeted linear layers, then attach as the method does.
+
+    Only targeted layers are quantized; target `"all-linear"` for the QLoRA paper's
+    setup (every linear layer but the head in 4-bit), or quantize the whole model
+    first with `peftkit.quantization.quantize_model` (or load it with transformers'
+    `BitsAndBytesConfig`): layers that are already 4-bit are adapted as they are.
+    The model is then prepared with `prepare_for_kbit_training` (non-4-bit
+    half-precision parameters in float32).
+    """
+
+    config: Any  # a QuantizedConfig mixed into the method's own config
+    reads_peft_files = False
+
+    def attach(self, model: nn.Module, adapter_name: str) -> list[str]:
+        from peftkit.quantization import prepare_for_kbit_training, quantize_model
+
+        targets = find_targets(model, self.config, self.adaptable_types())
+        paths = [_linear_path(model, target) for target in targets]
+        quantize_model(model, self.config.quantization_config, targets=[p for p in paths if p is not None])
+        prepare_for_kbit_training(model)
+        return super().attach(model, adapter_name)
+
+
+@dataclasses.dataclass
+class QLoraConfig(QuantizedConfig, LoraConfig):
+    """LoRA's options plus `quantization` (see `QuantizedConfig`)."""
+
+
+class QLoRA(QuantizedBase, LoRA):
+    """LoRA on a 4-bit (NF4 by default) frozen base; saved as a PEFT LoRA adapter."""
+
+    name = "qlora"
+    description = "LoRA over a 4-bit NF4 frozen base through bitsandbytes (Dettmers et al., 2023)."
+    config_class = QLoraConfig
