@@ -154,9 +154,12 @@ def _skipped(model: nn.Module, config: QuantizationConfig) -> set[str]:
 
 
 def _blocksize(config: QuantizationConfig, in_features: int, device: torch.device, path: str) -> int:
-    """The layer's blocksize. bitsandbytes' CPU kernels (0.50) dequantize block by block
-    within each row, while quantizing the flattened weight: a block that straddles two
-    rows comes back wrong (errors near the weights' size), so on CPU a block must divide a row."""
+    """One layer's blocksize: the configured one, but on CPU one that divides its rows.
+
+    bitsandbytes' CPU kernels (0.50) quantize the flattened weight but dequantize block
+    by block within each row: a block that straddles two rows comes back wrong, with
+    errors the size of the weights themselves.
+    """
     wanted = config.blocksize or 64
     if device.type != "cpu" or in_features % wanted == 0:
         return wanted
@@ -321,13 +324,19 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
 
 def merge_and_dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Merge the active adapters and return a dense model holding `dequant(Wq) + delta`, exactly.
+    """Merge the active adapters and return the plain dense model holding `dequant(Wq) + delta`.
 
-    The 4-bit layers come back in `dtype` (default: their compute dtype).
-    `peftkit.merge_and_unload` on a 4-bit model instead re-quantizes the merged layers
-    (as PEFT does), which adds the error `requantization_errors` reports.
+    The whole model comes back in `dtype` (default: the 4-bit layers' compute dtype),
+    so no layer meets activations of another dtype. `peftkit.merge_and_unload` on a
+    4-bit model instead keeps the layers 4-bit, re-quantizing the merged ones (as PEFT
+    does), which adds the error `requantization_errors` reports.
     """
-    return merge_and_unload(dequantize_model(model, dtype))
+    if dtype is None:
+        dtypes = {m.compute_dtype or torch.float32 for m in model.modules() if isinstance(m, Linear4bit)}
+        if len(dtypes) > 1:
+            raise ConfigError(f"the 4-bit layers compute in {sorted(map(str, dtypes))}; pass the dtype to merge into.")
+        dtype = dtypes.pop() if dtypes else torch.float32
+    return merge_and_unload(dequantize_model(model, dtype)).to(dtype)
 
 
 def requantization_errors(model: nn.Module) -> dict[str, float]:

@@ -158,6 +158,14 @@ def test_merge_and_dequantize_is_exact_in_the_compute_dtype(method: str, ids: to
     torch.testing.assert_close(model_output(merged, ids), expected, atol=ATOL, rtol=0)
 
 
+def test_merge_and_dequantize_returns_the_whole_model_in_a_bfloat16_compute_dtype(method: str, ids: torch.Tensor) -> None:
+    model = adapted(method, quantization={"compute_dtype": "bfloat16"})
+    expected = model_output(model, ids)
+    merged = merge_and_dequantize(model)
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(model_output(merged, ids).float(), expected, atol=0.05, rtol=0.05)
+
+
 def test_merge_onto_4bit_requantizes_and_reports_the_error(method: str, ids: torch.Tensor) -> None:
     model = adapted(method)
     expected = model_output(model, ids)
