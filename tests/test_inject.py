@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import MODEL_BUILDERS, model_output, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
@@ -151,3 +153,20 @@ def test_delete_adapter_restores_plain_modules(ids: torch.Tensor) -> None:
     assert adapted_paths(model) == [] and peftkit.adapter_methods(model) == {}
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
     assert torch.equal(model_output(model, ids), expected)
+
+
+def test_generate_and_transformers_trainer_work_on_an_adapted_model(tmp_path: Path, ids: torch.Tensor) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    model = peftkit.adapt(tiny_llama(), "lora", r=4, target_modules="all-linear")
+    generated = model.generate(ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert generated.shape == (2, 7)
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+        report_to=[], save_strategy="no", use_cpu=True, logging_strategy="no",
+    )
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed == {n for n, p in model.named_parameters() if p.requires_grad}
