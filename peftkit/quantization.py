@@ -27,8 +27,6 @@ import torch
 from torch import nn
 
 from peftkit.errors import ConfigError, MergeError, UnsupportedModuleError
-from peftkit.inject import hosts
-from peftkit.layer import AdapterLayer
 from peftkit.merge import merge_and_unload
 from peftkit.targets import LINEAR_TYPES, candidate_modules, matches_pattern
 from peftkit.validation import check_types
@@ -216,7 +214,7 @@ def quantize_model(
     skipped = _skipped(model, config)
     compute_dtypes: dict[torch.device, torch.dtype] = {}
     if targets is None:
-        targets = [name for name, m in candidate_modules(model) if isinstance(m, LINEAR_TYPES) and not _is_bitsandbytes(m)]
+        targets = [n for n, m in candidate_modules(model) if isinstance(m, LINEAR_TYPES) and not _is_bitsandbytes(m)]
     for path in targets:
         module = model.get_submodule(path)
         if path in skipped or _is_bitsandbytes(module):
@@ -261,7 +259,8 @@ def prepare_for_kbit_training(
                 if param.dtype in _HALF:
                     param.data = param.data.float()
     if gradient_checkpointing:
-        if not all(callable(getattr(model, f, None)) for f in ("gradient_checkpointing_enable", "enable_input_require_grads")):
+        needed = ("gradient_checkpointing_enable", "enable_input_require_grads")
+        if not all(callable(getattr(model, name, None)) for name in needed):
             raise ConfigError(
                 f"{type(model).__name__} has no gradient_checkpointing_enable(); "
                 "gradient checkpointing needs a transformers model."

@@ -7,6 +7,7 @@ import importlib
 import subprocess
 import sys
 
+import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,6 @@ from peftkit.quantization import (
     weight_nbytes,
 )
 from peftkit.weights import layer_features, read_weight
-
-bnb = pytest.importorskip("bitsandbytes")
 
 
 def llama_128(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
@@ -90,10 +89,11 @@ def test_4bit_layer_computes_with_its_dequantized_weight_in_train_and_eval() -> 
 
 def test_cpu_blocks_never_straddle_rows() -> None:
     model = quantize_model(tiny_llama())  # in_features 32 (attention, gate/up) and 64 (down)
-    layers = model.model.layers[0]
-    assert (layers.self_attn.q_proj.weight.quant_state.blocksize, layers.mlp.down_proj.weight.quant_state.blocksize) == (32, 64)
-    assert block_error(layers.self_attn.q_proj, tiny_llama().model.layers[0].self_attn.q_proj.weight) <= 0.16
-    with pytest.raises(ConfigError, match=r"'model.layers.0.self_attn.q_proj' on CPU with blocksize 64.*in_features \(32\); valid here: 32"):
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert (attention.q_proj.weight.quant_state.blocksize, mlp.down_proj.weight.quant_state.blocksize) == (32, 64)
+    assert block_error(attention.q_proj, tiny_llama().model.layers[0].self_attn.q_proj.weight) <= 0.16
+    message = r"'model.layers.0.self_attn.q_proj' on CPU with blocksize 64.*in_features \(32\); valid here: 32"
+    with pytest.raises(ConfigError, match=message):
         quantize_model(tiny_llama(), QuantizationConfig(blocksize=64))
 
 
@@ -194,7 +194,7 @@ def test_compute_dtype_the_device_cannot_use_is_refused(monkeypatch: pytest.Monk
     assert resolve_compute_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # a pre-Ampere GPU
     assert resolve_compute_dtype(None, torch.device("cuda")) == torch.float32
-    with pytest.raises(ConfigError, match=r"compute_dtype 'bfloat16' cannot be used on device 'cuda'.*float32, float16"):
+    with pytest.raises(ConfigError, match=r"'bfloat16' cannot be used on device 'cuda'.*supports: float32, float16"):
         resolve_compute_dtype("bfloat16", torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert resolve_compute_dtype(None, torch.device("cuda")) == torch.bfloat16

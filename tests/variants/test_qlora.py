@@ -8,10 +8,10 @@ error of a merge).
 
 from __future__ import annotations
 
-import copy
 import warnings
 from pathlib import Path
 
+import bitsandbytes as bnb
 import peft
 import pytest
 import torch
@@ -29,8 +29,6 @@ from peftkit.quantization import (
     requantization_errors,
 )
 from peftkit.weights import read_weight
-
-bnb = pytest.importorskip("bitsandbytes")
 
 METHODS = ["qlora"]
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -158,7 +156,7 @@ def test_merge_and_dequantize_is_exact_in_the_compute_dtype(method: str, ids: to
     torch.testing.assert_close(model_output(merged, ids), expected, atol=ATOL, rtol=0)
 
 
-def test_merge_and_dequantize_returns_the_whole_model_in_a_bfloat16_compute_dtype(method: str, ids: torch.Tensor) -> None:
+def test_merge_and_dequantize_gives_the_whole_model_the_bfloat16_compute_dtype(method: str, ids: torch.Tensor) -> None:
     model = adapted(method, quantization={"compute_dtype": "bfloat16"})
     expected = model_output(model, ids)
     merged = merge_and_dequantize(model)
