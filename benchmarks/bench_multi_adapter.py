@@ -109,11 +109,17 @@ def main() -> None:
     args = parser.parse_args()
     results = run(args)
     print(f"# multi-adapter benchmark, {datetime.date.today()}, {machine()}, peft {peft.__version__}")
-    print(f"# Llama-shaped (hidden 1024, {args.layers} layers, vocab 32000), 4 LoRA adapters r={args.rank} all-linear, "
-          f"batch {len(ROWS)} x seq {args.seq}, median of {args.repeats}")
+    print(
+        f"# Llama-shaped (hidden 1024, {args.layers} layers, vocab 32000), 4 LoRA adapters r={args.rank} all-linear, "
+        f"batch {len(ROWS)} x seq {args.seq}, median of {args.repeats}"
+    )
     print("| measure | value | target |\n| --- | --- | --- |")
     for name, value, target in results:
-        verdict = "" if target is None else (f">= {target}: {'holds' if value >= target else 'misses'}" if "throughput" in name else f"~{target}")
+        verdict = (
+            ""
+            if target is None
+            else (f">= {target}: {'holds' if value >= target else 'misses'}" if "throughput" in name else f"~{target}")
+        )
         print(f"| {name} | {value:.3f} | {verdict} |")
 
 

@@ -14,8 +14,13 @@ __all__ = ["LLAMA_BENCH", "llama_model", "median_seconds", "machine"]
 
 # The Llama-shaped benchmark model of the issues: hidden 1024, 8 layers, vocab 32000.
 LLAMA_BENCH = dict(
-    vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-    num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    max_position_embeddings=2048,
 )
 
 

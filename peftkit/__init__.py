@@ -1,11 +1,12 @@
 """peftkit: parameter-efficient fine-tuning behind one interface.
 
-    import peftkit
-    model = peftkit.adapt(model, "lora", r=8, alpha=16, target_modules="all-linear")
-    ...train...
-    peftkit.save_adapter(model, "out/adapter")   # HF PEFT's format
+import peftkit
+model = peftkit.adapt(model, "lora", r=8, alpha=16, target_modules="all-linear")
+...train...
+peftkit.save_adapter(model, "out/adapter")   # HF PEFT's format
 """
 
+from peftkit.combine import combine_adapters
 from peftkit.errors import (
     AdapterExistsError,
     AdapterFileError,
@@ -19,7 +20,6 @@ from peftkit.errors import (
     UnknownMethodError,
     UnsupportedModuleError,
 )
-from peftkit.combine import combine_adapters
 from peftkit.inject import (
     adapt,
     adapter_methods,
@@ -34,10 +34,10 @@ from peftkit.inject import (
     trainable_parameters,
 )
 from peftkit.layer import Adapter, AdapterHost, AdapterLayer, LowRankAdapter, TrainableCopy
-from peftkit.routing import RowRouting
 from peftkit.merge import merge, merge_and_unload, switch_merged_adapter, unload, unmerge
 from peftkit.method import AdapterMethod, MethodConfig, peft_option
 from peftkit.registry import available_methods, get_method, register_method
+from peftkit.routing import RowRouting
 from peftkit.serialization import adapter_state_dict, hot_swap_adapter, load_adapter, save_adapter
 
 __version__ = "0.1.0"

@@ -46,15 +46,17 @@ def _factors(path: str, name: str, adapter: Adapter) -> tuple[torch.Tensor, torc
     return up.detach().float(), down.detach().float()
 
 
-def _combine(factors: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float], how: Combination, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _combine(
+    factors: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float], how: Combination, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     if how == "linear":
-        up = sum(math.copysign(math.sqrt(abs(w)), w) * u for (u, _), w in zip(factors, weights))
-        down = sum(math.sqrt(abs(w)) * d for (_, d), w in zip(factors, weights))
+        up = sum(math.copysign(math.sqrt(abs(w)), w) * u for (u, _), w in zip(factors, weights, strict=True))
+        down = sum(math.sqrt(abs(w)) * d for (_, d), w in zip(factors, weights, strict=True))
     elif how == "cat":
-        up = torch.cat([w * u for (u, _), w in zip(factors, weights)], dim=1)
+        up = torch.cat([w * u for (u, _), w in zip(factors, weights, strict=True)], dim=1)
         down = torch.cat([d for _, d in factors], dim=0)
     else:
-        delta = sum(w * (u @ d) for (u, d), w in zip(factors, weights))
+        delta = sum(w * (u @ d) for (u, d), w in zip(factors, weights, strict=True))
         u_, s_, vh = torch.linalg.svd(delta, full_matrices=False)
         up, down = u_[:, :rank] * s_[:rank], vh[:rank]
     pad = rank - up.shape[1]  # a layer that lacks some adapters, or is narrower than the rank
@@ -90,7 +92,7 @@ def combine_adapters(
     per_layer_weights: dict[str, list[float]] = {}
     for path, host in hosts(model):
         if isinstance(host, AdapterLayer):
-            present = [(n, w) for n, w in zip(adapter_names, weights) if n in host.adapters]
+            present = [(n, w) for n, w in zip(adapter_names, weights, strict=True) if n in host.adapters]
             if present:
                 per_layer[path] = [_factors(path, n, host.adapters[n]) for n, _ in present]
                 per_layer_weights[path] = [w for _, w in present]

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.errors import AdapterExistsError, ConfigError, AdapterNotFoundError, AdapterStateError, TargetNotFoundError
+from peftkit.errors import AdapterExistsError, AdapterNotFoundError, AdapterStateError, ConfigError, TargetNotFoundError
 from peftkit.layer import AdapterHost, AdapterLayer, TrainableCopy
-from peftkit.routing import RowRouting
 from peftkit.method import AdapterMethod
 from peftkit.registry import get_method
+from peftkit.routing import RowRouting
 from peftkit.targets import candidate_modules, find_targets, matches_pattern, task_heads
 
 __all__ = [
@@ -71,7 +71,9 @@ def adapt(
         raise TypeError("pass options either in the method instance or as keywords, not both.")
     methods = adapter_methods(model)
     if adapter_name == RowRouting.BASE:
-        raise ConfigError(f"adapter name {RowRouting.BASE!r} is reserved: it stands for the base model in mixed batches.")
+        raise ConfigError(
+            f"adapter name {RowRouting.BASE!r} is reserved: it stands for the base model in mixed batches."
+        )
     if adapter_name in methods:
         raise AdapterExistsError(
             f"model already has an adapter named {adapter_name!r} ({methods[adapter_name].name}); "

@@ -39,7 +39,9 @@ def register_method(cls: M) -> M:
         raise ConfigError(f"{cls.__qualname__} must set a non-empty `name` to be registered.")
     existing = _METHODS.get(name)
     if existing is not None and existing.__qualname__ != cls.__qualname__:
-        raise ConfigError(f"method name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}.")
+        raise ConfigError(
+            f"method name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}."
+        )
     _METHODS[name] = cls
     return cls
 

@@ -37,7 +37,9 @@ class RowRouting:
         self.rows = len(adapter_names)
         self.names = list(adapter_names)
         self._groups: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
-        self._stacks: dict[tuple[int, int, torch.device], tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._stacks: dict[
+            tuple[int, int, torch.device], tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = {}
 
     def _per_row(self, batch: int) -> list[str]:
         if batch % self.rows:
@@ -87,8 +89,9 @@ class RowRouting:
             up = torch.cat([u for u, _ in factors], dim=1).detach()
             down = torch.cat([d for _, d in factors], dim=0).detach()
             mask = torch.zeros(x.shape[0], down.shape[0], dtype=down.dtype, device=x.device)
-            offsets = dict(zip(names, torch.tensor([0] + [d.shape[0] for _, d in factors]).cumsum(0).tolist()))
-            ranks = {name: d.shape[0] for name, (_, d) in zip(names, factors)}
+            ranks = {name: d.shape[0] for name, (_, d) in zip(names, factors, strict=True)}
+            starts = torch.tensor([0, *ranks.values()]).cumsum(0).tolist()
+            offsets = dict(zip(names, starts[:-1], strict=True))
             for row, name in enumerate(self._per_row(x.shape[0])):
                 if name in offsets:
                     mask[row, offsets[name] : offsets[name] + ranks[name]] = 1

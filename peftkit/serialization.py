@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -160,7 +159,11 @@ def method_from_config(config: dict[str, Any], metadata: dict[str, str] | None =
 def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         pickled = path.with_name("adapter_model.bin")
-        hint = f" ({pickled.name} exists, but peftkit never unpickles files; re-save it as safetensors)" if pickled.exists() else ""
+        hint = (
+            f" ({pickled.name} exists, but peftkit never unpickles files; re-save it as safetensors)"
+            if pickled.exists()
+            else ""
+        )
         raise AdapterFileError(f"missing {path}{hint}.")
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -213,13 +216,19 @@ def _copy_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.
             f"adapter in {str(directory)!r} does not fit this model: "
             + (f"{len(missing)} tensor(s) missing (e.g. {missing[:3]})" if missing else "")
             + ("; " if missing and unexpected else "")
-            + (f"{len(unexpected)} tensor(s) name modules this model lacks (e.g. {unexpected[:3]})" if unexpected else "")
+            + (
+                f"{len(unexpected)} tensor(s) name modules this model lacks (e.g. {unexpected[:3]})"
+                if unexpected
+                else ""
+            )
             + "."
         )
     for key, target in expected.items():
         if target.shape != tensors[key].shape:
             local = key.removeprefix(PEFT_PREFIX)
-            module = max((p for p, _ in hosts(model) if local.startswith(p + ".")), key=len, default=local.rpartition(".")[0])
+            module = max(
+                (p for p, _ in hosts(model) if local.startswith(p + ".")), key=len, default=local.rpartition(".")[0]
+            )
             name = local[len(module) + 1 :]
             raise ShapeMismatchError(
                 f"module {module!r}: saved {name} has shape {tuple(tensors[key].shape)}, "
@@ -235,7 +244,9 @@ def _settings(adapter: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in vars(adapter).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
 
-def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+def hot_swap_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER
+) -> nn.Module:
     """Overwrite an adapter's tensors in place from `directory`, keeping every module object.
 
     A served (even compiled) model keeps its graph: nothing is rebuilt, so the saved
@@ -249,14 +260,23 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike[str], adapte
     tensors, metadata = _load_tensors(directory / WEIGHTS_NAME)
     incoming = method_from_config(config, metadata)
     if incoming.name != current.name:
-        raise AdapterFileError(f"cannot hot-swap a {incoming.name} adapter into {adapter_name!r}, which is {current.name}.")
+        raise AdapterFileError(
+            f"cannot hot-swap a {incoming.name} adapter into {adapter_name!r}, which is {current.name}."
+        )
     for path, host in hosts(model):
         if isinstance(host, AdapterLayer) and adapter_name in host.adapters:
             if adapter_name in host.merged_adapters:
-                raise AdapterStateError(f"adapter {adapter_name!r} is merged into {path!r}; unmerge it before hot-swapping.")
-            live, fresh = _settings(host.adapters[adapter_name]), _settings(incoming.create_adapter(host.base_layer, path))
+                raise AdapterStateError(
+                    f"adapter {adapter_name!r} is merged into {path!r}; unmerge it before hot-swapping."
+                )
+            live, fresh = (
+                _settings(host.adapters[adapter_name]),
+                _settings(incoming.create_adapter(host.base_layer, path)),
+            )
             if live != fresh:
-                differing = {k: (live.get(k), fresh.get(k)) for k in live.keys() | fresh.keys() if live.get(k) != fresh.get(k)}
+                differing = {
+                    k: (live.get(k), fresh.get(k)) for k in live.keys() | fresh.keys() if live.get(k) != fresh.get(k)
+                }
                 raise ShapeMismatchError(
                     f"module {path!r}: hot-swap needs equal settings; (live, saved) differ in {differing}."
                 )

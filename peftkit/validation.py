@@ -31,8 +31,7 @@ def from_options(cls: type[T], options: Mapping[str, Any], where: str) -> T:
     for key in options:
         if key not in valid:
             raise ConfigError(
-                f"{where} has no option {key!r}.{did_you_mean(key, valid)} "
-                f"Valid options: {', '.join(valid)}."
+                f"{where} has no option {key!r}.{did_you_mean(key, valid)} Valid options: {', '.join(valid)}."
             )
     return cls(**options)
 
@@ -64,9 +63,7 @@ def _matches(value: Any, annotation: Any) -> bool:
     if origin in (list, tuple):
         return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
     if origin is dict:
-        return isinstance(value, dict) and all(
-            _matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items()
-        )
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
     if annotation is type(None):
         return value is None
     if annotation is float:
@@ -82,6 +79,4 @@ def check_types(obj: Any, where: str) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if not _matches(value, hints[f.name]):
-            raise ConfigError(
-                f"{where}.{f.name} must be {describe_type(hints[f.name])}, got {value!r}."
-            )
+            raise ConfigError(f"{where}.{f.name} must be {describe_type(hints[f.name])}, got {value!r}.")

@@ -30,7 +30,9 @@ def test_only_adapter_parameters_require_grad(model_name: str) -> None:
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     # A classification head starts random, so it trains in full (as PEFT's SEQ_CLS does).
     head = [name for name in trainable if name.startswith("classifier.")]
-    assert head == (["classifier.adapters.default.weight", "classifier.adapters.default.bias"] if model_name == "bert" else [])
+    assert head == (
+        ["classifier.adapters.default.weight", "classifier.adapters.default.bias"] if model_name == "bert" else []
+    )
     assert trainable and all(".adapters.default.lora_" in name for name in trainable if name not in head)
     count, total = peftkit.trainable_parameters(model)
     assert count == sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -60,8 +62,10 @@ def test_all_linear_excludes_output_head_and_list_matches_suffixes() -> None:
     assert "lm_head" not in paths and len(paths) == 2 * 7
     model = peftkit.adapt(tiny_llama(), "lora", target_modules=["self_attn.q_proj", "down_proj"])
     assert adapted_paths(model) == [
-        "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
-        "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
     ]
 
 
@@ -73,7 +77,10 @@ def test_regex_exclude_and_layers_to_transform() -> None:
 
 
 def test_default_targets_follow_the_model_type() -> None:
-    assert adapted_paths(peftkit.adapt(tiny_gpt2(), "lora")) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert adapted_paths(peftkit.adapt(tiny_gpt2(), "lora")) == [
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.1.attn.c_attn",
+    ]
     assert len(adapted_paths(peftkit.adapt(tiny_bert(), "lora"))) == 4  # query, value x 2 layers
 
 
@@ -136,6 +143,7 @@ def test_modules_to_save_trains_a_copy_of_the_head(ids: torch.Tensor) -> None:
 @pytest.mark.parametrize(("bias", "expected"), [("none", 0), ("lora_only", 4), ("all", None)])
 def test_bias_policy(bias: str, expected: int | None) -> None:
     model = peftkit.adapt(tiny_bert(), "lora", target_modules=["query", "value"], bias=bias)
+
     def is_bias(name: str) -> bool:
         return name.endswith("bias") and not name.startswith("classifier.")  # the head trains anyway
 
@@ -164,8 +172,14 @@ def test_generate_and_transformers_trainer_work_on_an_adapted_model(tmp_path: Pa
     rows = [{"input_ids": row, "labels": row} for row in ids]
     before = {n: p.clone() for n, p in model.named_parameters()}
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
-        report_to=[], save_strategy="no", use_cpu=True, logging_strategy="no",
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_strategy="no",
     )
     Trainer(model=model, args=args, train_dataset=rows).train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}

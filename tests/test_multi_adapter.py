@@ -141,7 +141,7 @@ def test_linear_combination_follows_its_formula() -> None:
     model = three_adapters()
     peftkit.combine_adapters(model, ["sql", "chat"], [0.5, 2.0], "mix", combination="linear")
     layer = model.model.layers[1].mlp.down_proj
-    ups, downs = zip(*(layer.adapters[n].low_rank_factors() for n in ("sql", "chat")))
+    ups, downs = zip(*(layer.adapters[n].low_rank_factors() for n in ("sql", "chat")), strict=True)
     up = 0.5**0.5 * ups[0] + 2.0**0.5 * ups[1]
     down = 0.5**0.5 * downs[0] + 2.0**0.5 * downs[1]
     torch.testing.assert_close(layer.adapters["mix"].delta_weight(), up @ down, atol=1e-6, rtol=0)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -32,14 +30,18 @@ def test_unknown_method_lists_registered_names_and_closest_match() -> None:
 
 
 def test_import_peftkit_imports_no_variant_and_no_bitsandbytes() -> None:
-    code = "import sys, peftkit; print(sorted(m for m in sys.modules if m.split('.')[0] in ('variants', 'bitsandbytes')))"
+    code = (
+        "import sys, peftkit; print(sorted(m for m in sys.modules if m.split('.')[0] in ('variants', 'bitsandbytes')))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
 
 def test_core_source_never_imports_variants() -> None:
     core = Path(peftkit.__file__).parent
-    offenders = [p.name for p in core.rglob("*.py") if "import variants" in p.read_text() or "from variants" in p.read_text()]
+    offenders = [
+        p.name for p in core.rglob("*.py") if "import variants" in p.read_text() or "from variants" in p.read_text()
+    ]
     assert offenders == []
 
 

@@ -68,7 +68,9 @@ def test_regex_targets_survive_the_trip_to_peft(targets: object, ids: torch.Tens
     expected = model_output(model, ids)
     peftkit.save_adapter(model, tmp_path)
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
-    assert len([m for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]) == (2 if isinstance(targets, str) else 1)
+    assert len([m for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]) == (
+        2 if isinstance(targets, str) else 1
+    )
     torch.testing.assert_close(model_output(theirs, ids), expected, atol=1e-6, rtol=0)
 
 

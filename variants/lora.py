@@ -128,8 +128,13 @@ class LoraConv2d(LoraLinear):
         if base_layer.groups != 1:
             raise UnsupportedModuleError(f"LoRA supports Conv2d with groups=1 only, got groups={base_layer.groups}.")
         self.lora_A = nn.Conv2d(
-            base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride,
-            base_layer.padding, base_layer.dilation, bias=False,
+            base_layer.in_channels,
+            r,
+            base_layer.kernel_size,
+            base_layer.stride,
+            base_layer.padding,
+            base_layer.dilation,
+            bias=False,
         )
         self.lora_B = nn.Conv2d(r, base_layer.out_channels, 1, bias=False)
 
@@ -152,8 +157,13 @@ class LoraEmbedding(Adapter):
 
     def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         rows = F.embedding(
-            x, self.lora_embedding_A.T, base_layer.padding_idx, base_layer.max_norm,
-            base_layer.norm_type, base_layer.scale_grad_by_freq, base_layer.sparse,
+            x,
+            self.lora_embedding_A.T,
+            base_layer.padding_idx,
+            base_layer.max_norm,
+            base_layer.norm_type,
+            base_layer.scale_grad_by_freq,
+            base_layer.sparse,
         )
         return (rows @ self.lora_embedding_B.T * self.scaling).to(base_output.dtype)
 
@@ -194,8 +204,15 @@ class LoRA(AdapterMethod):
         """A copy of this method at rank `rank` with unit scaling on exactly `target_modules`."""
         options = dataclasses.asdict(self.config)
         options.update(
-            r=rank, alpha=float(rank), rslora=False, rank_pattern={}, alpha_pattern={},
-            target_modules=target_modules, exclude_modules=None, layers_to_transform=None, modules_to_save=None,
+            r=rank,
+            alpha=float(rank),
+            rslora=False,
+            rank_pattern={},
+            alpha_pattern={},
+            target_modules=target_modules,
+            exclude_modules=None,
+            layers_to_transform=None,
+            modules_to_save=None,
         )
         return type(self).from_options(**options)
 

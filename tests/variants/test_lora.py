@@ -32,8 +32,14 @@ def test_linear_forward_matches_formula_and_scaling() -> None:
 
 def test_rslora_and_patterns_set_per_module_rank_and_scale() -> None:
     model = peftkit.adapt(
-        tiny_llama(), "lora", r=8, alpha=16, rslora=True, target_modules=["q_proj", "v_proj"],
-        rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 4},
+        tiny_llama(),
+        "lora",
+        r=8,
+        alpha=16,
+        rslora=True,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={r"layers\.1\.self_attn\.q_proj": 4},
     )
     layers = model.model.layers
     assert layers[0].self_attn.v_proj.adapters["default"].lora_A.weight.shape == (2, 32)
@@ -105,4 +111,6 @@ def test_gradients_reach_only_a_and_b() -> None:
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {f"transformer.h.{i}.attn.c_attn.adapters.default.lora_{m}.weight" for i in (0, 1) for m in "AB"}
+    assert with_grad == {
+        f"transformer.h.{i}.attn.c_attn.adapters.default.lora_{m}.weight" for i in (0, 1) for m in "AB"
+    }
