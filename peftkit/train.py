@@ -1,0 +1,286 @@
+"""The training loop behind `peftkit train`, on accelerate (one process, or DDP over N).
+
+The data order is a pure function of (seed, step): every process derives the same
+global batch of `batch_size * num_processes` examples and takes its own slice, so
+a resumed run replays exactly the batches an uninterrupted one would have seen,
+and a 2-process run sees the same global batches as a 1-process run with twice
+the batch size. Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from peftkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from peftkit.config import RunConfig
+from peftkit.data import IGNORE_INDEX, Example, collate, epoch_order, generation_prompt, load_datasets
+from peftkit.errors import ConfigError
+from peftkit.inject import adapt, trainable_parameters
+from peftkit.models import generate_text, load_model, load_tokenizer
+from peftkit.serialization import save_adapter
+
+__all__ = ["CausalLMLoss", "TrainResult", "train", "find_resume_checkpoint"]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """The trained model (adapter attached, unwrapped from DDP) and the end summary."""
+
+    model: nn.Module
+    summary: dict[str, Any]
+
+
+class CausalLMLoss(nn.Module):
+    """Mean next-token cross-entropy over labelled positions.
+
+    Logits are computed only where a label is: with Gemma's 262k-word vocabulary the
+    output layer over every position (prompt and padding included) would cost more
+    than the rest of the model. Wrapping the model in a module keeps DDP's forward
+    hooks on the call that does the work.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        body, head = getattr(self.model, "base_model", self.model), self.model.get_output_embeddings()
+        if body is self.model or head is None:  # no separate head: take the model's own logits
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
+        else:
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            logits = head(hidden[:, :-1][keep])
+            cap = getattr(self.model.config, "final_logit_softcapping", None)
+            if cap:  # Gemma's soft cap, as its own forward applies it
+                logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits.float(), targets[keep])
+
+
+def find_resume_checkpoint(resume: str | bool, output_dir: Path) -> Path:
+    """The checkpoint `--resume [DIR]` means: DIR itself, DIR's newest, or the run's newest."""
+    base = output_dir if resume is True else Path(str(resume))
+    for candidate in (base, base / "checkpoints"):
+        if (candidate / "state.json").is_file():
+            return candidate
+        found = latest_checkpoint(candidate)
+        if found is not None:
+            return found
+    raise ConfigError(f"--resume: no whole checkpoint in {str(base)!r}.")
+
+
+def _global_batch(step: int, micro: int, accum: int, n_examples: int, per_global: int, seed: int) -> list[int]:
+    """Example indices of micro-batch `micro` of optimizer step `step`, for all processes together."""
+    per_epoch = n_examples // per_global
+    index = step * accum + micro
+    epoch, within = divmod(index, per_epoch)
+    return epoch_order(n_examples, seed, epoch)[within * per_global : (within + 1) * per_global]
+
+
+def _batches(examples: list[Example], size: int, rank: int, world: int) -> Iterator[list[Example]]:
+    mine = examples[rank::world]
+    for start in range(0, len(mine), size):
+        yield mine[start : start + size]
+
+
+class _Run:
+    """One training run's state and its reporting; `train()` is the public entry point."""
+
+    def __init__(self, config: RunConfig, quiet: bool) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config, self.quiet = config, quiet
+        if config.training.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("training.mixed_precision 'fp16' needs a GPU; use 'no' or 'bf16' on CPU.")
+        # On a CPU-only machine launched with torchrun, Accelerator must be told cpu=True,
+        # or every process believes it is rank 0 and nothing synchronises.
+        self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.training.mixed_precision)
+        self.main = self.acc.is_main_process
+        self.out = Path(config.output.dir)
+        self.metrics_path = self.out / "metrics.jsonl"
+        set_seed(config.training.seed)
+        self.bar: tqdm | None = None
+
+    def say(self, message: str) -> None:
+        if self.main and not self.quiet:
+            (self.bar.write if self.bar is not None else print)(message)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.main:
+            with open(self.metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def evaluate(self, wrapper: nn.Module, examples: list[Example]) -> float | None:
+        """Token-weighted validation loss over all processes' shards."""
+        if not examples:
+            return None
+        wrapper.eval()
+        totals = torch.zeros(2, device=self.acc.device)
+        with torch.no_grad():
+            for batch in _batches(examples, self.config.eval.batch_size, self.acc.process_index, self.acc.num_processes):
+                tensors = {k: v.to(self.acc.device) for k, v in collate(batch, self.pad_id).items()}
+                count = (tensors["labels"][:, 1:] != IGNORE_INDEX).sum()
+                totals += torch.stack([wrapper(**tensors).float() * count, count.float()])
+        wrapper.train()
+        totals = self.acc.reduce(totals, reduction="sum")
+        return (totals[0] / totals[1]).item()
+
+    def generations(self, model: nn.Module, records: list[dict[str, Any]], step: int, label: str) -> None:
+        if not self.main or not self.config.eval.generations:
+            return
+        samples = []
+        for record in records:
+            pair = generation_prompt(record, self.tokenizer)
+            if pair is None:
+                continue
+            output = generate_text(model, self.tokenizer, pair[0], self.config.eval.max_new_tokens)
+            samples.append({"prompt": pair[0], "reference": pair[1], "output": output})
+            if len(samples) == self.config.eval.generations:
+                break
+        self.log({"step": step, "generations": samples})
+        for sample in samples:
+            self.say(f"[{label}, step {step}] {sample['prompt']!r}\n  -> {sample['output']!r}\n  reference: {sample['reference']!r}")
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def train(config: RunConfig, resume: str | bool | None = None, quiet: bool = False) -> TrainResult:
+    """Fine-tune as `config` says; the summary is also printed unless `quiet`."""
+    run = _Run(config, quiet)
+    acc, tc = run.acc, config.training
+    resume_from = find_resume_checkpoint(resume, run.out) if resume else None
+    started = time.perf_counter()
+    run.tokenizer = load_tokenizer(config.model.name)
+    run.pad_id = run.tokenizer.pad_token_id
+    train_set, valid_set, valid_records = load_datasets(config.data, run.tokenizer, tc.seed)
+    model = load_model(config.model.name, config.model.dtype)
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    adapt(model, config.method.name, **config.method.options)
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable, total = trainable_parameters(model)
+
+    world, accum = acc.num_processes, tc.gradient_accumulation_steps
+    per_global = tc.batch_size * world
+    if len(train_set) < per_global:
+        raise ConfigError(f"training.batch_size {tc.batch_size} x {world} process(es) exceeds the "
+                          f"{len(train_set)} training examples.")
+    total_steps = tc.max_steps or tc.epochs * (len(train_set) // per_global) // accum
+    if total_steps < 1:
+        raise ConfigError("training: one epoch is shorter than one optimizer step; lower gradient_accumulation_steps.")
+
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    schedule = "constant_with_warmup" if tc.schedule == "constant" else tc.schedule
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total_steps)
+    wrapper, optimizer = acc.prepare(CausalLMLoss(model), optimizer)
+    unwrapped = acc.unwrap_model(wrapper).model
+
+    start = 0
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, unwrapped, optimizer, scheduler)["step"]
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    run.say(
+        f"peftkit: {config.method.name} on {config.model.name} | trainable {trainable:,} / {total:,} params "
+        f"({100 * trainable / total:.2f}%) | base weights {base_bytes / 1e9:.2f} GB | {len(train_set)} train / "
+        f"{len(valid_set)} val examples | {total_steps} steps x {per_global * accum} sequences | "
+        f"{world} process(es) on {acc.device}" + (f" | resumed from {resume_from} at step {start}" if resume_from else "")
+    )
+    val_before = run.evaluate(wrapper, valid_set)
+    if val_before is not None:
+        run.say(f"validation loss at step {start}: {val_before:.4f} (perplexity {math.exp(val_before):.2f})")
+        run.log({"step": start, "val_loss": val_before, "val_ppl": math.exp(val_before)})
+    run.generations(unwrapped, valid_records, start, "before")
+
+    wrapper.train()
+    losses: list[float] = []
+    val_loss = val_before
+    run.bar = tqdm(total=total_steps, initial=start, disable=quiet or not run.main, desc="train", dynamic_ncols=True)
+    for step in range(start, total_steps):
+        tick, tokens, step_loss = time.perf_counter(), torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
+        for micro in range(accum):
+            indices = _global_batch(step, micro, accum, len(train_set), per_global, tc.seed)
+            mine = indices[acc.process_index * tc.batch_size : (acc.process_index + 1) * tc.batch_size]
+            batch = {k: v.to(acc.device) for k, v in collate([train_set[i] for i in mine], run.pad_id).items()}
+            sync = acc.no_sync(wrapper) if micro < accum - 1 else nullcontext()
+            with sync:
+                loss = wrapper(**batch) / accum
+                acc.backward(loss)
+            step_loss += loss.detach()
+            tokens += batch["attention_mask"].sum()
+        if tc.max_grad_norm:
+            acc.clip_grad_norm_(params, tc.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        mean_loss = acc.reduce(step_loss, reduction="mean").item()
+        tokens_per_s = acc.reduce(tokens, reduction="sum").item() / (time.perf_counter() - tick)
+        losses.append(mean_loss)
+        lr = scheduler.get_last_lr()[0]
+        run.bar.update(1)
+        run.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+        done = step + 1
+        if done % tc.log_every == 0 or done == total_steps:
+            run.log({"step": done, "loss": mean_loss, "lr": lr, "tokens_per_s": tokens_per_s,
+                     "elapsed_s": time.perf_counter() - started})
+        if config.eval.every and done % config.eval.every == 0 and done < total_steps:
+            val_loss = run.evaluate(wrapper, valid_set)
+            if val_loss is not None:
+                run.log({"step": done, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+                run.say(f"step {done}: validation loss {val_loss:.4f}")
+        if run.main and config.output.save_every and (done % config.output.save_every == 0 or done == total_steps):
+            state = {"examples_seen": done * per_global * accum, "config": config.to_dict()}
+            save_checkpoint(run.out / "checkpoints", done, unwrapped, optimizer, scheduler, state, config.output.keep_last)
+        acc.wait_for_everyone()
+    run.bar.close()
+    run.bar = None
+
+    val_loss = run.evaluate(wrapper, valid_set)
+    if val_loss is not None:
+        run.log({"step": total_steps, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+    run.generations(unwrapped, valid_records, total_steps, "after")
+    if run.main:
+        save_adapter(unwrapped, run.out / "adapter")
+    acc.wait_for_everyone()
+    window = losses[-10:]
+    summary = {
+        "steps": total_steps,
+        "time_s": round(time.perf_counter() - started, 1),
+        "peak_memory_gb": round(_peak_memory_gb(), 2),
+        "train_loss": sum(window) / len(window) if window else None,
+        "val_loss_start": val_before,
+        "val_loss": val_loss,
+        "adapter": str(run.out / "adapter"),
+    }
+    run.log({"summary": summary})
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    run.say(
+        f"done in {summary['time_s']:.0f} s | peak memory {summary['peak_memory_gb']:.2f} GB | "
+        f"train loss {fmt(summary['train_loss'])} (mean of last {len(window)} steps) | "
+        f"validation loss {fmt(val_before)} -> {fmt(val_loss)} | adapter: {summary['adapter']}"
+    )
+    return TrainResult(unwrapped, summary)

@@ -1,0 +1,95 @@
+"""Checkpoints: atomic (a failed save leaves the last one whole), pruned, and an exact resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_run import make_model_dir, write_run
+from transformers import AutoModelForCausalLM
+
+import peftkit
+import peftkit.checkpoint as checkpoint
+import peftkit.train
+from peftkit.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from peftkit.config import load_config
+from peftkit.train import train
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def adapted(model_dir: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    model = peftkit.adapt(AutoModelForCausalLM.from_pretrained(model_dir), "lora", r=2, target_modules=["q_proj"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    return model, optimizer, scheduler
+
+
+def take_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    model(input_ids=torch.tensor([[3, 4, 5, 6]]), labels=torch.tensor([[3, 4, 5, 6]])).loss.backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+
+
+def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path: Path, model_dir: Path, monkeypatch) -> None:
+    model, optimizer, scheduler = adapted(model_dir)
+    take_step(model, optimizer, scheduler)
+    first = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {"note": "one"}, keep_last=2)
+    saved = {k: v.clone() for k, v in peftkit.adapter_state_dict(model).items()}
+    take_step(model, optimizer, scheduler)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)  # the adapter is written, then the save dies
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {"note": "two"}, keep_last=2)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path) == first and sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]
+
+    fresh, fresh_optimizer, fresh_scheduler = adapted(model_dir)
+    state = load_checkpoint(first, fresh, fresh_optimizer, fresh_scheduler)
+    assert state["step"] == 1 and state["note"] == "one" and fresh_scheduler.last_epoch == 1
+    loaded = peftkit.adapter_state_dict(fresh)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == 1
+
+
+def test_keeps_the_last_k(tmp_path: Path, model_dir: Path) -> None:
+    model, optimizer, scheduler = adapted(model_dir)
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, step, model, optimizer, scheduler, {}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
+
+
+def test_resumed_run_is_bit_identical(tmp_path: Path, model_dir: Path, monkeypatch) -> None:
+    """Stop after step 3 of 7 (dropout on, so RNG state matters), resume, compare every tensor."""
+    sections = dict(method={"dropout": 0.1}, training={"max_steps": 7, "batch_size": 3, "warmup_steps": 2},
+                    output={"save_every": 3})
+    whole = train(load_config(write_run(tmp_path / "whole", model_dir, **sections)), quiet=True)
+
+    real_save = peftkit.train.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt  # killed right after the step-3 checkpoint
+
+    config = load_config(write_run(tmp_path / "split", model_dir, **sections))
+    monkeypatch.setattr(peftkit.train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, quiet=True)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path / "split" / "run" / "checkpoints")] == ["step-000003"]
+    resumed = train(config, resume=True, quiet=True)
+
+    expected = load_file(tmp_path / "whole" / "run" / "adapter" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "split" / "run" / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == got.keys() and len(expected) == 2 * 7 * 2  # layers x linears x (A, B)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert resumed.summary["val_loss"] == whole.summary["val_loss"]

@@ -1,0 +1,78 @@
+"""Data: each record shape tokenized with the promised loss mask, packing, batching, order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_run import tiny_tokenizer, write_records
+
+from peftkit.config import DataConfig
+from peftkit.data import IGNORE_INDEX, Example, collate, encode, epoch_order, load_datasets, pack, read_records
+from peftkit.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def labelled_text(tok, example: Example) -> str:
+    return tok.decode([t for t in example.labels if t != IGNORE_INDEX])
+
+
+def test_prompt_completion_loss_only_on_completion(tok) -> None:
+    example = encode({"prompt": "Q: 2+2?", "completion": " A: 4"}, tok, "prompt_completion", 64)
+    assert example.input_ids == tok("Q: 2+2? A: 4")["input_ids"] + [tok.eos_token_id]
+    assert example.labels[:7] == [IGNORE_INDEX] * 7
+    assert example.labels[7:] == example.input_ids[7:]
+    assert labelled_text(tok, example) == " A: 4</s>"
+
+
+def test_text_loss_everywhere_and_truncation(tok) -> None:
+    example = encode({"text": "abcdef"}, tok, "text", 4)
+    assert example.input_ids == example.labels == tok("abcd")["input_ids"]
+
+
+def test_messages_loss_only_on_assistant_turns(tok) -> None:
+    record = {"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "ok?"}, {"role": "assistant", "content": "ok!"},
+    ]}
+    example = encode(record, tok, "messages", 128)
+    assert tok.decode(example.input_ids) == "<|user|>hi</s><|assistant|>yo</s><|user|>ok?</s><|assistant|>ok!</s>"
+    assert labelled_text(tok, example) == "yo</s>ok!</s>"
+
+
+def test_packing_cuts_the_stream_into_full_blocks() -> None:
+    examples = [Example([1, 2, 3], [-100, 2, 3]), Example([4, 5, 6, 7], [4, 5, 6, 7])]
+    assert pack(examples, 3) == [Example([1, 2, 3], [-100, 2, 3]), Example([4, 5, 6], [4, 5, 6])]
+
+
+def test_collate_pads_right_and_masks_padding() -> None:
+    batch = collate([Example([5, 6, 7], [-100, 6, 7]), Example([8], [8])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch() -> None:
+    assert epoch_order(10, 0, 1) == epoch_order(10, 0, 1)
+    assert epoch_order(10, 0, 1) != epoch_order(10, 0, 2)
+    assert sorted(epoch_order(10, 3, 0)) == list(range(10))
+
+
+def test_text_file_and_validation_split(tmp_path: Path, tok) -> None:
+    (tmp_path / "corpus.txt").write_text("one\n\ntwo\n\nthree\n\nfour\n", encoding="utf-8")
+    assert read_records(tmp_path / "corpus.txt") == [{"text": t} for t in ("one", "two", "three", "four")]
+    config = DataConfig(train=str(tmp_path / "corpus.txt"), validation_split=0.25, max_length=16)
+    train, valid, valid_records = load_datasets(config, tok, seed=0)
+    assert len(train) == 3 and len(valid) == 1 and len(valid_records) == 1
+    assert torch.tensor([len(e.input_ids) for e in train + valid]).sum() == len("onetwothreefour") + 4
+
+
+def test_unknown_record_shape_is_named(tmp_path: Path, tok) -> None:
+    path = write_records(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(ConfigError, match=r"data.train: a record with keys \['answer', 'question'\]"):
+        load_datasets(DataConfig(train=str(path)), tok, seed=0)
