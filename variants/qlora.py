@@ -26,9 +26,10 @@ from torch import nn
 from peftkit import AdapterLayer, AdapterMethod, peft_option
 from peftkit.targets import LINEAR_TYPES, find_targets
 from peftkit.validation import from_options
+from variants.dora import DoRA, DoraConfig
 from variants.lora import LoRA, LoraConfig
 
-__all__ = ["QuantizedConfig", "QuantizedBase", "QLoraConfig", "QLoRA"]
+__all__ = ["QuantizedConfig", "QuantizedBase", "QLoraConfig", "QLoRA", "QDoraConfig", "QDoRA"]
 
 
 @dataclasses.dataclass
@@ -100,3 +101,20 @@ class QLoRA(QuantizedBase, LoRA):
     name = "qlora"
     description = "LoRA over a 4-bit NF4 frozen base through bitsandbytes (Dettmers et al., 2023)."
     config_class = QLoraConfig
+
+
+@dataclasses.dataclass
+class QDoraConfig(QuantizedConfig, DoraConfig):
+    """DoRA's options plus `quantization` (see `QuantizedConfig`)."""
+
+
+class QDoRA(QuantizedBase, DoRA):
+    """DoRA on a 4-bit (NF4 by default) frozen base; saved as a PEFT LoRA adapter with `use_dora`.
+
+    The weight norm `||W0 + s B A||` is taken on the dequantized base, `dequant(Wq)`,
+    which is the weight the base layer computes with (as PEFT does over bitsandbytes).
+    """
+
+    name = "qdora"
+    description = "DoRA over a 4-bit NF4 frozen base through bitsandbytes."
+    config_class = QDoraConfig

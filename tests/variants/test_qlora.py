@@ -30,7 +30,7 @@ from peftkit.quantization import (
 )
 from peftkit.weights import read_weight
 
-METHODS = ["qlora"]
+METHODS = ["qlora", "qdora"]
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 PATHS = [f"model.layers.{i}.{part}" for i in (0, 1) for part in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")]
 ATOL = 1e-5
@@ -167,17 +167,19 @@ def test_merge_and_dequantize_gives_the_whole_model_the_bfloat16_compute_dtype(m
 def test_merge_onto_4bit_requantizes_and_reports_the_error(method: str, ids: torch.Tensor) -> None:
     model = adapted(method)
     expected = model_output(model, ids)
-    host = model.model.layers[0].self_attn.q_proj
-    wanted = host.adapters["default"].merged_weight(dequantize(host.base_layer).float())
+    hosts = {path: model.get_submodule(path) for path in PATHS}
+    wanted = {p: h.adapters["default"].merged_weight(dequantize(h.base_layer).float()) for p, h in hosts.items()}
     peftkit.merge(model)
     errors = requantization_errors(model)
     assert sorted(errors) == sorted(PATHS)
-    # Re-quantizing W' = dequant(Wq) + delta moves each weight by at most half an NF4 step:
-    # measured here 0.019 at most, with weights up to 0.09 (the init std is 0.02).
-    assert (read_weight(host.base_layer) - wanted).abs().max().item() == pytest.approx(errors[PATHS[0]])
-    assert 0 < max(errors.values()) < 0.16 * wanted.abs().max()
+    for path, host in hosts.items():
+        # The error is that of re-quantizing W' = dequant(Wq) + delta (or DoRA's merged weight):
+        # at most ~0.16 of the block's largest weight; measured up to 0.039 (qlora) and 0.020
+        # (qdora) with merged weights up to ~0.3 (random adapters on weights of std 0.02).
+        assert (read_weight(host.base_layer) - wanted[path]).abs().max().item() == pytest.approx(errors[path])
+        assert 0 < errors[path] <= 0.16 * wanted[path].abs().max()
     drift = (model_output(model, ids) - expected).abs().max().item()
-    assert 0 < drift < 0.05, drift  # what the re-quantization does to the logits (0.006 measured)
+    assert 0 < drift < 0.1, drift  # what it does to logits of size ~0.4: 0.029 measured, for both methods
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         unloaded = peftkit.merge_and_unload(model)
@@ -185,15 +187,25 @@ def test_merge_onto_4bit_requantizes_and_reports_the_error(method: str, ids: tor
     torch.testing.assert_close(model_output(unloaded, ids), model_output(model, ids))
 
 
-def test_unmerge_returns_to_the_base_within_two_requantizations(method: str, ids: torch.Tensor) -> None:
+def test_merge_then_unmerge_leaves_the_base_moved_by_two_requantizations(method: str, ids: torch.Tensor) -> None:
     model = adapted(method)
-    base_weight = dequantize(model.model.layers[1].mlp.up_proj.base_layer)
+    with peftkit.disable_adapters(model):
+        base = model_output(model, ids)
+    peftkit.unmerge(peftkit.merge(model))
+    with peftkit.disable_adapters(model):
+        drift = (model_output(model, ids) - base).abs().max().item()
+    assert 0 < drift < 0.15, drift  # lossy, as PEFT warns: 0.079 (qlora) and 0.070 (qdora) measured
+
+
+def test_lora_unmerge_error_is_the_sum_of_both_requantizations(ids: torch.Tensor) -> None:
+    model = adapted("qlora")  # LoRA's unmerge subtracts delta, so the two errors simply add up
+    path = "model.layers.1.mlp.up_proj"
+    base_weight = dequantize(model.get_submodule(path).base_layer)
     peftkit.merge(model)
-    merged_error = requantization_errors(model)["model.layers.1.mlp.up_proj"]
+    merged_error = requantization_errors(model)[path]
     peftkit.unmerge(model)
-    back = read_weight(model.model.layers[1].mlp.up_proj.base_layer)
-    unmerge_error = requantization_errors(model)["model.layers.1.mlp.up_proj"]
-    assert (back - base_weight).abs().max() <= merged_error + unmerge_error + 1e-6
+    back = read_weight(model.get_submodule(path).base_layer)
+    assert (back - base_weight).abs().max() <= merged_error + requantization_errors(model)[path] + 1e-6
 
 
 def test_model_loaded_by_transformers_in_4bit_is_adapted_as_is(method: str, ids: torch.Tensor, tmp_path: Path) -> None:
