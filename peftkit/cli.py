@@ -90,8 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune as a YAML config says")
     train.add_argument("config", help="the run's YAML file")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
-    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
-                       help="continue from the newest checkpoint (of the run, or under DIR)")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="DIR",
+        help="continue from the newest checkpoint (of the run, or under DIR)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     train.set_defaults(run=_train)
 

@@ -180,8 +180,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             raise ConfigError(f"--set expects section.key=value, got {item!r}.")
         section, key = path.split(".", 1)
         if section not in _ALL_SECTIONS:
-            raise ConfigError(f"--set {item!r}: no section {section!r}.{did_you_mean(section, _ALL_SECTIONS)} "
-                              f"Sections: {', '.join(_ALL_SECTIONS)}.")
+            raise ConfigError(
+                f"--set {item!r}: no section {section!r}.{did_you_mean(section, _ALL_SECTIONS)} "
+                f"Sections: {', '.join(_ALL_SECTIONS)}."
+            )
         target = raw.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"{section} must be a mapping, got {target!r}.")
@@ -217,8 +219,10 @@ def build_config(raw: Mapping[str, Any], base: Path | None = None) -> RunConfig:
         raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}.")
     for section in raw:
         if section not in _ALL_SECTIONS:
-            raise ConfigError(f"unknown section {section!r}.{did_you_mean(str(section), _ALL_SECTIONS)} "
-                              f"Sections: {', '.join(_ALL_SECTIONS)}.")
+            raise ConfigError(
+                f"unknown section {section!r}.{did_you_mean(str(section), _ALL_SECTIONS)} "
+                f"Sections: {', '.join(_ALL_SECTIONS)}."
+            )
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         values = raw.get(name) or {}

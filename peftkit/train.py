@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peftkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from peftkit.config import RunConfig
+from peftkit.config import RunConfig, TrainingConfig
 from peftkit.data import IGNORE_INDEX, Example, collate, epoch_order, generation_prompt, load_datasets
 from peftkit.errors import ConfigError
 from peftkit.inject import adapt, trainable_parameters
@@ -116,6 +116,8 @@ class _Run:
         self.metrics_path = self.out / "metrics.jsonl"
         set_seed(config.training.seed)
         self.bar: tqdm | None = None
+        self.tokenizer: Any = None
+        self.pad_id = 0
 
     def say(self, message: str) -> None:
         if self.main and not self.quiet:
@@ -133,13 +135,23 @@ class _Run:
         wrapper.eval()
         totals = torch.zeros(2, device=self.acc.device)
         with torch.no_grad():
-            for batch in _batches(examples, self.config.eval.batch_size, self.acc.process_index, self.acc.num_processes):
+            for batch in _batches(
+                examples, self.config.eval.batch_size, self.acc.process_index, self.acc.num_processes
+            ):
                 tensors = {k: v.to(self.acc.device) for k, v in collate(batch, self.pad_id).items()}
                 count = (tensors["labels"][:, 1:] != IGNORE_INDEX).sum()
                 totals += torch.stack([wrapper(**tensors).float() * count, count.float()])
         wrapper.train()
         totals = self.acc.reduce(totals, reduction="sum")
         return (totals[0] / totals[1]).item()
+
+    def validate(self, wrapper: nn.Module, examples: list[Example], step: int) -> float | None:
+        """Evaluate, log and report the validation loss at `step`."""
+        loss = self.evaluate(wrapper, examples)
+        if loss is not None:
+            self.log({"step": step, "val_loss": loss, "val_ppl": math.exp(loss)})
+            self.say(f"step {step}: validation loss {loss:.4f} (perplexity {math.exp(loss):.2f})")
+        return loss
 
     def generations(self, model: nn.Module, records: list[dict[str, Any]], step: int, label: str) -> None:
         if not self.main or not self.config.eval.generations:
@@ -155,13 +167,76 @@ class _Run:
                 break
         self.log({"step": step, "generations": samples})
         for sample in samples:
-            self.say(f"[{label}, step {step}] {sample['prompt']!r}\n  -> {sample['output']!r}\n  reference: {sample['reference']!r}")
+            self.say(
+                f"[{label}, step {step}] {sample['prompt']!r}\n  -> {sample['output']!r}\n"
+                f"  reference: {sample['reference']!r}"
+            )
 
 
 def _peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def _total_steps(tc: TrainingConfig, n_train: int, world: int) -> int:
+    per_global = tc.batch_size * world
+    if n_train < per_global:
+        raise ConfigError(
+            f"training.batch_size {tc.batch_size} x {world} process(es) exceeds the {n_train} training examples."
+        )
+    total = tc.max_steps or tc.epochs * (n_train // per_global) // tc.gradient_accumulation_steps
+    if total < 1:
+        raise ConfigError("training: one epoch is shorter than one optimizer step; lower gradient_accumulation_steps.")
+    return total
+
+
+def _optimizer(model: nn.Module, tc: TrainingConfig, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters, with warmup then the configured schedule."""
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    schedule = "constant_with_warmup" if tc.schedule == "constant" else tc.schedule
+    return optimizer, get_scheduler(
+        schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total_steps
+    )
+
+
+def _train_step(
+    run: _Run, wrapper: nn.Module, optimizer: Any, scheduler: Any, train_set: list[Example], step: int
+) -> tuple[float, float]:
+    """One optimizer step over `accum` micro-batches; returns (loss averaged over processes, tokens/s)."""
+    acc, tc = run.acc, run.config.training
+    accum, per_global = tc.gradient_accumulation_steps, tc.batch_size * acc.num_processes
+    tick = time.perf_counter()
+    tokens, step_loss = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
+    for micro in range(accum):
+        indices = _global_batch(step, micro, accum, len(train_set), per_global, tc.seed)
+        mine = indices[acc.process_index * tc.batch_size : (acc.process_index + 1) * tc.batch_size]
+        batch = {k: v.to(acc.device) for k, v in collate([train_set[i] for i in mine], run.pad_id).items()}
+        with acc.no_sync(wrapper) if micro < accum - 1 else nullcontext():  # sync gradients once per step
+            loss = wrapper(**batch) / accum
+            acc.backward(loss)
+        step_loss += loss.detach()
+        tokens += batch["attention_mask"].sum()
+    if tc.max_grad_norm:
+        acc.clip_grad_norm_(wrapper.parameters(), tc.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    mean_loss = acc.reduce(step_loss, reduction="mean").item()
+    return mean_loss, acc.reduce(tokens, reduction="sum").item() / (time.perf_counter() - tick)
+
+
+def _say_summary(run: _Run, summary: dict[str, Any], window: int) -> None:
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    run.say(
+        f"done in {summary['time_s']:.0f} s | peak memory {summary['peak_memory_gb']:.2f} GB | "
+        f"train loss {fmt(summary['train_loss'])} (mean of last {window} steps) | "
+        f"validation loss {fmt(summary['val_loss_start'])} -> {fmt(summary['val_loss'])} | "
+        f"adapter: {summary['adapter']}"
+    )
 
 
 def train(config: RunConfig, resume: str | bool | None = None, quiet: bool = False) -> TrainResult:
@@ -173,95 +248,63 @@ def train(config: RunConfig, resume: str | bool | None = None, quiet: bool = Fal
     run.tokenizer = load_tokenizer(config.model.name)
     run.pad_id = run.tokenizer.pad_token_id
     train_set, valid_set, valid_records = load_datasets(config.data, run.tokenizer, tc.seed)
+    total_steps = _total_steps(tc, len(train_set), acc.num_processes)
     model = load_model(config.model.name, config.model.dtype)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     adapt(model, config.method.name, **config.method.options)
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = trainable_parameters(model)
-
-    world, accum = acc.num_processes, tc.gradient_accumulation_steps
-    per_global = tc.batch_size * world
-    if len(train_set) < per_global:
-        raise ConfigError(f"training.batch_size {tc.batch_size} x {world} process(es) exceeds the "
-                          f"{len(train_set)} training examples.")
-    total_steps = tc.max_steps or tc.epochs * (len(train_set) // per_global) // accum
-    if total_steps < 1:
-        raise ConfigError("training: one epoch is shorter than one optimizer step; lower gradient_accumulation_steps.")
-
-    from transformers import get_scheduler
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-    schedule = "constant_with_warmup" if tc.schedule == "constant" else tc.schedule
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total_steps)
+    optimizer, scheduler = _optimizer(model, tc, total_steps)
     wrapper, optimizer = acc.prepare(CausalLMLoss(model), optimizer)
     unwrapped = acc.unwrap_model(wrapper).model
 
-    start = 0
-    if resume_from is not None:
-        start = load_checkpoint(resume_from, unwrapped, optimizer, scheduler)["step"]
+    start = load_checkpoint(resume_from, unwrapped, optimizer, scheduler)["step"] if resume_from else 0
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    sequences = tc.batch_size * acc.num_processes * tc.gradient_accumulation_steps
     run.say(
         f"peftkit: {config.method.name} on {config.model.name} | trainable {trainable:,} / {total:,} params "
         f"({100 * trainable / total:.2f}%) | base weights {base_bytes / 1e9:.2f} GB | {len(train_set)} train / "
-        f"{len(valid_set)} val examples | {total_steps} steps x {per_global * accum} sequences | "
-        f"{world} process(es) on {acc.device}" + (f" | resumed from {resume_from} at step {start}" if resume_from else "")
+        f"{len(valid_set)} val examples | {total_steps} steps x {sequences} sequences | "
+        f"{acc.num_processes} process(es) on {acc.device}"
+        + (f" | resumed from {resume_from} at step {start}" if resume_from else "")
     )
-    val_before = run.evaluate(wrapper, valid_set)
-    if val_before is not None:
-        run.say(f"validation loss at step {start}: {val_before:.4f} (perplexity {math.exp(val_before):.2f})")
-        run.log({"step": start, "val_loss": val_before, "val_ppl": math.exp(val_before)})
+    val_before = run.validate(wrapper, valid_set, start)
     run.generations(unwrapped, valid_records, start, "before")
 
     wrapper.train()
     losses: list[float] = []
-    val_loss = val_before
     run.bar = tqdm(total=total_steps, initial=start, disable=quiet or not run.main, desc="train", dynamic_ncols=True)
-    for step in range(start, total_steps):
-        tick, tokens, step_loss = time.perf_counter(), torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
-        for micro in range(accum):
-            indices = _global_batch(step, micro, accum, len(train_set), per_global, tc.seed)
-            mine = indices[acc.process_index * tc.batch_size : (acc.process_index + 1) * tc.batch_size]
-            batch = {k: v.to(acc.device) for k, v in collate([train_set[i] for i in mine], run.pad_id).items()}
-            sync = acc.no_sync(wrapper) if micro < accum - 1 else nullcontext()
-            with sync:
-                loss = wrapper(**batch) / accum
-                acc.backward(loss)
-            step_loss += loss.detach()
-            tokens += batch["attention_mask"].sum()
-        if tc.max_grad_norm:
-            acc.clip_grad_norm_(params, tc.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        mean_loss = acc.reduce(step_loss, reduction="mean").item()
-        tokens_per_s = acc.reduce(tokens, reduction="sum").item() / (time.perf_counter() - tick)
-        losses.append(mean_loss)
+    for done in range(start + 1, total_steps + 1):
+        loss, tokens_per_s = _train_step(run, wrapper, optimizer, scheduler, train_set, done - 1)
+        losses.append(loss)
         lr = scheduler.get_last_lr()[0]
         run.bar.update(1)
-        run.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
-        done = step + 1
+        run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
         if done % tc.log_every == 0 or done == total_steps:
-            run.log({"step": done, "loss": mean_loss, "lr": lr, "tokens_per_s": tokens_per_s,
-                     "elapsed_s": time.perf_counter() - started})
+            run.log(
+                {
+                    "step": done,
+                    "loss": loss,
+                    "lr": lr,
+                    "tokens_per_s": tokens_per_s,
+                    "elapsed_s": time.perf_counter() - started,
+                }
+            )
         if config.eval.every and done % config.eval.every == 0 and done < total_steps:
-            val_loss = run.evaluate(wrapper, valid_set)
-            if val_loss is not None:
-                run.log({"step": done, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
-                run.say(f"step {done}: validation loss {val_loss:.4f}")
+            run.validate(wrapper, valid_set, done)
         if run.main and config.output.save_every and (done % config.output.save_every == 0 or done == total_steps):
-            state = {"examples_seen": done * per_global * accum, "config": config.to_dict()}
-            save_checkpoint(run.out / "checkpoints", done, unwrapped, optimizer, scheduler, state, config.output.keep_last)
+            state = {"examples_seen": done * sequences, "config": config.to_dict()}
+            save_checkpoint(
+                run.out / "checkpoints", done, unwrapped, optimizer, scheduler, state, config.output.keep_last
+            )
         acc.wait_for_everyone()
     run.bar.close()
     run.bar = None
 
-    val_loss = run.evaluate(wrapper, valid_set)
-    if val_loss is not None:
-        run.log({"step": total_steps, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+    val_loss = run.validate(wrapper, valid_set, total_steps)
     run.generations(unwrapped, valid_records, total_steps, "after")
     if run.main:
         save_adapter(unwrapped, run.out / "adapter")
@@ -277,10 +320,5 @@ def train(config: RunConfig, resume: str | bool | None = None, quiet: bool = Fal
         "adapter": str(run.out / "adapter"),
     }
     run.log({"summary": summary})
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    run.say(
-        f"done in {summary['time_s']:.0f} s | peak memory {summary['peak_memory_gb']:.2f} GB | "
-        f"train loss {fmt(summary['train_loss'])} (mean of last {len(window)} steps) | "
-        f"validation loss {fmt(val_before)} -> {fmt(val_loss)} | adapter: {summary['adapter']}"
-    )
+    _say_summary(run, summary, len(window))
     return TrainResult(unwrapped, summary)

@@ -1,6 +1,6 @@
 """Run by torchrun in test_train's multi-process test: train, then dump this rank's adapter.
 
-    torchrun --nproc_per_node 2 tests/mp_train.py RUN.yaml OUT_DIR [--set ...]
+torchrun --nproc_per_node 2 tests/mp_train.py RUN.yaml OUT_DIR [--set ...]
 """
 
 from __future__ import annotations

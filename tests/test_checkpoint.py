@@ -70,8 +70,9 @@ def test_keeps_the_last_k(tmp_path: Path, model_dir: Path) -> None:
 
 def test_resumed_run_is_bit_identical(tmp_path: Path, model_dir: Path, monkeypatch) -> None:
     """Stop after step 3 of 7 (dropout on, so RNG state matters), resume, compare every tensor."""
-    sections = dict(method={"dropout": 0.1}, training={"max_steps": 7, "batch_size": 3, "warmup_steps": 2},
-                    output={"save_every": 3})
+    sections = dict(
+        method={"dropout": 0.1}, training={"max_steps": 7, "batch_size": 3, "warmup_steps": 2}, output={"save_every": 3}
+    )
     whole = train(load_config(write_run(tmp_path / "whole", model_dir, **sections)), quiet=True)
 
     real_save = peftkit.train.save_checkpoint

@@ -37,7 +37,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
         ("method.rr=4", "Did you mean 'r'"),
     ],
 )
-def test_config_errors_exit_2_in_one_line_writing_nothing(tmp_path: Path, model_dir: Path, capsys, override: str, named: str) -> None:
+def test_config_errors_exit_2_in_one_line_writing_nothing(
+    tmp_path: Path, model_dir: Path, capsys, override: str, named: str
+) -> None:
     config = write_run(tmp_path, model_dir)
     assert main(["train", str(config), "--set", override]) == 2
     captured = capsys.readouterr()
@@ -67,8 +69,22 @@ def test_inspect(trained: Path, capsys) -> None:
 
 
 def test_generate_with_adapter(trained: Path, model_dir: Path, capsys) -> None:
-    assert main(["generate", "--base", str(model_dir), "--adapter", str(trained), "--prompt", "n=07:",
-                 "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--base",
+                str(model_dir),
+                "--adapter",
+                str(trained),
+                "--prompt",
+                "n=07:",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert len(capsys.readouterr().out) > 1
 
 
@@ -80,5 +96,7 @@ def test_merged_model_loads_in_plain_transformers(tmp_path: Path, trained: Path,
     with_adapter = peftkit.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), trained)
     ids = torch.tensor([[3, 40, 50, 60, 70]])
     expected = with_adapter(input_ids=ids).logits
-    assert not torch.allclose(expected, AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids).logits, atol=1e-4)
+    assert not torch.allclose(
+        expected, AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids).logits, atol=1e-4
+    )
     assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)

@@ -28,20 +28,27 @@ def config_file(tmp_path: Path) -> Path:
 
 def test_issue_shape_loads_with_defaults(config_file: Path) -> None:
     config = load_config(config_file)
-    assert config.method.name == "lora" and config.method.options == {"r": 16, "alpha": 32, "target_modules": "all-linear"}
+    assert config.method.name == "lora" and config.method.options == {
+        "r": 16,
+        "alpha": 32,
+        "target_modules": "all-linear",
+    }
     assert config.training.max_steps == 200 and config.training.learning_rate == 2.0e-4
     assert config.training.gradient_accumulation_steps == 1 and config.output.keep_last == 2
     assert Path(config.data.train) == config_file.parent / "train.jsonl"
 
 
 def test_overrides_are_parsed_as_yaml(config_file: Path) -> None:
-    config = load_config(config_file, [
-        "training.learning_rate=1e-4",  # YAML 1.1 reads this as a string; a float is meant
-        "training.batch_size=8",
-        "data.packing=true",
-        "method.target_modules=[q_proj, v_proj]",
-        "method.r=4",
-    ])
+    config = load_config(
+        config_file,
+        [
+            "training.learning_rate=1e-4",  # YAML 1.1 reads this as a string; a float is meant
+            "training.batch_size=8",
+            "data.packing=true",
+            "method.target_modules=[q_proj, v_proj]",
+            "method.r=4",
+        ],
+    )
     assert config.training.learning_rate == 1e-4 and isinstance(config.training.learning_rate, float)
     assert config.training.batch_size == 8 and config.data.packing is True
     assert config.method.options["target_modules"] == ["q_proj", "v_proj"] and config.method.options["r"] == 4

@@ -36,10 +36,14 @@ def test_text_loss_everywhere_and_truncation(tok) -> None:
 
 
 def test_messages_loss_only_on_assistant_turns(tok) -> None:
-    record = {"messages": [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-        {"role": "user", "content": "ok?"}, {"role": "assistant", "content": "ok!"},
-    ]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "ok?"},
+            {"role": "assistant", "content": "ok!"},
+        ]
+    }
     example = encode(record, tok, "messages", 128)
     assert tok.decode(example.input_ids) == "<|user|>hi</s><|assistant|>yo</s><|user|>ok?</s><|assistant|>ok!</s>"
     assert labelled_text(tok, example) == "yo</s>ok!</s>"

@@ -32,9 +32,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -44,9 +42,17 @@ def make_model_dir(path: Path, seed: int = 0) -> Path:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -62,8 +68,7 @@ def _pairs(count: int, seed: int) -> list[dict[str, str]]:
     """Prompt/completion pairs of equal length, so every batch has the same token count."""
     rng = random.Random(seed)
     return [
-        {"prompt": f"n={a:02d}:", "completion": f" {'odd' if a % 2 else 'even'} {a % 7}"}
-        for a in (rng.randrange(100) for _ in range(count))
+        {"prompt": f"n={a:02d}:", "completion": f" {a % 7} {a % 5}"} for a in (rng.randrange(100) for _ in range(count))
     ]
 
 
@@ -76,7 +81,7 @@ def write_run(root: Path, model_dir: Path, **sections: dict[str, Any]) -> Path:
         "model": {"name": str(model_dir)},
         "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
         "data": {"train": str(root / "train.jsonl"), "validation": str(root / "valid.jsonl"), "max_length": 32},
-        "training": {"max_steps": 6, "batch_size": 4, "learning_rate": 1.0e-2, "seed": 0},
+        "training": {"max_steps": 6, "batch_size": 4, "learning_rate": 3.0e-2, "seed": 0},
         "output": {"dir": str(root / "run")},
     }
     for name, values in sections.items():

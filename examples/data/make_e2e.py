@@ -17,17 +17,55 @@ from pathlib import Path
 __all__ = ["make_example", "main"]
 
 NAMES = [
-    "The Eagle", "The Mill", "Blue Spice", "The Golden Curry", "Zizzi", "Aromi", "The Punter",
-    "Cotto", "Fitzbillies", "The Wrestlers", "Alimentum", "Browns Cambridge", "Clowns", "Giraffe",
-    "Loch Fyne", "Midsummer House", "Strada", "The Phoenix", "Wildwood", "The Vaults", "Bibimbap House",
-    "The Olive Grove", "Green Man", "The Cricketers", "Taste of Cambridge", "The Plough", "Travellers Rest",
+    "The Eagle",
+    "The Mill",
+    "Blue Spice",
+    "The Golden Curry",
+    "Zizzi",
+    "Aromi",
+    "The Punter",
+    "Cotto",
+    "Fitzbillies",
+    "The Wrestlers",
+    "Alimentum",
+    "Browns Cambridge",
+    "Clowns",
+    "Giraffe",
+    "Loch Fyne",
+    "Midsummer House",
+    "Strada",
+    "The Phoenix",
+    "Wildwood",
+    "The Vaults",
+    "Bibimbap House",
+    "The Olive Grove",
+    "Green Man",
+    "The Cricketers",
+    "Taste of Cambridge",
+    "The Plough",
+    "Travellers Rest",
 ]
-NEAR = ["Burger King", "the Crowne Plaza Hotel", "Café Sicilia", "Raja Indian Cuisine", "the Rice Boat",
-        "Express by Holiday Inn", "Avalon", "Yippee Noodle Bar", "The Sorrento", "Ranch"]
+NEAR = [
+    "Burger King",
+    "the Crowne Plaza Hotel",
+    "Café Sicilia",
+    "Raja Indian Cuisine",
+    "the Rice Boat",
+    "Express by Holiday Inn",
+    "Avalon",
+    "Yippee Noodle Bar",
+    "The Sorrento",
+    "Ranch",
+]
 EAT_TYPES = ["restaurant", "pub", "coffee shop"]
 FOODS = ["Italian", "French", "Chinese", "Japanese", "Indian", "English", "fast food"]
-PRICES = {"cheap": "cheap", "moderate": "moderately priced", "high": "expensive",
-          "less than £20": "priced under £20", "more than £30": "priced over £30"}
+PRICES = {
+    "cheap": "cheap",
+    "moderate": "moderately priced",
+    "high": "expensive",
+    "less than £20": "priced under £20",
+    "more than £30": "priced over £30",
+}
 RATINGS = ["low", "average", "high"]
 AREAS = {"city centre": "in the city centre", "riverside": "by the riverside"}
 
@@ -43,18 +81,29 @@ def make_example(rng: random.Random) -> dict[str, str]:
     price, rating, area = rng.choice(list(PRICES)), rng.choice(RATINGS), rng.choice(list(AREAS))
     family = rng.choice(["yes", "no"])
     near = rng.choice(NEAR) if rng.random() < 0.5 else None
-    fields = [("name", name), ("eatType", eat), ("food", food), ("priceRange", price),
-              ("customer rating", rating), ("area", area), ("familyFriendly", family)]
+    fields = [
+        ("name", name),
+        ("eatType", eat),
+        ("food", food),
+        ("priceRange", price),
+        ("customer rating", rating),
+        ("area", area),
+        ("familyFriendly", family),
+    ]
     if near:
         fields.append(("near", near))
     mr = ", ".join(f"{key}[{value}]" for key, value in fields)
     kid = "family-friendly" if family == "yes" else "adults-only"
     near_part = f" near {near}" if near else ""
-    sentence = rng.choice([
-        f"{name} is {_a(PRICES[price])}, {kid} {food} {eat} {AREAS[area]}{near_part} with {_a(rating)} customer rating.",
-        f"Located {AREAS[area]}{near_part}, {name} is {_a(kid)} {eat} serving {PRICES[price]} {food} food, rated {rating} by customers.",
-        f"With {_a(rating)} customer rating, {name} is {_a(food)} {eat} {AREAS[area]}{near_part}; it is {PRICES[price]} and {kid}.",
-    ])
+    where, price_words = AREAS[area] + near_part, PRICES[price]
+    sentence = rng.choice(
+        [
+            f"{name} is {_a(price_words)}, {kid} {food} {eat} {where} with {_a(rating)} customer rating.",
+            f"Located {where}, {name} is {_a(kid)} {eat} serving {price_words} {food} food, "
+            f"rated {rating} by customers.",
+            f"With {_a(rating)} customer rating, {name} is {_a(food)} {eat} {where}; it is {price_words} and {kid}.",
+        ]
+    )
     return {"prompt": f"Describe the restaurant: {mr}\nDescription:", "completion": " " + sentence}
 
 
