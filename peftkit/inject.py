@@ -74,6 +74,12 @@ def adapt(
         raise ConfigError(
             f"adapter name {RowRouting.BASE!r} is reserved: it stands for the base model in mixed batches."
         )
+    in_place = [f"{n!r} ({m.name})" for n, m in methods.items() if m.trains_in_place]
+    if in_place:
+        raise AdapterStateError(
+            f"adapter {', '.join(in_place)} trains the model's own weights, so no other adapter can join it; "
+            "merge_and_unload it first, or start from a fresh model."
+        )
     if adapter_name in methods:
         raise AdapterExistsError(
             f"model already has an adapter named {adapter_name!r} ({methods[adapter_name].name}); "
@@ -141,6 +147,11 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> None:
 
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch all adapters on or off; off gives the base model's output."""
+    in_place = [f"{n!r} ({m.name})" for n, m in adapter_methods(model).items() if m.trains_in_place]
+    if in_place and not enabled:
+        raise AdapterStateError(
+            f"adapter {', '.join(in_place)} trains the model's own weights: there is no base output to fall back to."
+        )
     for _, host in hosts(model):
         host.adapters_enabled = enabled
 

@@ -68,6 +68,9 @@ class AdapterMethod(ABC):
             markers loads as this method. Variants that differ only in how the base
             is stored (QLoRA is LoRA on a 4-bit base) set False, so such files load
             as the plain method onto whatever base the user has.
+        trains_in_place: whether the method trains the model's own tensors (full
+            fine-tuning, a head) instead of adapters beside them; such an adapter
+            cannot be disabled and must be the only one on its model.
     """
 
     name: ClassVar[str]
@@ -76,6 +79,7 @@ class AdapterMethod(ABC):
     peft_type: ClassVar[str | None] = None
     peft_markers: ClassVar[dict[str, Any]] = {}
     reads_peft_files: ClassVar[bool] = True
+    trains_in_place: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_class):

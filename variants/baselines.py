@@ -83,16 +83,18 @@ class InPlaceMethod(AdapterMethod):
     model paths, and saving writes them as they are. Since the trained tensors are the
     model's own:
 
-    - `disable_adapters` has no effect: there is no frozen base copy to fall back to
+    - `disable_adapters` raises: there is no frozen base copy to fall back to
       (keep one, or reload the base model, to compare against it);
     - `merge`/`unmerge` are no-ops and `merge_and_unload` just forgets the adapter: the
       weights already are the model's;
     - `delete_adapter` forgets the adapter but keeps the trained weights;
-    - it must be the only adapter on the model (others' tensors would be trained with it).
+    - it must be the only adapter on the model (others' tensors would be trained with it;
+      the core refuses to add one after it, `attach` refuses to come after one).
     """
 
     config_class = BaselineConfig
     peft_type = None
+    trains_in_place = True
 
     @abstractmethod
     def trained_modules(self, model: nn.Module) -> list[str]:

@@ -57,8 +57,12 @@ def test_full_training_moves_every_layer_and_disable_cannot_undo_it(ids: torch.T
     tuned = model_output(model, ids).detach()
     assert (tuned - base).abs().max() > 1e-3
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
-    with peftkit.disable_adapters(model):  # documented: no frozen base to fall back to
-        assert torch.equal(model_output(model, ids), tuned)
+    with pytest.raises(peftkit.AdapterStateError, match="no base output to fall back to"):
+        with peftkit.disable_adapters(model):
+            pass
+    with pytest.raises(peftkit.AdapterStateError, match="no other adapter can join it"):
+        peftkit.adapt(model, "lora", "extra", target_modules=["q_proj"])
+    assert torch.equal(model_output(model, ids), tuned)
 
 
 def test_full_round_trip_and_file_holds_every_weight(ids: torch.Tensor, tmp_path: Path) -> None:
