@@ -1,0 +1,155 @@
+"""DoRA: Weight-Decomposed Low-Rank Adaptation (Liu et al., 2024, https://arxiv.org/abs/2402.09353).
+
+```
+        x ──► W0 (frozen) ──► W0 x + b ──────────────┬─────────────────────────┐
+        │                                            ▼                         + ──► h = W0 x + b + delta
+        └──► dropout ──► A ──► B · f s ──► delta = (f − 1)(W0 x) + f s B A x ──┘
+                              f = m / ||W0 + s B A||   (per output feature; a constant in backward)
+```
+
+LoRA's low-rank path, with the adapted weight split into a trained magnitude `m`
+(one per output feature) and a direction `W0 + s B A` normalised per output
+feature. The adapter adds `delta = (m/n − 1) W0 x + (m/n) s B A x` to the base
+output, so the base matmul is done once, by the base layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftkit import Adapter, AdapterStateError
+from peftkit.weights import read_weight
+from variants.lora import LoRA, LoraConfig, LoraEmbedding, LoraLinear
+
+__all__ = ["DoraConfig", "DoraLinear", "DoraEmbedding", "DoRA"]
+
+
+@dataclasses.dataclass
+class DoraConfig(LoraConfig):
+    """LoRA's options; DoRA adds none (on disk it is a PEFT LoRA file with `use_dora: true`)."""
+
+
+class MagnitudeDirection(Adapter):
+    """Mixin for a LoRA adapter: DoRA's trained magnitude `m` over the row-normalised weight.
+
+    Holds what every DoRA layer shares: `m` (initialised to `||W0 + s B A||`), the
+    norm `n` as a constant, and the merge rule `W -> (m / n) (W + s B A)` with its exact
+    inverse. `low_rank_factors` (`up @ down = s B A`) comes from the LoRA class mixed
+    in after this one. The base weight is read only through `peftkit.weights.read_weight`,
+    so a 4-bit base (dequantized there) works unchanged.
+    """
+
+    lora_magnitude_vector: nn.Parameter
+    merged_norm: torch.Tensor | None
+
+    def __init__(self, base_layer: nn.Module, **lora_options: Any) -> None:
+        super().__init__(base_layer, **lora_options)
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm(read_weight(base_layer)))
+        # n at merge time, needed to invert the merge exactly (the merged weight has another norm).
+        self.register_buffer("merged_norm", None, persistent=False)
+
+    def combined_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """`W0 + s B A` in the adapter's dtype, in one fused op (no separate delta matrix)."""
+        up, down = self.low_rank_factors()
+        return torch.addmm(weight.to(down.dtype), up, down)
+
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """`n = ||W0 + s B A||` per output feature, as a constant (outside the autograd graph)."""
+        with torch.no_grad():
+            return torch.linalg.vector_norm(self.combined_weight(weight), dim=1)
+
+    def scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """`m / n` per output feature; gradients reach `m` only."""
+        return self.lora_magnitude_vector / self.weight_norm(weight)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            combined = self.combined_weight(weight).to(weight.dtype)
+            self.merged_norm = torch.linalg.vector_norm(combined, dim=1)
+            return self._factor(weight.dtype) * combined
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.merged_norm is None:
+            raise AdapterStateError(f"{type(self).__name__} was not merged, so it cannot be unmerged.")
+        with torch.no_grad():
+            up, down = self.low_rank_factors()
+            result = weight / self._factor(weight.dtype) - (up @ down).to(weight.dtype)
+        self.merged_norm = None
+        return result
+
+    def _factor(self, dtype: torch.dtype) -> torch.Tensor:
+        """`m / n` at merge time, as a column that scales each output row."""
+        return (self.lora_magnitude_vector / self.merged_norm).to(dtype).unsqueeze(1)
+
+
+class DoraLinear(MagnitudeDirection, LoraLinear):
+    """DoRA for layers that act as `x @ W.T + b` (Linear, GPT-2 Conv1D, 4-bit Linear).
+
+    With `f = m / n` (a vector over output features), the adapter adds
+
+        delta = (f − 1) (W0 x) + B' A x,   B' = (f s) ⊙ B  (row o of B scaled by f_o s),
+
+    computed as one matmul for the low-rank term (with `(1 − f) b` as its bias, which
+    takes the base's bias back out of `base_output`) and one fused multiply-add with
+    the base layer's output: no second matmul with W0, no dense weight in the graph,
+    and no full-size pass for `s` or `f` on the low-rank output. Autograd gives
+    `dL/dm` through both uses of `f`, and `dL/dB`, `dL/dA` through `B'`.
+
+    With dropout active in training, the base term is recomputed on the dropped-out
+    input, `W0 dropout(x)`, as PEFT does, so both terms see the same input.
+    """
+
+    def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        weight = read_weight(base_layer)
+        factor = self.scale(weight)
+        dropped = self.dropout(x).to(factor.dtype)
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            base, bias = F.linear(dropped, weight.to(factor.dtype)), None
+        else:
+            base, bias = base_output, getattr(base_layer, "bias", None)
+        up = self.lora_B.weight * (factor * self.scaling).unsqueeze(1)
+        shift = None if bias is None else (1 - factor) * bias
+        low_rank = F.linear(self.lora_A(dropped), up, shift)
+        return torch.addcmul(low_rank, base, factor - 1).to(base_output.dtype)
+
+
+class DoraEmbedding(MagnitudeDirection, LoraEmbedding):
+    """DoRA for `nn.Embedding`, seen as the linear map `W0.T` on one-hot ids (no bias, no dropout, as PEFT)."""
+
+    def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        factor = self.scale(read_weight(base_layer))
+        low_rank = super().forward(x, base_output, base_layer)
+        return torch.addcmul(factor * low_rank, base_output, factor - 1).to(base_output.dtype)
+
+
+class DoRA(LoRA):
+    """Weight-decomposed low-rank adaptation (Liu et al., 2024, https://arxiv.org/abs/2402.09353).
+
+    The adapted weight is a trained magnitude times a LoRA-adapted direction:
+
+        W' = m * (W0 + s B A) / n,   n = ||W0 + s B A||  (L2 norm of each output row of [out, in]),
+
+    with `m` initialised to `||W0||` (B starts at zero), so the model starts equal to
+    its base. As in the paper (section 4.3) and PEFT, `n` is treated as a constant in
+    the backward pass, so gradients reach `m`, A and B but do not flow through `n`.
+    Layers: nn.Linear, GPT-2 Conv1D (and 4-bit linear layers through QDoRA), nn.Embedding.
+    Saved as a PEFT LoRA file with `use_dora: true` and `lora_magnitude_vector` of shape (out,).
+    """
+
+    name = "dora"
+    description = "LoRA direction with a trained magnitude per output feature (Liu et al., 2024)."
+    config_class = DoraConfig
+    peft_type = "LORA"
+    peft_markers = {"use_dora": True}
+
+    adapter_classes: ClassVar[dict[type[nn.Module], type[Adapter]]] = {
+        nn.Embedding: DoraEmbedding,
+        Conv1D: DoraLinear,
+        nn.Linear: DoraLinear,
+    }
