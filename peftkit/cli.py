@@ -1,4 +1,4 @@
-"""The `peftkit` command: train, generate, merge, methods, inspect.
+"""The `peftkit` command: train, generate, merge, methods, inspect, compare.
 
 Every error peftkit raises on purpose (a bad config key, a missing file, an
 unknown method) ends the command with one line on stderr and exit status 2.
@@ -83,6 +83,12 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"size:       {weights.stat().st_size / 1e6:.2f} MB ({weights.name})")
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from peftkit.compare import compare
+
+    compare(args.config, args.set, args.methods, args.ranks, args.targets, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="describe an adapter directory")
     inspect.add_argument("adapter_dir")
     inspect.set_defaults(run=_inspect)
+
+    compare = commands.add_parser("compare", help="train methods x ranks x target sets side by side; write a report")
+    compare.add_argument("config", help="the runs' YAML file (its compare: section says the same as the flags)")
+    compare.add_argument("--methods", help="comma-separated method names, e.g. lora,dora,qlora,qdora")
+    compare.add_argument("--ranks", help="comma-separated values of r, e.g. 4,16")
+    compare.add_argument("--targets", help="comma-separated target sets: attn, all-linear, or q_proj+v_proj")
+    compare.add_argument("--out", help="output directory (default runs/compare)")
+    compare.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
+    compare.set_defaults(run=_compare)
     return parser
 
 
