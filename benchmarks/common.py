@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-__all__ = ["LLAMA_BENCH", "llama_model", "median_seconds", "machine"]
+__all__ = ["LLAMA_BENCH", "llama_model", "run_seconds", "median_seconds", "machine"]
 
 # The Llama-shaped benchmark model of the issues: hidden 1024, 8 layers, vocab 32000.
 LLAMA_BENCH = dict(
@@ -29,8 +29,8 @@ def llama_model(seed: int = 0, **overrides: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**{**LLAMA_BENCH, **overrides})).eval()
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of `fn` over `repeats` runs, after `warmup` untimed runs."""
+def run_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall time of each of `repeats` runs of `fn`, after `warmup` untimed runs."""
     for _ in range(warmup):
         fn()
     times = []
@@ -38,7 +38,12 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn` over `repeats` runs, after `warmup` untimed runs."""
+    return statistics.median(run_seconds(fn, repeats, warmup))
 
 
 def machine() -> str:
