@@ -152,6 +152,8 @@ _SECTIONS: dict[str, type] = {
     "output": OutputConfig,
 }
 _ALL_SECTIONS = ["model", "method", "data", "training", "eval", "output"]
+# Sections other commands read from the same file; `peftkit train` accepts and ignores them.
+_OTHER_COMMANDS_SECTIONS = ["compare"]
 
 
 @dataclasses.dataclass
@@ -217,11 +219,11 @@ def build_config(raw: Mapping[str, Any], base: Path | None = None) -> RunConfig:
     """Validate a raw mapping (as read from YAML) into a RunConfig; `base` resolves data paths."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}.")
+    known = _ALL_SECTIONS + _OTHER_COMMANDS_SECTIONS
     for section in raw:
-        if section not in _ALL_SECTIONS:
+        if section not in known:
             raise ConfigError(
-                f"unknown section {section!r}.{did_you_mean(str(section), _ALL_SECTIONS)} "
-                f"Sections: {', '.join(_ALL_SECTIONS)}."
+                f"unknown section {section!r}.{did_you_mean(str(section), known)} Sections: {', '.join(known)}."
             )
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():

@@ -178,8 +178,13 @@ def _to_4bit(module: nn.Module, path: str, config: QuantizationConfig, compute_d
     blocksize = _blocksize(config, in_features, weight.device, path)
     bias = getattr(module, "bias", None)
     layer = Linear4bit(
-        in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
-        compress_statistics=config.double_quant, quant_type=config.quant_type, device="meta",
+        in_features,
+        out_features,
+        bias=bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=config.double_quant,
+        quant_type=config.quant_type,
+        device="meta",
     )
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
@@ -191,12 +196,18 @@ def _to_4bit(module: nn.Module, path: str, config: QuantizationConfig, compute_d
     return layer
 
 
-def _store(layer: Linear4bit, weight: torch.Tensor, blocksize: int, double_quant: bool, quant_type: str,
-           storage: torch.dtype) -> None:
+def _store(
+    layer: Linear4bit, weight: torch.Tensor, blocksize: int, double_quant: bool, quant_type: str, storage: torch.dtype
+) -> None:
     """Quantize the dense `weight` into `layer` the bitsandbytes way: moving a Params4bit to a device."""
     packed = Params4bit(
-        weight.contiguous(), requires_grad=False, blocksize=blocksize, compress_statistics=double_quant,
-        quant_type=quant_type, quant_storage=storage, module=layer,
+        weight.contiguous(),
+        requires_grad=False,
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=storage,
+        module=layer,
     )
     layer.weight = packed.to(weight.device)
 

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from peftkit.errors import AdapterFileError, AdapterStateError, ShapeMismatchError
 from peftkit.files import atomic_write, atomic_write_json
@@ -85,6 +86,9 @@ def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[s
         if "peft" in f.metadata
     }
     config.update(method.peft_markers)
+    if method.peft_type is not None:  # PEFT warns and corrects it on load when the targets store [in, out]
+        bases = [host.base_layer for path, host in hosts(model) if path in targeted]
+        config["fan_in_fan_out"] = any(isinstance(base, Conv1D) for base in bases)
     config.update(
         peft_type=method.peft_type,
         target_modules=portable_target_modules(model, targeted, method.config),

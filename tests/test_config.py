@@ -86,3 +86,10 @@ def test_unknown_section_in_file(config_file: Path) -> None:
     raw["trainig"] = {}
     with pytest.raises(ConfigError, match="unknown section 'trainig'. Did you mean 'training'"):
         build_config(raw, base=config_file.parent)
+
+
+def test_compare_section_is_left_to_peftkit_compare(config_file: Path) -> None:
+    raw = yaml.safe_load(config_file.read_text())
+    plain = build_config(raw, base=config_file.parent)
+    raw["compare"] = {"methods": ["lora", "dora"]}
+    assert build_config(raw, base=config_file.parent) == plain

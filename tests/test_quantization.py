@@ -35,8 +35,13 @@ def llama_128(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCaus
     """Big enough that bitsandbytes' per-layer code tables (~1.1 KB) do not dominate the bytes."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
 

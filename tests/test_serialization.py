@@ -38,6 +38,13 @@ def test_files_hold_peft_keys_and_config_fields(tmp_path: Path) -> None:
     assert (config["r"], config["lora_alpha"], config["use_rslora"], config["use_dora"]) == (4, 8, True, False)
     assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert config["rank_pattern"] == {"v_proj": 2} and config["bias"] == "none"
+    assert config["fan_in_fan_out"] is False
+
+
+def test_conv1d_targets_are_declared_fan_in_fan_out(tmp_path: Path) -> None:
+    """GPT-2's Conv1D stores [in, out]; PEFT's config says so, or PEFT warns and patches it on load."""
+    peftkit.save_adapter(trained("gpt2"), tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
 
 
 def test_round_trip_gives_identical_logits(model_name: str, ids: torch.Tensor, tmp_path: Path) -> None:

@@ -165,7 +165,12 @@ class LoraEmbedding(Adapter):
             base_layer.scale_grad_by_freq,
             base_layer.sparse,
         )
-        return (rows @ self.lora_embedding_B.T * self.scaling).to(base_output.dtype)
+        delta = rows @ self.lora_embedding_B.T * self.scaling
+        # Scaled embeddings (Gemma's) multiply the looked-up rows, so a merged delta is scaled too.
+        embed_scale = getattr(base_layer, "embed_scale", None)
+        if embed_scale is not None:
+            delta = delta * embed_scale.to(delta.dtype)
+        return delta.to(base_output.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_embedding_B @ self.lora_embedding_A) * self.scaling

@@ -84,6 +84,25 @@ def test_embedding_forward_matches_delta_and_starts_at_zero() -> None:
     torch.testing.assert_close(model(ids), F.embedding(ids, merged_table))
 
 
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_scaled_embedding_delta_is_scaled_like_the_table(method: str) -> None:
+    """Gemma multiplies looked-up rows by sqrt(hidden); the adapter's rows must be too, or merging changes outputs."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Gemma3TextScaledWordEmbedding(10, 4, padding_idx=0, embed_scale=3.0))
+    peftkit.adapt(model, method, r=2, alpha=2, target_modules=["0"])
+    randomize_adapters(model)
+    ids = torch.tensor([[1, 3, 9, 3]])
+    adapted = model(ids)
+    peftkit.merge(model)
+    torch.testing.assert_close(model(ids), adapted)
+    if method == "lora":
+        table = model[0].base_layer.weight.clone()
+        peftkit.unmerge(model)
+        torch.testing.assert_close(adapted, 3.0 * F.embedding(ids, table))
+
+
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_conv2d_forward_matches_merged_kernel(kernel: int) -> None:
     torch.manual_seed(0)

@@ -61,8 +61,14 @@ def test_only_targeted_layers_are_quantized(method: str) -> None:
     assert four_bit_paths(model) == sorted(PATHS)
     assert type(model.model.layers[0].self_attn.k_proj) is nn.Linear and type(model.lm_head) is nn.Linear
     options = peftkit.adapter_methods(model)["default"].config.quantization
-    assert options == {"bits": 4, "quant_type": "nf4", "double_quant": True, "blocksize": None,
-                       "compute_dtype": None, "skip_modules": None}
+    assert options == {
+        "bits": 4,
+        "quant_type": "nf4",
+        "double_quant": True,
+        "blocksize": None,
+        "compute_dtype": None,
+        "skip_modules": None,
+    }
 
 
 def test_quantization_option_takes_a_config_or_a_dict_and_names_bad_keys(method: str) -> None:
@@ -101,7 +107,8 @@ def test_loss_falls_and_only_adapters_get_gradients(method: str, ids: torch.Tens
 def test_gradient_checkpointing_passes_the_same_gradients(method: str, ids: torch.Tensor) -> None:
     def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
         model = prepare_for_kbit_training(
-            quantized_base(None), gradient_checkpointing=checkpointing,
+            quantized_base(None),
+            gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": True},
         )
         peftkit.adapt(model, method, target_modules=TARGETS, r=4)
@@ -127,8 +134,9 @@ def test_peftkit_adapter_loads_in_peft_over_a_bnb_4bit_base(method: str, ids: to
 
 def peft_adapter(method: str, base: nn.Module, directory: Path, ids: torch.Tensor) -> torch.Tensor:
     """Save a PEFT adapter with random (non-zero) weights over `base`; returns its logits."""
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
-                             use_dora=method == "qdora")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, use_dora=method == "qdora"
+    )
     theirs = peft.get_peft_model(base, config)
     theirs.save_pretrained(directory)
     return model_output(theirs, ids)
@@ -212,10 +220,15 @@ def test_model_loaded_by_transformers_in_4bit_is_adapted_as_is(method: str, ids:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     tiny_llama().save_pretrained(tmp_path)
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cpu",
-                                                 dtype=torch.float32)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=config, device_map="cpu", dtype=torch.float32
+    )
     stored = model.model.layers[0].self_attn.q_proj.weight
     base = model_output(model, ids)
     peftkit.adapt(model, method, target_modules=TARGETS)
