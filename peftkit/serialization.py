@@ -99,12 +99,12 @@ def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[s
     return config
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER) -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str = DEFAULT_ADAPTER) -> Path:
     """Write one adapter to `directory` in PEFT's format (only adapter tensors); returns the path."""
     directory = Path(directory)
-    method = adapter_methods(model)[adapter_name]
-    config = peft_config(model, adapter_name)
-    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    method = adapter_methods(model)[name]
+    config = peft_config(model, name)
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in adapter_state_dict(model, name).items()}
     metadata = {"format": "pt", METADATA_KEY: json.dumps({"method": method.name, "options": _options(method)})}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     atomic_write_json(directory / CONFIG_NAME, config)
@@ -179,7 +179,7 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def load_adapter(
     model: nn.Module,
     directory: str | os.PathLike[str],
-    adapter_name: str = DEFAULT_ADAPTER,
+    name: str = DEFAULT_ADAPTER,
     *,
     method: str | AdapterMethod | None = None,
     trainable: bool = False,
@@ -197,16 +197,16 @@ def load_adapter(
         method = method_from_config(config, metadata)
     elif isinstance(method, str):
         method = get_method(method).from_options(**_options(method_from_config(config, metadata)))
-    adapt(model, method, adapter_name)
+    adapt(model, method, name)
     try:
-        _copy_tensors(model, adapter_name, tensors, directory)
+        _copy_tensors(model, name, tensors, directory)
     except Exception:
-        delete_adapter(model, adapter_name)
+        delete_adapter(model, name)
         raise
     if trainable:
-        mark_trainable(model, adapter_name)
+        mark_trainable(model, name)
     else:
-        for param in adapter_state_dict(model, adapter_name).values():
+        for param in adapter_state_dict(model, name).values():
             param.requires_grad_(False)
     return model
 
@@ -248,33 +248,27 @@ def _settings(adapter: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in vars(adapter).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
 
-def hot_swap_adapter(
-    model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER
-) -> nn.Module:
+def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Overwrite an adapter's tensors in place from `directory`, keeping every module object.
 
     A served (even compiled) model keeps its graph: nothing is rebuilt, so the saved
     adapter must have the same method, targets, shapes and settings (rank, scaling).
     """
     directory = Path(directory)
-    current = adapter_methods(model).get(adapter_name)
+    current = adapter_methods(model).get(name)
     if current is None:
-        raise AdapterFileError(f"model has no adapter named {adapter_name!r} to hot-swap; load it first.")
+        raise AdapterFileError(f"model has no adapter named {name!r} to hot-swap; load it first.")
     config = read_adapter_config(directory)
     tensors, metadata = _load_tensors(directory / WEIGHTS_NAME)
     incoming = method_from_config(config, metadata)
     if incoming.name != current.name:
-        raise AdapterFileError(
-            f"cannot hot-swap a {incoming.name} adapter into {adapter_name!r}, which is {current.name}."
-        )
+        raise AdapterFileError(f"cannot hot-swap a {incoming.name} adapter into {name!r}, which is {current.name}.")
     for path, host in hosts(model):
-        if isinstance(host, AdapterLayer) and adapter_name in host.adapters:
-            if adapter_name in host.merged_adapters:
-                raise AdapterStateError(
-                    f"adapter {adapter_name!r} is merged into {path!r}; unmerge it before hot-swapping."
-                )
+        if isinstance(host, AdapterLayer) and name in host.adapters:
+            if name in host.merged_adapters:
+                raise AdapterStateError(f"adapter {name!r} is merged into {path!r}; unmerge it before hot-swapping.")
             live, fresh = (
-                _settings(host.adapters[adapter_name]),
+                _settings(host.adapters[name]),
                 _settings(incoming.create_adapter(host.base_layer, path)),
             )
             if live != fresh:
@@ -284,5 +278,5 @@ def hot_swap_adapter(
                 raise ShapeMismatchError(
                     f"module {path!r}: hot-swap needs equal settings; (live, saved) differ in {differing}."
                 )
-    _copy_tensors(model, adapter_name, tensors, directory)
+    _copy_tensors(model, name, tensors, directory)
     return model

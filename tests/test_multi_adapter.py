@@ -192,10 +192,10 @@ def test_hot_swap_and_load_refuse_mismatches(tmp_path: Path) -> None:
     with pytest.raises(ShapeMismatchError, match="scaling"):
         peftkit.hot_swap_adapter(model, tmp_path, "sql")
     with pytest.raises(AdapterExistsError, match="'sql'"):
-        peftkit.load_adapter(model, tmp_path, adapter_name="sql")
+        peftkit.load_adapter(model, tmp_path, name="sql")
     wider = LlamaForCausalLM(LlamaConfig(**{**tiny_llama().config.to_dict(), "hidden_size": 48}))
     with pytest.raises(ShapeMismatchError, match=r"model.layers.0.self_attn.q_proj.*\(4, 32\).*\(4, 48\)"):
-        peftkit.load_adapter(wider, tmp_path, adapter_name="other")
+        peftkit.load_adapter(wider, tmp_path, name="other")
     assert peftkit.list_adapters(wider) == []
 
 

@@ -164,5 +164,5 @@ def test_loading_under_a_name_in_use_is_refused(tmp_path: Path) -> None:
     peftkit.save_adapter(model, tmp_path)
     with pytest.raises(AdapterExistsError):
         peftkit.load_adapter(model, tmp_path)
-    peftkit.load_adapter(model, tmp_path, adapter_name="copy")
+    peftkit.load_adapter(model, tmp_path, name="copy")
     assert sorted(peftkit.adapter_methods(model)) == ["copy", "default"]
