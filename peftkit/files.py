@@ -12,6 +12,13 @@ from typing import Any
 __all__ = ["atomic_write", "atomic_write_json"]
 
 
+def _ordinary_file_mode() -> int:
+    """The mode `open()` would give a new file under the current umask (mkstemp's is 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)` on a temp file beside `path`, fsync it, then rename over `path`."""
     path = Path(path)
@@ -21,6 +28,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        # After the write: some writers (safetensors) replace the file. Readable like any
+        # other file, e.g. by a server running as another user.
+        os.chmod(tmp_path, _ordinary_file_mode())
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)

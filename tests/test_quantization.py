@@ -11,9 +11,9 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, randomize_adapters, tiny_gpt2, tiny_llama
+from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import peftkit
 from peftkit.errors import ConfigError, MergeError, UnsupportedModuleError
@@ -33,17 +33,7 @@ from peftkit.weights import layer_features, read_weight
 
 def llama_128(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """Big enough that bitsandbytes' per-layer code tables (~1.1 KB) do not dominate the bytes."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    return tiny_llama(seed, hidden_size=128, intermediate_size=256).to(dtype)
 
 
 def linear_paths(model: nn.Module, kind: type[nn.Module]) -> list[str]:

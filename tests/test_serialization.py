@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import peft
@@ -117,6 +119,15 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path, monkeypatch: py
         peftkit.save_adapter(model, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_saved_files_get_the_umask_mode_not_the_temp_files_private_one(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        peftkit.save_adapter(trained("llama"), tmp_path)
+    finally:
+        os.umask(previous)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o644}
 
 
 def test_missing_corrupt_and_pickled_weights_are_refused(tmp_path: Path) -> None:

@@ -11,10 +11,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
+from conftest import tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 __all__ = ["CHAT_TEMPLATE", "tiny_tokenizer", "make_model_dir", "write_records", "write_run"]
 
@@ -40,21 +40,16 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def make_model_dir(path: Path, seed: int = 0) -> Path:
     """Save a tiny random Llama (hidden 32, 2 layers) and its tokenizer under `path`."""
     tokenizer = tiny_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    model = tiny_llama(
+        seed,
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=128,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).save_pretrained(path)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

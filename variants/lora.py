@@ -102,8 +102,12 @@ class LoraLinear(Adapter):
         nn.init.zeros_(self.lora_B.weight)
 
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
-        """`s * B A x` for an input that has already been through dropout."""
-        return self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scaling
+        """`s * B A x` for an input that has already been through dropout.
+
+        `s` scales the rank-r activations, not the full-width output: one pass over
+        `tokens x r` values instead of `tokens x out` in the forward and the backward.
+        """
+        return self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)) * self.scaling)
 
     def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return self.low_rank(self.dropout(x)).to(base_output.dtype)
