@@ -21,7 +21,7 @@ from pathlib import Path
 
 import peft
 import torch
-from common import llama_model, machine, median_seconds
+from common import interleaved_medians, llama_model, machine, median_seconds
 
 import peftkit
 
@@ -68,10 +68,9 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, float | None]]:
     torch.testing.assert_close(ours_mixed(), theirs_mixed(), atol=1e-4, rtol=1e-4)  # same numbers first
     results: list[tuple[str, float, float | None]] = []
     rows_per_run = len(ROWS) * args.seq
-    t_ours = median_seconds(ours_mixed, args.repeats)
-    t_sep = median_seconds(ours_separate, args.repeats)
-    t_theirs = median_seconds(theirs_mixed, args.repeats)
-    t_plain = median_seconds(lambda: plain(input_ids=ids), args.repeats)
+    t_ours, t_sep, t_theirs, t_plain = interleaved_medians(
+        [ours_mixed, ours_separate, theirs_mixed, lambda: plain(input_ids=ids)], args.repeats
+    )
     results.append(("mixed batch, peftkit (tokens/s)", rows_per_run / t_ours, None))
     results.append(("mixed batch, HF PEFT adapter_names (tokens/s)", rows_per_run / t_theirs, None))
     results.append(("4 separate single-adapter batches, peftkit (tokens/s)", rows_per_run / t_sep, None))
@@ -83,12 +82,11 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, float | None]]:
 
     one = ids[:1]
     peftkit.switch_merged_adapter(ours, "a0")
-    t_merged = median_seconds(lambda: ours(input_ids=one), args.repeats * 3)
-    t_base = median_seconds(lambda: plain(input_ids=one), args.repeats * 3)
     theirs.merge_adapter(["a0"])
-    t_theirs_merged = median_seconds(lambda: theirs(input_ids=one), args.repeats * 3)
     unloaded = peftkit.merge_and_unload(copy.deepcopy(ours))
-    t_unloaded = median_seconds(lambda: unloaded(input_ids=one), args.repeats * 3)
+    t_merged, t_base, t_theirs_merged, t_unloaded = interleaved_medians(
+        [lambda m=m: m(input_ids=one) for m in (ours, plain, theirs, unloaded)], args.repeats * 3
+    )
     results.append(("merged model latency / base model latency, peftkit", t_merged / t_base, 1.0))
     results.append(("merged model latency / base model latency, HF PEFT", t_theirs_merged / t_base, None))
     results.append(("merge_and_unload latency / base model latency, peftkit", t_unloaded / t_base, 1.0))
@@ -120,7 +118,7 @@ def main() -> None:
     print(f"# multi-adapter benchmark, {datetime.date.today()}, {machine()}, peft {peft.__version__}")
     print(
         f"# Llama-shaped (hidden 1024, {args.layers} layers, vocab 32000), 4 LoRA adapters r={args.rank} all-linear, "
-        f"batch {len(ROWS)} x seq {args.seq}, median of {args.repeats}"
+        f"batch {len(ROWS)} x seq {args.seq}, median of {args.repeats}, timed in turn"
     )
     print("| measure | value | target |\n| --- | --- | --- |")
     for name, value, target in results:

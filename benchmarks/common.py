@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-__all__ = ["LLAMA_BENCH", "llama_model", "run_seconds", "median_seconds", "machine"]
+__all__ = ["LLAMA_BENCH", "llama_model", "run_seconds", "median_seconds", "interleaved_medians", "machine"]
 
 # The Llama-shaped benchmark model of the issues: hidden 1024, 8 layers, vocab 32000.
 LLAMA_BENCH = dict(
@@ -44,6 +44,18 @@ def run_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall time of `fn` over `repeats` runs, after `warmup` untimed runs."""
     return statistics.median(run_seconds(fn, repeats, warmup))
+
+
+def interleaved_medians(fns: list[Callable[[], object]], repeats: int, warmup: int = 1) -> list[float]:
+    """Median wall time of each of `fns`, timed in turn (one run of each per round), so that a
+    slow spell of a noisy machine falls on all of them rather than on whichever ran then."""
+    for fn in fns:
+        run_seconds(fn, 0, warmup)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times, strict=True):
+            spent.extend(run_seconds(fn, 1, warmup=0))
+    return [statistics.median(spent) for spent in times]
 
 
 def machine() -> str:

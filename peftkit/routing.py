@@ -71,7 +71,7 @@ class RowRouting:
             and all(isinstance(a, LowRankAdapter) and is_additive(a) and not a.training for a in adapters)
         )
         if stackable:
-            return base_output + self._stacked_delta(layer, list(groups), x).to(base_output.dtype)
+            return self._add_stacked_delta(layer, list(groups), x, base_output)
         result = base_output.clone()  # one copy, then each adapter's rows are added in place
         for name, rows in groups.items():
             if len(rows) == x.shape[0]:
@@ -80,7 +80,10 @@ class RowRouting:
                 result.index_add_(0, rows, layer.adapters[name](x[rows], base_output[rows], layer.base_layer))
         return result
 
-    def _stacked_delta(self, layer: AdapterLayer, names: list[str], x: torch.Tensor) -> torch.Tensor:
+    def _add_stacked_delta(
+        self, layer: AdapterLayer, names: list[str], x: torch.Tensor, base_output: torch.Tensor
+    ) -> torch.Tensor:
+        """`base_output` with every row's delta added in place (no graph to keep: inference only)."""
         key = (id(layer), x.shape[0], x.device)
         versions = tuple(p._version for name in names for p in layer.adapters[name].parameters())
         cached = self._stacks.get(key)
@@ -97,5 +100,9 @@ class RowRouting:
                     mask[row, offsets[name] : offsets[name] + ranks[name]] = 1
             cached = self._stacks[key] = (versions, up, down, mask)
         _, up, down, mask = cached
-        hidden = x.to(down.dtype) @ down.T
-        return (hidden * mask.view(x.shape[0], *[1] * (x.dim() - 2), -1)) @ up.T
+        hidden = (x.to(down.dtype) @ down.T).mul_(mask.view(x.shape[0], *[1] * (x.dim() - 2), -1))
+        if not base_output.is_contiguous():
+            base_output = base_output.contiguous()
+        flat = base_output.view(-1, base_output.shape[-1])
+        flat.addmm_(hidden.reshape(-1, hidden.shape[-1]).to(flat.dtype), up.T.to(flat.dtype))
+        return base_output
