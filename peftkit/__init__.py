@@ -6,6 +6,7 @@ model = peftkit.adapt(model, "lora", r=8, alpha=16, target_modules="all-linear")
 peftkit.save_adapter(model, "out/adapter")   # HF PEFT's format
 """
 
+from peftkit import logs  # noqa: F401  (quiets third-party log noise; see there)
 from peftkit.combine import combine_adapters
 from peftkit.errors import (
     AdapterExistsError,

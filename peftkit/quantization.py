@@ -21,7 +21,6 @@ the core merges onto a 4-bit base without knowing bitsandbytes. Use it explicitl
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Literal
 
 import torch
@@ -33,14 +32,6 @@ from peftkit.targets import LINEAR_TYPES, candidate_modules, matches_pattern
 from peftkit.validation import check_types
 from peftkit.weights import WeightAccess, read_weight, register_weight_access
 
-
-def _drop_optional_kernel_notice(record: logging.LogRecord) -> bool:
-    """bitsandbytes warns on import, on CPUs with AVX512-BF16, that the optional `kernels`
-    package is absent; its built-in 4-bit kernels are used instead, so nothing is wrong."""
-    return "kernels-community" not in record.getMessage()
-
-
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_optional_kernel_notice)
 try:
     import bitsandbytes.functional as bnb_functional
     from bitsandbytes.nn import Linear4bit, Linear8bitLt, Params4bit
