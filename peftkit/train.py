@@ -15,7 +15,7 @@ import math
 import resource
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -239,9 +239,31 @@ def _say_summary(run: _Run, summary: dict[str, Any], window: int) -> None:
     )
 
 
+@contextmanager
+def _transformers_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars (weight loading) follow the run's: off when quiet and
+    on every process but the main one; the caller's setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
 def train(config: RunConfig, resume: str | bool | None = None, quiet: bool = False) -> TrainResult:
     """Fine-tune as `config` says; the summary is also printed unless `quiet`."""
     run = _Run(config, quiet)
+    with _transformers_bars(enabled=run.main and not quiet):
+        return _train(run, resume)
+
+
+def _train(run: _Run, resume: str | bool | None) -> TrainResult:
+    config = run.config
     acc, tc = run.acc, config.training
     resume_from = find_resume_checkpoint(resume, run.out) if resume else None
     started = time.perf_counter()
@@ -276,7 +298,8 @@ def train(config: RunConfig, resume: str | bool | None = None, quiet: bool = Fal
 
     wrapper.train()
     losses: list[float] = []
-    run.bar = tqdm(total=total_steps, initial=start, disable=quiet or not run.main, desc="train", dynamic_ncols=True)
+    bar_off = run.quiet or not run.main
+    run.bar = tqdm(total=total_steps, initial=start, disable=bar_off, desc="train", dynamic_ncols=True)
     for done in range(start + 1, total_steps + 1):
         loss, tokens_per_s = _train_step(run, wrapper, optimizer, scheduler, train_set, done - 1)
         losses.append(loss)
