@@ -105,18 +105,35 @@ class DoraLinear(MagnitudeDirection, LoraLinear):
     input, `W0 dropout(x)`, as PEFT does, so both terms see the same input.
     """
 
-    def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    def _terms(
+        self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(B' A x + (1 - f) b, base term, f)`: the adapted output is `low_rank + f * base`."""
         weight = read_weight(base_layer)
         factor = self.scale(weight)
         dropped = self.dropout(x).to(factor.dtype)
-        if self.training and not isinstance(self.dropout, nn.Identity):
+        if self._recomputes_base():
             base, bias = F.linear(dropped, weight.to(factor.dtype)), None
         else:
             base, bias = base_output, getattr(base_layer, "bias", None)
         up = self.lora_B.weight * (factor * self.scaling).unsqueeze(1)
         shift = None if bias is None else (1 - factor) * bias
-        low_rank = F.linear(self.lora_A(dropped), up, shift)
+        return F.linear(self.lora_A(dropped), up, shift), base, factor
+
+    def _recomputes_base(self) -> bool:
+        return self.training and not isinstance(self.dropout, nn.Identity)
+
+    def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        low_rank, base, factor = self._terms(x, base_output, base_layer)
         return torch.addcmul(low_rank, base, factor - 1).to(base_output.dtype)
+
+    def output(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """`f * (W0 x) + B' A x` in one multiply-add: no separate add of `base_output`, and in
+        the backward no second gradient to accumulate into it."""
+        if self._recomputes_base():  # the base term is W0 dropout(x), not base_output
+            return super().output(x, base_output, base_layer)
+        low_rank, base, factor = self._terms(x, base_output, base_layer)
+        return torch.addcmul(low_rank, base, factor).to(base_output.dtype)
 
 
 class DoraEmbedding(MagnitudeDirection, LoraEmbedding):

@@ -91,6 +91,28 @@ def test_forward_and_gradients_equal_the_dense_formula(kind: str) -> None:
         torch.testing.assert_close(mine, ref, atol=ATOL, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_whole_output_path_equals_base_plus_the_addition(kind: str) -> None:
+    """A layer with one adapter uses `output` (one multiply-add); mixed batches use `forward`."""
+    torch.manual_seed(0)
+    make_layer, make_input = LAYERS[kind]
+    host = single(make_layer())[0]
+    adapter, base = host.adapters["default"], host.base_layer
+    x = make_input().requires_grad_(True)
+    base_output = base(x)
+    whole = adapter.output(x, base_output, base)
+    added = base_output + adapter(x, base_output, base)
+    torch.testing.assert_close(whole, added, atol=1e-6, rtol=0)
+    upstream = torch.randn(whole.shape, generator=torch.Generator().manual_seed(3))
+    inputs = [x, *adapter_parameters(adapter).values()]
+    for mine, ref in zip(
+        torch.autograd.grad((whole * upstream).sum(), inputs, retain_graph=True),
+        torch.autograd.grad((added * upstream).sum(), inputs),
+        strict=True,
+    ):
+        torch.testing.assert_close(mine, ref, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("kind", sorted(LAYERS))
 def test_starts_equal_to_the_base_with_magnitude_the_weight_norm(kind: str) -> None:
     torch.manual_seed(0)
