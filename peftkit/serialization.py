@@ -79,7 +79,11 @@ def _options(method: AdapterMethod) -> dict[str, Any]:
 def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, Any]:
     """The adapter_config.json content PEFT would write for this adapter."""
     method = adapter_methods(model)[adapter_name]
-    targeted = [path for path, host in hosts(model) if isinstance(host, AdapterLayer) and adapter_name in host.adapters]
+    targeted = {
+        path: host.base_layer
+        for path, host in hosts(model)
+        if isinstance(host, AdapterLayer) and adapter_name in host.adapters
+    }
     config: dict[str, Any] = {
         f.metadata["peft"]: getattr(method.config, f.name)
         for f in dataclasses.fields(method.config)
@@ -87,11 +91,10 @@ def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[s
     }
     config.update(method.peft_markers)
     if method.peft_type is not None:  # PEFT warns and corrects it on load when the targets store [in, out]
-        bases = [host.base_layer for path, host in hosts(model) if path in targeted]
-        config["fan_in_fan_out"] = any(isinstance(base, Conv1D) for base in bases)
+        config["fan_in_fan_out"] = any(isinstance(base, Conv1D) for base in targeted.values())
     config.update(
         peft_type=method.peft_type,
-        target_modules=portable_target_modules(model, targeted, method.config),
+        target_modules=portable_target_modules(model, list(targeted), method.config),
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         task_type=_task_type(model),
         inference_mode=True,

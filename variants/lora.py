@@ -169,12 +169,11 @@ class LoraEmbedding(Adapter):
             base_layer.scale_grad_by_freq,
             base_layer.sparse,
         )
-        delta = rows @ self.lora_embedding_B.T * self.scaling
         # Scaled embeddings (Gemma's) multiply the looked-up rows, so a merged delta is scaled too.
+        # Both factors are scalars: applied once, to the rank-r rows rather than the full width.
         embed_scale = getattr(base_layer, "embed_scale", None)
-        if embed_scale is not None:
-            delta = delta * embed_scale.to(delta.dtype)
-        return delta.to(base_output.dtype)
+        factor = self.scaling if embed_scale is None else self.scaling * embed_scale.to(rows.dtype)
+        return ((rows * factor) @ self.lora_embedding_B.T).to(base_output.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_embedding_B @ self.lora_embedding_A) * self.scaling
