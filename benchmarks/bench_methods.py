@@ -146,7 +146,7 @@ def _saved_bytes(model: torch.nn.Module, spec: dict[str, Any]) -> int:
 
 def _base_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(bytes of the 4-bit base weights in memory, bytes of the same weights dequantized to float16)."""
-    from peftkit.quantization import dequantize, weight_nbytes
+    from peftkit.quant import dequantize, weight_nbytes
 
     four_bit, _ = weight_nbytes(model)
     fp16 = sum(
@@ -214,7 +214,7 @@ def _checkpoint(model: str, args: argparse.Namespace, workdir: Path) -> tuple[st
         layers = args.layers or LLAMA_BENCH["num_hidden_layers"]
         llama_model(num_hidden_layers=layers).save_pretrained(path)
         return str(path), {}, f"Llama-shaped (hidden 1024, {layers} layers, intermediate 2816, vocab 32000, random)"
-    from peftkit.models import embedded_model_dir
+    from peftkit.training.models import embedded_model_dir
 
     path = embedded_model_dir()
     config = transformers.AutoConfig.from_pretrained(path)

@@ -20,15 +20,15 @@ __all__ = ["main", "build_parser"]
 
 
 def _train(args: argparse.Namespace) -> None:
-    from peftkit.config import load_config
-    from peftkit.train import train
+    from peftkit.training.config import load_config
+    from peftkit.training.loop import train
 
     config = load_config(args.config, args.set)  # all validation happens here, before any model loads
     train(config, resume=args.resume, quiet=args.quiet)
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from peftkit.models import generate_text, load_model, load_tokenizer
+    from peftkit.training.models import generate_text, load_model, load_tokenizer
     from peftkit.serialization import load_adapter
 
     tokenizer, model = load_tokenizer(args.base), load_model(args.base)
@@ -39,7 +39,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _merge(args: argparse.Namespace) -> None:
     from peftkit.merge import merge_and_unload
-    from peftkit.models import load_model, load_tokenizer
+    from peftkit.training.models import load_model, load_tokenizer
     from peftkit.serialization import load_adapter, read_adapter_config
 
     base = args.base or read_adapter_config(args.adapter_dir).get("base_model_name_or_path")

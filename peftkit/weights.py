@@ -2,28 +2,43 @@
 
 Methods compute deltas as `[out_features, in_features, ...]`, the orientation of
 `nn.Linear`. Layers that store the transpose (GPT-2's `Conv1D`, `nn.Embedding`
-seen as a one-hot linear map) or a packed form (a 4-bit base, registered by
-`peftkit.quantization`) say here how to convert, so merging is written once.
+seen as a one-hot linear map) or a packed form (a 4-bit base) say here how to
+convert, so merging is written once.
+
+Layouts are keyed by the layer class's qualified name, so the core names
+transformers' `Conv1D` without importing transformers. Packages that bring layer
+types of their own (peftkit's 4-bit codec over bitsandbytes, or a third party)
+declare their layouts in the `peftkit.weight_layouts` entry-point group: a callable
+returning `{layer type: WeightAccess}`, loaded the first time a layer of an
+unregistered type is met.
 """
 
 from __future__ import annotations
 
-import importlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+
+from peftkit.errors import UnsupportedModuleError
 
 __all__ = [
+    "LAYOUT_ENTRY_POINT_GROUP",
     "WeightAccess",
     "register_weight_access",
     "weight_access",
     "read_weight",
     "write_weight",
     "layer_features",
+    "is_linear",
 ]
+
+LAYOUT_ENTRY_POINT_GROUP = "peftkit.weight_layouts"
+_LINEAR = "torch.nn.modules.linear.Linear"
+_CONV1D = "transformers.pytorch_utils.Conv1D"
 
 
 @dataclass(frozen=True)
@@ -35,30 +50,51 @@ class WeightAccess:
     features: Callable[[nn.Module], tuple[int, int]]
 
 
-_ACCESS: dict[type, WeightAccess] = {}
+_ACCESS: dict[str, WeightAccess] = {}
+_discovered = False
 
 
-def register_weight_access(layer_type: type, access: WeightAccess) -> None:
-    """Teach peftkit the weight layout of `layer_type` (and its subclasses)."""
-    _ACCESS[layer_type] = access
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_weight_access(layer_type: type | str, access: WeightAccess) -> None:
+    """Teach peftkit the weight layout of `layer_type` (a class or its qualified name) and its subclasses."""
+    _ACCESS[layer_type if isinstance(layer_type, str) else _qualified(layer_type)] = access
+
+
+def _discover_layouts() -> None:
+    """Load every `peftkit.weight_layouts` entry point once; a broken one is skipped with a warning."""
+    global _discovered
+    _discovered = True
+    for entry in entry_points(group=LAYOUT_ENTRY_POINT_GROUP):
+        try:
+            layouts = entry.load()()
+        except Exception as error:  # e.g. bitsandbytes not installed: its layers cannot exist either
+            warnings.warn(f"peftkit weight layouts {entry.name!r} failed to load ({error})", stacklevel=3)
+            continue
+        for layer_type, access in layouts.items():
+            register_weight_access(layer_type, access)
 
 
 def weight_access(layer: nn.Module) -> WeightAccess | None:
     """The access rule for `layer`'s most specific registered type, or None."""
-    if type(layer).__module__.startswith("bitsandbytes"):
-        # Quantized layers subclass nn.Linear; their rule lives in the one module
-        # that imports bitsandbytes, loaded only when such a layer is seen.
-        importlib.import_module("peftkit.quantization")
+    if not _discovered and _qualified(type(layer)) not in _ACCESS:
+        _discover_layouts()
     for cls in type(layer).__mro__:
-        if cls in _ACCESS:
-            return _ACCESS[cls]
+        access = _ACCESS.get(_qualified(cls))
+        if access is not None:
+            return access
     return None
 
 
 def _require(layer: nn.Module) -> WeightAccess:
     access = weight_access(layer)
     if access is None:
-        raise TypeError(f"peftkit does not know the weight layout of {type(layer).__name__}.")
+        raise UnsupportedModuleError(
+            f"peftkit does not know the weight layout of {type(layer).__name__}; known layouts: "
+            f"{', '.join(sorted(name.rpartition('.')[2] for name in _ACCESS))}."
+        )
     return access
 
 
@@ -75,6 +111,11 @@ def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
 def layer_features(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of the layer seen as a linear map."""
     return _require(layer).features(layer)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether `module` computes `x @ W.T (+ b)`: an `nn.Linear` (4-bit ones included) or GPT-2's `Conv1D`."""
+    return any(_qualified(cls) in (_LINEAR, _CONV1D) for cls in type(module).__mro__)
 
 
 def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -95,5 +136,5 @@ _transposed = WeightAccess(
 
 register_weight_access(nn.Linear, _direct)
 register_weight_access(nn.Conv2d, _direct)
-register_weight_access(Conv1D, _transposed)
+register_weight_access(_CONV1D, _transposed)
 register_weight_access(nn.Embedding, _transposed)

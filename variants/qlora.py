@@ -7,7 +7,7 @@
 ```
 
 The adapter is the plain method's: only the frozen base differs, so these classes
-add one option, `quantization` (a `peftkit.quantization.QuantizationConfig` or its
+add one option, `quantization` (a `peftkit.quant.codec.QuantizationConfig` or its
 fields as a dict; default NF4 with double quantization), and quantize the targeted
 linear layers before attaching. Files are PEFT's LoRA/DoRA files, so PEFT loads them
 over a bitsandbytes-4-bit base; a PEFT LoRA file loads back as plain `lora` onto
@@ -52,8 +52,8 @@ class QuantizedConfig:
 
     @property
     def quantization_config(self) -> Any:
-        """The options as a `peftkit.quantization.QuantizationConfig` (imports bitsandbytes)."""
-        from peftkit.quantization import QuantizationConfig
+        """The options as a `peftkit.quant.codec.QuantizationConfig` (imports bitsandbytes)."""
+        from peftkit.quant import QuantizationConfig
 
         return from_options(QuantizationConfig, self.quantization, where=f"{type(self).__name__}.quantization")
 
@@ -71,7 +71,7 @@ class QuantizedBase(AdapterMethod):
 
     Only targeted layers are quantized; target `"all-linear"` for the QLoRA paper's
     setup (every linear layer but the head in 4-bit), or quantize the whole model
-    first with `peftkit.quantization.quantize_model` (or load it with transformers'
+    first with `peftkit.quant.codec.quantize_model` (or load it with transformers'
     `BitsAndBytesConfig`): layers that are already 4-bit are adapted as they are.
     The model is then prepared with `prepare_for_kbit_training` (non-4-bit
     half-precision parameters in float32).
@@ -81,7 +81,7 @@ class QuantizedBase(AdapterMethod):
     reads_peft_files = False
 
     def attach(self, model: nn.Module, adapter_name: str) -> list[str]:
-        from peftkit.quantization import prepare_for_kbit_training, quantize_model
+        from peftkit.quant import prepare_for_kbit_training, quantize_model
 
         targets = find_targets(model, self.config, self.adaptable_types())
         paths = [_linear_path(model, target) for target in targets]

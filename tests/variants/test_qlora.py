@@ -20,7 +20,7 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError
-from peftkit.quantization import (
+from peftkit.quant import (
     QuantizationConfig,
     dequantize,
     merge_and_dequantize,

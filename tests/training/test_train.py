@@ -15,9 +15,9 @@ from tiny_run import make_model_dir, tiny_tokenizer, write_run
 from transformers import AutoModelForCausalLM
 
 import peftkit
-from peftkit.config import load_config
-from peftkit.data import collate, encode
-from peftkit.train import CausalLMLoss, train
+from peftkit.training.config import load_config
+from peftkit.training.data import collate, encode
+from peftkit.training.loop import CausalLMLoss, train
 from variants.lora import LoRA, LoraConfig
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "EvalConfig",
     "OutputConfig",
     "RunConfig",
+    "read_yaml",
     "load_config",
     "apply_overrides",
     "build_config",
@@ -238,8 +239,8 @@ def build_config(raw: Mapping[str, Any], base: Path | None = None) -> RunConfig:
     return RunConfig(method=_method_section(raw.get("method")), **sections)
 
 
-def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
-    """Read, override and validate a YAML run config; ConfigError names the key at fault."""
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping of sections in a YAML config file; ConfigError says what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist.")
@@ -249,4 +250,9 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}.")
-    return build_config(apply_overrides(raw, overrides), base=path.parent)
+    return raw
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
+    """Read, override and validate a YAML run config; ConfigError names the key at fault."""
+    return build_config(apply_overrides(read_yaml(path), overrides), base=Path(path).parent)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from peftkit.config import DataConfig
+from peftkit.training.config import DataConfig
 from peftkit.errors import ConfigError
 
 __all__ = [

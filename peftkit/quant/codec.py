@@ -1,21 +1,20 @@
-"""A 4-bit frozen base through bitsandbytes (QLoRA: Dettmers et al., 2023, https://arxiv.org/abs/2305.14314).
+"""The 4-bit codec: bitsandbytes' NF4/FP4 storage of one layer, apart from any model surgery.
 
 ```
     nn.Linear W (fp32/bf16/fp16)                      Linear4bit
-    ┌──────────────┐  quantize_model   ┌────────────────────────────────────────────┐
+    ┌──────────────┐     to_4bit       ┌────────────────────────────────────────────┐
     │ [out, in]    │ ───────────────►  │ 4-bit codes, one scale per `blocksize`     │
-    └──────────────┘                   │ weights (scales 8-bit too: double quant)   │
-                                       └────────────────────────────────────────────┘
+    └──────────────┘  ◄─────────────── │ weights (scales 8-bit too: double quant)   │
+                        dequantize     └────────────────────────────────────────────┘
     forward: y = x @ dequant(Wq).T + b, computed in `compute_dtype`
     merge:   Wq <- quant(dequant(Wq) + delta)   (lossy; `requantization_errors` says how much)
 ```
 
-This is the one peftkit module that imports bitsandbytes. `import peftkit` does not
-import it; `peftkit.weights` loads it when it meets a bitsandbytes layer, and the
-import registers how to read (dequantize) and write (re-quantize) a `Linear4bit`, so
-the core merges onto a 4-bit base without knowing bitsandbytes. Use it explicitly:
-
-    from peftkit.quantization import QuantizationConfig, quantize_model
+With `peftkit.quant.convert`, the only peftkit code that imports bitsandbytes;
+`import peftkit` imports neither. This module registers, through the
+`peftkit.weight_layouts` entry point, how the core reads (dequantizes) and writes
+(re-quantizes) a `Linear4bit`, so merging and DoRA work on a 4-bit base that the
+core knows nothing about.
 """
 
 from __future__ import annotations
@@ -26,43 +25,39 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from peftkit.errors import ConfigError, MergeError, UnsupportedModuleError
-from peftkit.merge import merge_and_unload
-from peftkit.targets import LINEAR_TYPES, candidate_modules, matches_pattern
+from peftkit.dtypes import DTYPES
+from peftkit.errors import ConfigError, MergeError
 from peftkit.validation import check_types
-from peftkit.weights import WeightAccess, read_weight, register_weight_access
+from peftkit.weights import WeightAccess, read_weight
 
 try:
     import bitsandbytes.functional as bnb_functional
     from bitsandbytes.nn import Linear4bit, Linear8bitLt, Params4bit
 except ImportError as error:
     raise ImportError(
-        "peftkit.quantization (the 4-bit base of qlora and qdora) needs bitsandbytes, which is not installed: "
+        "peftkit.quant (the 4-bit base of qlora and qdora) needs bitsandbytes, which is not installed: "
         "pip install bitsandbytes"
     ) from error
 
 __all__ = [
     "BLOCKSIZES",
     "COMPUTE_DTYPES",
+    "Linear4bit",
     "QuantizationConfig",
-    "quantize_model",
+    "is_bitsandbytes",
     "is_quantized",
-    "prepare_for_kbit_training",
     "supported_compute_dtypes",
     "resolve_compute_dtype",
+    "to_4bit",
     "dequantize",
     "requantize",
     "dequantized_copy",
-    "dequantize_model",
-    "merge_and_dequantize",
-    "requantization_errors",
     "weight_nbytes",
+    "weight_layouts",
 ]
 
-# What bitsandbytes.functional.quantize_4bit accepts (0.45 through 0.50).
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_HALF = (torch.float16, torch.bfloat16)
+COMPUTE_DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
 
 
 @dataclasses.dataclass
@@ -133,23 +128,13 @@ def resolve_compute_dtype(name: str | None, device: torch.device) -> torch.dtype
         )
     return COMPUTE_DTYPES[name]
 
-
 def is_quantized(module: nn.Module) -> bool:
     """Whether `module` is, or contains, a 4-bit bitsandbytes layer."""
     return any(isinstance(m, Linear4bit) for m in module.modules())
 
 
-def _is_bitsandbytes(module: nn.Module) -> bool:
+def is_bitsandbytes(module: nn.Module) -> bool:
     return type(module).__module__.startswith("bitsandbytes")
-
-
-def _skipped(model: nn.Module, config: QuantizationConfig) -> set[str]:
-    if config.skip_modules is not None:
-        return {name for name, _ in candidate_modules(model) if matches_pattern(name, config.skip_modules)}
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    return {name for name, module in candidate_modules(model) if head is not None and module is head}
-
 
 def _blocksize(config: QuantizationConfig, in_features: int, device: torch.device, path: str) -> int:
     """One layer's blocksize: the configured one, but on CPU one that divides its rows.
@@ -171,7 +156,7 @@ def _blocksize(config: QuantizationConfig, in_features: int, device: torch.devic
     )
 
 
-def _to_4bit(module: nn.Module, path: str, config: QuantizationConfig, compute_dtype: torch.dtype) -> Linear4bit:
+def to_4bit(module: nn.Module, path: str, config: QuantizationConfig, compute_dtype: torch.dtype) -> Linear4bit:
     """A frozen `Linear4bit` computing what `module` (Linear or GPT-2 Conv1D) computes."""
     weight = read_weight(module).detach()  # [out, in], whatever the layer's storage
     out_features, in_features = weight.shape
@@ -210,76 +195,6 @@ def _store(
         module=layer,
     )
     layer.weight = packed.to(weight.device)
-
-
-def quantize_model(
-    model: nn.Module, config: QuantizationConfig | None = None, targets: list[str] | None = None
-) -> nn.Module:
-    """Replace linear layers of `model` in place by frozen 4-bit `Linear4bit` layers; returns `model`.
-
-    `targets` are module paths (default: every `nn.Linear` and GPT-2 `Conv1D`).
-    Modules in `config.skip_modules` (default: the output head) and layers that are
-    already bitsandbytes layers stay as they are.
-    """
-    config = config or QuantizationConfig()
-    skipped = _skipped(model, config)
-    compute_dtypes: dict[torch.device, torch.dtype] = {}
-    if targets is None:
-        targets = [n for n, m in candidate_modules(model) if isinstance(m, LINEAR_TYPES) and not _is_bitsandbytes(m)]
-    for path in targets:
-        module = model.get_submodule(path)
-        if path in skipped or _is_bitsandbytes(module):
-            continue
-        if not isinstance(module, LINEAR_TYPES):
-            raise UnsupportedModuleError(
-                f"cannot quantize {path!r}: it is a {type(module).__name__}; "
-                f"4-bit layers replace {', '.join(t.__name__ for t in LINEAR_TYPES)} only."
-            )
-        device = module.weight.device
-        if device.type == "meta":
-            raise ConfigError(f"cannot quantize {path!r}: its weight is on the meta device; load the weights first.")
-        if device not in compute_dtypes:
-            compute_dtypes[device] = resolve_compute_dtype(config.compute_dtype, device)
-        model.set_submodule(path, _to_4bit(module, path, config, compute_dtypes[device]))
-    # The flag transformers sets for bitsandbytes models; PEFT and the Trainer read it.
-    model.is_loaded_in_4bit = is_quantized(model)
-    return model
-
-
-def prepare_for_kbit_training(
-    model: nn.Module,
-    gradient_checkpointing: bool = False,
-    gradient_checkpointing_kwargs: dict[str, Any] | None = None,
-) -> nn.Module:
-    """Make a 4-bit model ready to train adapters on it; returns `model`.
-
-    Every non-4-bit float16/bfloat16 parameter (norms, embeddings, the head, dense
-    layers left unquantized) becomes float32: norms and the head are where half
-    precision hurts training, and casting only them would feed float32 activations
-    to half-precision layers. 4-bit layers compute as in training mode in eval too.
-    With `gradient_checkpointing`, the input embeddings' output requires grad, so
-    gradients reach the adapters through checkpointed blocks whose own inputs and
-    weights are all frozen, and checkpointing is switched on.
-    """
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, Linear4bit):
-                module.support_avx512bf16_for_cpu = False
-                continue
-            for param in module.parameters(recurse=False):
-                if param.dtype in _HALF:
-                    param.data = param.data.float()
-    if gradient_checkpointing:
-        needed = ("gradient_checkpointing_enable", "enable_input_require_grads")
-        if not all(callable(getattr(model, name, None)) for name in needed):
-            raise ConfigError(
-                f"{type(model).__name__} has no gradient_checkpointing_enable(); "
-                "gradient checkpointing needs a transformers model."
-            )
-        model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-    return model
-
 
 def _quant_state(layer: Linear4bit) -> Any:
     state = layer.weight.quant_state
@@ -320,44 +235,6 @@ def dequantized_copy(layer: Linear4bit, dtype: torch.dtype | None = None) -> nn.
         dense.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
     return dense
 
-
-def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every 4-bit layer (adapted ones included) by its `dequantized_copy`; returns `model`."""
-    for path, module in list(model.named_modules()):
-        if isinstance(module, Linear4bit):
-            model.set_submodule(path, dequantized_copy(module, dtype))
-    model.is_loaded_in_4bit = False
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:  # loaded by transformers with a BitsAndBytesConfig
-        quantizer.remove_quantization_config(model)
-    return model
-
-
-def merge_and_dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Merge the active adapters and return the plain dense model holding `dequant(Wq) + delta`.
-
-    The whole model comes back in `dtype` (default: the 4-bit layers' compute dtype),
-    so no layer meets activations of another dtype. `peftkit.merge_and_unload` on a
-    4-bit model instead keeps the layers 4-bit, re-quantizing the merged ones (as PEFT
-    does), which adds the error `requantization_errors` reports.
-    """
-    if dtype is None:
-        dtypes = {m.compute_dtype or torch.float32 for m in model.modules() if isinstance(m, Linear4bit)}
-        if len(dtypes) > 1:
-            raise ConfigError(f"the 4-bit layers compute in {sorted(map(str, dtypes))}; pass the dtype to merge into.")
-        dtype = dtypes.pop() if dtypes else torch.float32
-    return merge_and_unload(dequantize_model(model, dtype)).to(dtype)
-
-
-def requantization_errors(model: nn.Module) -> dict[str, float]:
-    """Per re-quantized 4-bit layer (by merge or unmerge), the max abs error its last re-quantization added."""
-    return {
-        path.removesuffix(".base_layer"): module.requantization_error
-        for path, module in model.named_modules()
-        if isinstance(module, Linear4bit) and hasattr(module, "requantization_error")
-    }
-
-
 def _tensors(state: Any) -> list[torch.Tensor]:
     tensors = [state.absmax, state.code, getattr(state, "offset", None)]
     if state.state2 is not None:
@@ -394,5 +271,9 @@ def _eight_bit(layer: nn.Module, *_: Any) -> torch.Tensor:
     )
 
 
-register_weight_access(Linear4bit, WeightAccess(read=dequantize, write=requantize, features=_features))
-register_weight_access(Linear8bitLt, WeightAccess(read=_eight_bit, write=_eight_bit, features=_features))
+def weight_layouts() -> dict[type, WeightAccess]:
+    """The `peftkit.weight_layouts` entry point: how the core reads and writes bitsandbytes layers."""
+    return {
+        Linear4bit: WeightAccess(read=dequantize, write=requantize, features=_features),
+        Linear8bitLt: WeightAccess(read=_eight_bit, write=_eight_bit, features=_features),
+    }

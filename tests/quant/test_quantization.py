@@ -17,17 +17,16 @@ from transformers import LlamaForCausalLM
 
 import peftkit
 from peftkit.errors import ConfigError, MergeError, UnsupportedModuleError
-from peftkit.quantization import (
+from peftkit.quant import (
     QuantizationConfig,
     dequantize,
-    dequantized_copy,
     is_quantized,
     prepare_for_kbit_training,
     quantize_model,
     requantize,
-    resolve_compute_dtype,
     weight_nbytes,
 )
+from peftkit.quant.codec import dequantized_copy, resolve_compute_dtype
 from peftkit.weights import layer_features, read_weight
 
 
@@ -204,9 +203,10 @@ def test_meta_weights_are_refused() -> None:
 
 def test_missing_bitsandbytes_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
-    monkeypatch.delitem(sys.modules, "peftkit.quantization")
+    for module in ("peftkit.quant", "peftkit.quant.codec", "peftkit.quant.convert"):
+        monkeypatch.delitem(sys.modules, module)
     with pytest.raises(ImportError, match="needs bitsandbytes, which is not installed: pip install bitsandbytes"):
-        importlib.import_module("peftkit.quantization")
+        importlib.import_module("peftkit.quant.codec")
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         peftkit.get_method("qlora").from_options()
 

@@ -11,11 +11,11 @@ from tiny_run import make_model_dir, write_run
 from transformers import AutoModelForCausalLM
 
 import peftkit
-import peftkit.checkpoint as checkpoint
-import peftkit.train
-from peftkit.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from peftkit.config import load_config
-from peftkit.train import train
+import peftkit.training.checkpoint as checkpoint
+import peftkit.training.loop
+from peftkit.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from peftkit.training.config import load_config
+from peftkit.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +75,14 @@ def test_resumed_run_is_bit_identical(tmp_path: Path, model_dir: Path, monkeypat
     )
     whole = train(load_config(write_run(tmp_path / "whole", model_dir, **sections)), quiet=True)
 
-    real_save = peftkit.train.save_checkpoint
+    real_save = peftkit.training.loop.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
         raise KeyboardInterrupt  # killed right after the step-3 checkpoint
 
     config = load_config(write_run(tmp_path / "split", model_dir, **sections))
-    monkeypatch.setattr(peftkit.train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(peftkit.training.loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(config, quiet=True)
     monkeypatch.undo()

@@ -1,6 +1,6 @@
 """Run by torchrun in test_train's multi-process test: train, then dump this rank's adapter.
 
-torchrun --nproc_per_node 2 tests/mp_train.py RUN.yaml OUT_DIR [--set ...]
+torchrun --nproc_per_node 2 tests/training/mp_train.py RUN.yaml OUT_DIR [--set ...]
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import sys
 
 from safetensors.torch import save_file
 
-from peftkit.config import load_config
+from peftkit.training.config import load_config
 from peftkit.serialization import adapter_state_dict
-from peftkit.train import train
+from peftkit.training.loop import train
 
 if __name__ == "__main__":
     result = train(load_config(sys.argv[1], sys.argv[3:]), quiet=True)

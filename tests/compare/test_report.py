@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from peftkit.report import CSV_COLUMNS, machine_description, rank_rows, write_report
+from peftkit.compare.report import CSV_COLUMNS, machine_description, rank_rows, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,6 +1,6 @@
 """The files of a comparison: results.json, results.csv, REPORT.md and the PNG plots it embeds.
 
-A pure function of the rows (`peftkit.compare.collect_run`) and of `meta`, what every
+A pure function of the rows (`peftkit.compare.runner.collect_run`) and of `meta`, what every
 run shared; results.json holds both, so a report can be written again from it alone:
 `write_report(**json.load(open("results.json")), out=...)`.
 """

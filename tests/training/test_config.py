@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peftkit.config import build_config, load_config
+from peftkit.training.config import build_config, load_config
 from peftkit.errors import ConfigError, UnknownMethodError
 
 

@@ -1,0 +1,12 @@
+"""`peftkit train`: the YAML config, data, model loading, the loop and its checkpoints.
+
+The only users of YAML and accelerate: `config` (checked in full before any model
+loads), `data` (files to tokenized examples), `models` (a model and tokenizer by
+name, the embedded Gemma-3-270M), `loop` (the accelerate loop), `checkpoint`
+(atomic checkpoints and exact resume).
+"""
+
+from peftkit.training.config import RunConfig, load_config
+from peftkit.training.loop import TrainResult, train
+
+__all__ = ["RunConfig", "TrainResult", "load_config", "train"]
