@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from peftkit.errors import AdapterFileError
+from peftkit.files import atomic_directory
 from peftkit.serialization import WEIGHTS_NAME, adapter_state_dict, save_adapter
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints"]
@@ -65,21 +66,13 @@ def save_checkpoint(
     """Write checkpoint `step` under `root` atomically, then drop all but the newest `keep_last`."""
     root = Path(root)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(final, replace=True) as tmp:
         save_adapter(model, tmp / "adapter")
         trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
         torch.save(trainer, tmp / TRAINER_NAME)
         # state.json goes last: its presence is what marks a checkpoint whole.
         own = {**state, "step": step, "python_rng": _jsonable(random.getstate())}
         (tmp / STATE_NAME).write_text(json.dumps(own, indent=2) + "\n", encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(root)[: -max(keep_last, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -9,15 +9,15 @@ converts it once and caches the result as safetensors (`$PEFTKIT_CACHE`, else
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from peftkit.dtypes import dtype_named
 from peftkit.errors import ConfigError
+from peftkit.files import atomic_directory
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -30,7 +30,6 @@ __all__ = [
 ]
 
 EMBEDDED_MODEL = "gemma-3-270m"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_root() -> Path:
@@ -58,15 +57,10 @@ def embedded_model_dir() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}.", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary directory
-    try:  # written beside the target and renamed, so an interrupted conversion is never used
+    # Written beside the target and renamed, so an interrupted conversion is never used.
+    with atomic_directory(target, replace=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -89,9 +83,7 @@ def load_model(name: str, dtype: str = "float32") -> nn.Module:
     """A causal LM for `name`; it remembers `name` (not the cache path) so adapters record it."""
     from transformers import AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=dtype_named(dtype, "model.dtype"))
     model.config._name_or_path = name
     return model
 
