@@ -36,7 +36,8 @@ from peftkit.inject import (
 )
 from peftkit.layer import Adapter, AdapterHost, AdapterLayer, LowRankAdapter, TrainableCopy
 from peftkit.merge import merge, merge_and_unload, switch_merged_adapter, unload, unmerge
-from peftkit.method import AdapterMethod, MethodConfig, peft_option
+from peftkit.method import AdapterMethod
+from peftkit.options import MethodConfig, peft_option
 from peftkit.registry import available_methods, get_method, register_method
 from peftkit.routing import RowRouting
 from peftkit.serialization import adapter_state_dict, hot_swap_adapter, load_adapter, save_adapter

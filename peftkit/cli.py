@@ -28,8 +28,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from peftkit.training.models import generate_text, load_model, load_tokenizer
     from peftkit.serialization import load_adapter
+    from peftkit.training.models import generate_text, load_model, load_tokenizer
 
     tokenizer, model = load_tokenizer(args.base), load_model(args.base)
     if args.adapter:
@@ -39,8 +39,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _merge(args: argparse.Namespace) -> None:
     from peftkit.merge import merge_and_unload
-    from peftkit.training.models import load_model, load_tokenizer
     from peftkit.serialization import load_adapter, read_adapter_config
+    from peftkit.training.models import load_model, load_tokenizer
 
     base = args.base or read_adapter_config(args.adapter_dir).get("base_model_name_or_path")
     if not base:

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from peftkit.errors import ConfigError
-from peftkit.inject import adapt, adapter_methods, hosts
-from peftkit.layer import Adapter, AdapterLayer, LowRankAdapter, is_additive
+from peftkit.hosts import hosts
+from peftkit.inject import adapt, adapter_methods
+from peftkit.layer import Adapter, AdapterLayer, LowRankAdapter
 from peftkit.method import AdapterMethod
 
 __all__ = ["LowRankMethod", "combine_adapters"]
@@ -37,7 +38,7 @@ class LowRankMethod(Protocol):
 
 
 def _factors(path: str, name: str, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (isinstance(adapter, LowRankAdapter) and is_additive(adapter)):
+    if not (isinstance(adapter, LowRankAdapter) and adapter.additive_merge):
         raise ConfigError(
             f"adapter {name!r} at {path!r} ({type(adapter).__name__}) is not a pure low-rank delta; "
             "combining supports LoRA-style adapters only."

@@ -1,38 +1,35 @@
-"""Putting adapters into a model and steering them: inject, freeze, activate, enable.
+"""Adapting a model and steering its adapters: adapt, freeze, activate, enable, delete, rename.
 
 The model stays the user's own object (so `generate`, `save_pretrained` and
 transformers' `Trainer` keep working); peftkit records which method each adapter
-name uses in `model.peftkit_methods`.
+name uses on the adapted module itself, and finds that record through any wrapper
+put around it later (DDP, accelerate, a loss module).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import nn
 
-from peftkit.errors import AdapterExistsError, AdapterNotFoundError, AdapterStateError, ConfigError, TargetNotFoundError
-from peftkit.layer import AdapterHost, AdapterLayer, TrainableCopy
+from peftkit.errors import AdapterExistsError, AdapterNotFoundError, AdapterStateError, ConfigError
+from peftkit.hosts import hosts
+from peftkit.layer import AdapterLayer
 from peftkit.method import AdapterMethod
 from peftkit.registry import get_method
 from peftkit.routing import RowRouting
-from peftkit.targets import candidate_modules, find_targets, matches_pattern, task_heads
 
 __all__ = [
     "DEFAULT_ADAPTER",
     "adapt",
-    "inject_adapters",
     "adapter_methods",
-    "hosts",
+    "forget_adapters",
     "set_active_adapters",
     "set_adapters_enabled",
     "disable_adapters",
     "mark_trainable",
-    "adapter_tensors",
     "delete_adapter",
     "rename_adapter",
     "list_adapters",
@@ -43,16 +40,31 @@ __all__ = [
 DEFAULT_ADAPTER = "default"
 
 
+_STATE = "peftkit_methods"
+
+
+def _state_owner(model: nn.Module) -> nn.Module | None:
+    """The module that holds the adapters' record: `model` itself, or the adapted model inside a wrapper."""
+    return next((module for module in model.modules() if _STATE in module.__dict__), None)
+
+
 def adapter_methods(model: nn.Module) -> dict[str, AdapterMethod]:
-    """The adapters on `model`, by name, with the method instance each was built from."""
-    return model.__dict__.setdefault("peftkit_methods", {})
+    """The adapters on `model` (or on the model a wrapper holds), by name, with the method each was built from."""
+    owner = _state_owner(model)
+    return owner.__dict__[_STATE] if owner is not None else {}
 
 
-def hosts(model: nn.Module) -> Iterator[tuple[str, AdapterHost]]:
-    """Every peftkit host module in `model`, with its path."""
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterHost):
-            yield name, module
+def _record(model: nn.Module) -> dict[str, AdapterMethod]:
+    """The record to change: the existing one, or a new one on `model`."""
+    owner = _state_owner(model) or model
+    return owner.__dict__.setdefault(_STATE, {})
+
+
+def forget_adapters(model: nn.Module) -> None:
+    """Drop the record of adapters, once their modules are gone from the model (`unload`)."""
+    owner = _state_owner(model)
+    if owner is not None:
+        del owner.__dict__[_STATE]
 
 
 def adapt(
@@ -69,7 +81,7 @@ def adapt(
         method = get_method(method).from_options(**options)
     elif options:
         raise TypeError("pass options either in the method instance or as keywords, not both.")
-    methods = adapter_methods(model)
+    methods = _record(model)
     if adapter_name == RowRouting.BASE:
         raise ConfigError(
             f"adapter name {RowRouting.BASE!r} is reserved: it stands for the base model in mixed batches."
@@ -90,42 +102,6 @@ def adapt(
     set_active_adapters(model, adapter_name)
     mark_trainable(model, adapter_name)
     return model
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def inject_adapters(model: nn.Module, method: AdapterMethod, adapter_name: str) -> list[str]:
-    """Wrap each targeted module in an `AdapterLayer` (once) and add the method's adapter to it."""
-    targets = find_targets(model, method.config, method.adaptable_types())
-    for name in targets:
-        module = model.get_submodule(name)
-        host = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
-        adapter = method.create_adapter(host.base_layer, name)
-        host.adapters[adapter_name] = adapter.to(_device_of(host.base_layer))
-        if host is not module:
-            model.set_submodule(name, host)
-    # A random task head trains in full, unless the user chose to adapt it instead.
-    to_save = (method.config.modules_to_save or []) + [h for h in task_heads(model) if h not in targets]
-    _wrap_modules_to_save(model, to_save, adapter_name)
-    return targets
-
-
-def _wrap_modules_to_save(model: nn.Module, patterns: list[str] | None, adapter_name: str) -> None:
-    if not patterns:
-        return
-    chosen = [name for name, _ in candidate_modules(model) if matches_pattern(name, patterns)]
-    if not chosen:
-        raise TargetNotFoundError(f"modules_to_save={patterns!r} matched no module of {type(model).__name__}.")
-    for name in chosen:
-        module = model.get_submodule(name)
-        host = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
-        host.adapters[adapter_name] = copy.deepcopy(host.original_module)
-        if host is not module:
-            model.set_submodule(name, host)
 
 
 def _require_adapters(model: nn.Module, names: list[str]) -> None:
@@ -166,28 +142,6 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         set_adapters_enabled(model, True)
 
 
-def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Model path -> live tensor for everything one adapter trains and saves, found by structure.
-
-    That is the adapter modules under every host, plus the biases the config's `bias`
-    policy adds. Methods whose state lives elsewhere override `AdapterMethod.trainable_state`.
-    """
-    bias_policy = adapter_methods(model)[adapter_name].config.bias
-    state: dict[str, torch.Tensor] = {}
-    for path, host in hosts(model):
-        if adapter_name not in host.adapters:
-            continue
-        state.update(host.adapters[adapter_name].state_dict(prefix=f"{path}.adapters.{adapter_name}.", keep_vars=True))
-        layer_bias = getattr(host.wrapped, "bias", None)
-        if bias_policy == "lora_only" and isinstance(host, AdapterLayer) and isinstance(layer_bias, nn.Parameter):
-            state[f"{path}.base_layer.bias"] = layer_bias
-    if bias_policy == "all":
-        for name, param in model.named_parameters():
-            if name.endswith("bias") and ".adapters." not in name:
-                state.setdefault(name, param)
-    return state
-
-
 def mark_trainable(model: nn.Module, adapter_name: str) -> None:
     """Freeze everything but the parameters `adapter_name` trains."""
     _require_adapters(model, [adapter_name])
@@ -211,7 +165,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         host.active_adapters = [n for n in host.active_adapters if n != adapter_name]
         if not host.adapters:
             model.set_submodule(path, host.wrapped)
-    del adapter_methods(model)[adapter_name]
+    del _record(model)[adapter_name]
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -232,7 +186,9 @@ def rename_adapter(model: nn.Module, old: str, new: str) -> None:
             host.active_adapters = [new if n == old else n for n in host.active_adapters]
             if isinstance(host, AdapterLayer):
                 host.merged_adapters = [new if n == old else n for n in host.merged_adapters]
-    model.__dict__["peftkit_methods"] = {new if name == old else name: m for name, m in methods.items()}
+    renamed = {new if name == old else name: m for name, m in methods.items()}
+    methods.clear()
+    methods.update(renamed)
 
 
 @contextmanager

@@ -15,17 +15,14 @@ adapter compose by addition and the host never needs to know the method.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from peftkit.errors import AdapterStateError, MergeError
 
-if TYPE_CHECKING:
-    from peftkit.routing import RowRouting
-
-__all__ = ["Adapter", "AdapterHost", "AdapterLayer", "LowRankAdapter", "TrainableCopy", "is_additive"]
+__all__ = ["Adapter", "AdapterHost", "AdapterLayer", "LowRankAdapter", "Routing", "TrainableCopy"]
 
 
 class Adapter(nn.Module, ABC):
@@ -33,8 +30,14 @@ class Adapter(nn.Module, ABC):
 
     Subclasses implement `forward`; methods that are a weight delta also implement
     `delta_weight`, and methods whose merge is not `W + delta` (DoRA) override
-    `merged_weight`/`unmerged_weight`.
+    `merged_weight`/`unmerged_weight` and set `additive_merge = False`.
+
+    Class attributes (capabilities, declared by the class that has them):
+        additive_merge: merging is `W + delta_weight()` and unmerging its inverse, so a
+            merge can check the delta before writing anything.
     """
+
+    additive_merge: ClassVar[bool] = True
 
     @abstractmethod
     def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
@@ -44,7 +47,8 @@ class Adapter(nn.Module, ABC):
         """The layer's whole output with this adapter: `base_output + forward(...)`.
 
         A method that can form it in fewer full-width passes than an addition overrides
-        this (DoRA: one multiply-add instead of a multiply-add and an add).
+        this (DoRA: one multiply-add instead of a multiply-add and an add); the contract
+        suite checks that both ways give the same values for every registered method.
         """
         return base_output + self(x, base_output, base_layer)
 
@@ -61,23 +65,35 @@ class Adapter(nn.Module, ABC):
         return weight - self.delta_weight().to(weight.dtype)
 
 
-@runtime_checkable
-class LowRankAdapter(Protocol):
+class LowRankAdapter(Adapter):
     """An adapter whose delta is `up @ down` (scaling folded into `down`), like LoRA's.
 
-    Such adapters can be combined (`peftkit.combine`) and batched across adapters in
-    one matmul pair (`peftkit.routing`).
+    Such adapters can be combined (`peftkit.combine`) when their merge is additive.
+
+    Class attributes:
+        stackable: the adapter adds `x @ (up @ down).T` to a linear layer's output, so the
+            adapters of a mixed batch stack into one matmul pair (`peftkit.routing`).
     """
 
-    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    stackable: ClassVar[bool] = False
 
-    def set_low_rank_factors(self, up: torch.Tensor, down: torch.Tensor) -> None: ...
+    @abstractmethod
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) with the delta `up @ down` (kernels flattened)."""
+
+    @abstractmethod
+    def set_low_rank_factors(self, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Make the delta `up @ down` (the inverse of `low_rank_factors`)."""
 
 
-def is_additive(adapter: Adapter) -> bool:
-    """Whether merging this adapter is plain `W + delta` (no rule of its own, unlike DoRA)."""
-    cls = type(adapter)
-    return cls.merged_weight is Adapter.merged_weight and cls.unmerged_weight is Adapter.unmerged_weight
+class Routing(Protocol):
+    """What a host asks of a per-row routing (`peftkit.routing.Routing`) inside a mixed batch."""
+
+    def layer_output(self, layer: AdapterLayer, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        """`base_output` plus, for every row, the output of that row's adapter at `layer`."""
+
+    def groups(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Row indices per adapter (base rows left out) for a batch of `batch` rows."""
 
 
 class AdapterHost(nn.Module):
@@ -94,7 +110,7 @@ class AdapterHost(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.adapters_enabled = True
-        self.routing: RowRouting | None = None
+        self.routing: Routing | None = None
 
     @property
     def wrapped(self) -> nn.Module:
@@ -138,7 +154,7 @@ class AdapterLayer(AdapterHost):
             result = result + self.adapters[name](x, base_output, self.base_layer)
         return result
 
-    def _routed(self, x: torch.Tensor, base_output: torch.Tensor, routing: RowRouting) -> torch.Tensor:
+    def _routed(self, x: torch.Tensor, base_output: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.merged_adapters:
             raise AdapterStateError(f"adapters {self.merged_adapters} are merged; unmerge them before a mixed batch.")
         return routing.layer_output(self, x, base_output)
@@ -162,7 +178,7 @@ class TrainableCopy(AdapterHost):
             return self.adapters[self.active_adapters[-1]](x, *args, **kwargs)
         return self.original_module(x, *args, **kwargs)
 
-    def _routed(self, x: torch.Tensor, routing: RowRouting, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _routed(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.original_module(x, *args, **kwargs)
         for name, rows in routing.groups(x.shape[0], x.device).items():
             if name in self.adapters:

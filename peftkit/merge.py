@@ -11,20 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peftkit.anatomy import tied_parameters
 from peftkit.errors import AdapterStateError, MergeError
-from peftkit.inject import adapter_methods, hosts, set_active_adapters
-from peftkit.layer import Adapter, AdapterLayer, TrainableCopy, is_additive
+from peftkit.hosts import hosts
+from peftkit.inject import adapter_methods, forget_adapters, set_active_adapters
+from peftkit.layer import Adapter, AdapterLayer, TrainableCopy
 from peftkit.weights import read_weight, write_weight
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "unload", "switch_merged_adapter"]
-
-
-def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
-    """id(parameter) -> every path it appears under, for parameters shared by several modules."""
-    paths: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        paths.setdefault(id(param), []).append(name)
-    return {key: names for key, names in paths.items() if len(names) > 1}
 
 
 def _working_weight(layer: nn.Module) -> tuple[torch.Tensor, bool]:
@@ -49,7 +43,7 @@ def _fold(weight: torch.Tensor, adapter: Adapter, sign: int, where: str) -> None
     Nothing is written unless the result is finite: an additive adapter's delta is
     checked before it is added; any other merge rule's result before it is copied.
     """
-    if is_additive(adapter):
+    if adapter.additive_merge:
         delta = adapter.delta_weight().detach().to(weight.dtype)
         if not torch.isfinite(delta.sum()):
             raise MergeError(f"{where} would write NaN/Inf; nothing was changed there.")
@@ -83,7 +77,7 @@ def _merge_layer(path: str, layer: AdapterLayer, names: list[str], tied: dict[in
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
     """Add the adapters' deltas (default: the active ones) into the base weights, in place."""
-    tied = _tied_weights(model)
+    tied = tied_parameters(model)
     for path, host in hosts(model):
         if isinstance(host, AdapterLayer):
             names = host.active_adapters if adapter_names is None else [n for n in adapter_names if n in host.adapters]
@@ -112,7 +106,7 @@ def unload(model: nn.Module) -> nn.Module:
         else:
             replacement = host.wrapped
         model.set_submodule(path, replacement)
-    model.__dict__.pop("peftkit_methods", None)
+    forget_adapters(model)
     return model
 
 

@@ -1,57 +1,29 @@
-"""The contract every adapter method fulfils, and the options all of them share.
+"""The contract every adapter method fulfils.
 
 A method supplies only what is its own: a name, a config dataclass, the layer
-types it can adapt, and how to build its `Adapter` around one frozen layer. The
-core does the rest (targeting, injection, freezing, merging, saving) once for all.
-A method that does not live in layers (prefix tuning, say) overrides `attach`.
+types it can adapt, how to build its `Adapter` around one frozen layer, and its
+default targets per model type. The core does the rest (targeting, injection,
+freezing, merging, saving) once for all. A method that does not live in layers
+(prefix tuning, say) overrides `attach`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from peftkit.errors import ConfigError
+from peftkit.hosts import adapter_tensors, inject_adapters
 from peftkit.layer import Adapter
-from peftkit.validation import check_types, from_options
+from peftkit.options import MethodConfig
+from peftkit.targets import ALL_LINEAR
+from peftkit.validation import from_options
 
-__all__ = ["MethodConfig", "AdapterMethod", "peft_option"]
-
-
-def peft_option(default: Any = None, peft_name: str | None = None, **kwargs: Any) -> Any:
-    """A config field; `peft_name` is its key in PEFT's adapter_config.json, if it has one."""
-    metadata = {"peft": peft_name} if peft_name else {}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
-    return dataclasses.field(default=default, metadata=metadata, **kwargs)
-
-
-@dataclasses.dataclass
-class MethodConfig:
-    """Options every layer-injecting method shares: which modules, and what else trains.
-
-    Args:
-        target_modules: module names (a module matches if its path equals or ends with
-            `.name`), a regex matched against the full path, or `"all-linear"` (every
-            linear layer except the output head). None uses the model type's default.
-        exclude_modules: names or a regex, as above, removed from the targets.
-        layers_to_transform: only adapt modules in these layer indices.
-        modules_to_save: modules trained in full and saved with the adapter (a head).
-        bias: which biases train: `none`, `all`, or `lora_only` (those of adapted
-            layers; the name is loralib's, kept for PEFT compatibility).
-    """
-
-    target_modules: list[str] | str | None = peft_option(None, "target_modules")
-    exclude_modules: list[str] | str | None = peft_option(None, "exclude_modules")
-    layers_to_transform: list[int] | int | None = peft_option(None, "layers_to_transform")
-    modules_to_save: list[str] | None = peft_option(None, "modules_to_save")
-    bias: Literal["none", "all", "lora_only"] = peft_option("none", "bias")
-
-    def __post_init__(self) -> None:
-        check_types(self, type(self).__name__)
+__all__ = ["AdapterMethod"]
 
 
 class AdapterMethod(ABC):
@@ -71,6 +43,8 @@ class AdapterMethod(ABC):
         trains_in_place: whether the method trains the model's own tensors (full
             fine-tuning, a head) instead of adapters beside them; such an adapter
             cannot be disabled and must be the only one on its model.
+        default_targets: `target_modules` per model type (`config.model_type`) when
+            the config gives None; a method without defaults leaves it empty.
     """
 
     name: ClassVar[str]
@@ -80,6 +54,7 @@ class AdapterMethod(ABC):
     peft_markers: ClassVar[dict[str, Any]] = {}
     reads_peft_files: ClassVar[bool] = True
     trains_in_place: ClassVar[bool] = False
+    default_targets: ClassVar[dict[str, list[str]]] = {}
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_class):
@@ -99,11 +74,28 @@ class AdapterMethod(ABC):
     def create_adapter(self, base_layer: nn.Module, module_name: str) -> Adapter:
         """A freshly initialised adapter for `base_layer` (found at `module_name`)."""
 
+    def default_target_modules(self, model: nn.Module) -> list[str]:
+        """This method's `target_modules` for `model`'s type, from `default_targets`."""
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in self.default_targets:
+            raise ConfigError(
+                f"{self.name} has no default target_modules for model type {model_type!r}; pass target_modules "
+                f"(module names, a regex, or {ALL_LINEAR!r})."
+                + (f" Known defaults: {', '.join(sorted(self.default_targets))}." if self.default_targets else "")
+            )
+        return self.default_targets[model_type]
+
+    def resolved_config(self, model: nn.Module) -> MethodConfig:
+        """The config with `target_modules=None` replaced by this method's default for `model`."""
+        if self.config.target_modules is not None:
+            return self.config
+        return dataclasses.replace(self.config, target_modules=self.default_target_modules(model))
+
     def attach(self, model: nn.Module, adapter_name: str) -> list[str]:
         """Add this method to `model` under `adapter_name`; returns the adapted module names."""
-        from peftkit.inject import inject_adapters  # inject builds on this module
-
-        return inject_adapters(model, self, adapter_name)
+        return inject_adapters(
+            model, adapter_name, self.resolved_config(model), self.adaptable_types(), self.create_adapter
+        )
 
     def trainable_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         """Model path -> live tensor for what this adapter trains and saves.
@@ -112,9 +104,7 @@ class AdapterMethod(ABC):
         biases of the `bias` policy). A method that trains tensors of the model itself
         (full fine-tuning, a head) overrides this.
         """
-        from peftkit.inject import adapter_tensors
-
-        return adapter_tensors(model, adapter_name)
+        return adapter_tensors(model, adapter_name, self.config.bias)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"

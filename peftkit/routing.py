@@ -5,25 +5,20 @@ Two ways to compute a layer's per-row adapter output:
 - grouped (any method, training included): rows are grouped per adapter once per
   forward; each layer does one gather, one adapter call and one scatter-add per
   distinct adapter, so the cost grows with the number of adapters, not of rows;
-- stacked (inference over LoRA-style `up @ down` adapters on linear layers): the
-  factors of all the batch's adapters are stacked once, and each layer does two
-  matmuls whatever the number of adapters, a row mask keeping each row's own block:
+- stacked (inference over adapters that declare themselves `stackable`, LoRA-style
+  `up @ down` deltas on linear layers): the factors of all the batch's adapters are
+  stacked once, and each layer does two matmuls whatever the number of adapters, a
+  row mask keeping each row's own block:
 
       delta = ((x @ [D_1; D_2; ...].T) * row_mask) @ [U_1, U_2, ...].T
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from peftkit.errors import AdapterStateError
-from peftkit.layer import LowRankAdapter, is_additive
-from peftkit.targets import LINEAR_TYPES
-
-if TYPE_CHECKING:
-    from peftkit.layer import AdapterLayer
+from peftkit.layer import AdapterLayer, LowRankAdapter
 
 __all__ = ["RowRouting"]
 
@@ -65,10 +60,8 @@ class RowRouting:
         if not groups:
             return base_output
         adapters = [layer.adapters[name] for name in groups]
-        stackable = (
-            not torch.is_grad_enabled()
-            and isinstance(layer.base_layer, LINEAR_TYPES)
-            and all(isinstance(a, LowRankAdapter) and is_additive(a) and not a.training for a in adapters)
+        stackable = not torch.is_grad_enabled() and all(
+            isinstance(a, LowRankAdapter) and a.stackable and not a.training for a in adapters
         )
         if stackable:
             return self._add_stacked_delta(layer, list(groups), x, base_output)

@@ -20,15 +20,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from peftkit.anatomy import task_type
 from peftkit.errors import AdapterFileError, AdapterStateError, ShapeMismatchError
 from peftkit.files import atomic_write, atomic_write_json
-from peftkit.inject import DEFAULT_ADAPTER, adapt, adapter_methods, delete_adapter, hosts, mark_trainable
+from peftkit.hosts import hosts
+from peftkit.inject import DEFAULT_ADAPTER, adapt, adapter_methods, delete_adapter, mark_trainable
 from peftkit.layer import AdapterLayer
 from peftkit.method import AdapterMethod
 from peftkit.registry import available_methods, get_method
 from peftkit.targets import portable_target_modules
+from peftkit.weights import fan_in_fan_out
 
 __all__ = [
     "CONFIG_NAME",
@@ -47,14 +49,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 METADATA_KEY = "peftkit"
 
-_TASK_TYPES = {
-    "ForCausalLM": "CAUSAL_LM",
-    "ForSequenceClassification": "SEQ_CLS",
-    "ForTokenClassification": "TOKEN_CLS",
-    "ForQuestionAnswering": "QUESTION_ANS",
-    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
-}
-
 
 def _peft_key(path: str, adapter_name: str) -> str:
     """PEFT's name for a tensor: the adapter-name level dropped, `base_model.model.` in front."""
@@ -65,11 +59,6 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) ->
     """The live tensors that make up one adapter, under PEFT's key names."""
     method = adapter_methods(model)[adapter_name]
     return {_peft_key(path, adapter_name): t for path, t in method.trainable_state(model, adapter_name).items()}
-
-
-def _task_type(model: nn.Module) -> str | None:
-    cls = type(model).__name__
-    return next((task for suffix, task in _TASK_TYPES.items() if cls.endswith(suffix)), None)
 
 
 def _options(method: AdapterMethod) -> dict[str, Any]:
@@ -91,12 +80,12 @@ def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[s
     }
     config.update(method.peft_markers)
     if method.peft_type is not None:  # PEFT warns and corrects it on load when the targets store [in, out]
-        config["fan_in_fan_out"] = any(isinstance(base, Conv1D) for base in targeted.values())
+        config["fan_in_fan_out"] = any(fan_in_fan_out(base) for base in targeted.values())
     config.update(
         peft_type=method.peft_type,
         target_modules=portable_target_modules(model, list(targeted), method.config),
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        task_type=_task_type(model),
+        task_type=task_type(model),
         inference_mode=True,
     )
     return config

@@ -12,48 +12,23 @@ import re
 from collections.abc import Iterator
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from peftkit.anatomy import output_head, task_heads
 from peftkit.errors import ConfigError, TargetNotFoundError, UnsupportedModuleError
 from peftkit.layer import AdapterHost, TrainableCopy
-from peftkit.method import MethodConfig
+from peftkit.options import MethodConfig
+from peftkit.weights import is_linear
 
 __all__ = [
     "ALL_LINEAR",
-    "DEFAULT_TARGETS",
-    "LINEAR_TYPES",
     "candidate_modules",
     "find_targets",
     "matches_pattern",
     "layer_index",
     "portable_target_modules",
-    "resolved_config_targets",
-    "task_heads",
 ]
 
 ALL_LINEAR = "all-linear"
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
-
-# Defaults for `target_modules: None`, as PEFT's table: the attention query and value.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    **dict.fromkeys(
-        ["llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "gemma3_text", "qwen2", "qwen3", "phi3", "opt"],
-        ["q_proj", "v_proj"],
-    ),
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "distilbert"], ["query", "value"]),
-    "t5": ["q", "v"],
-}
-
-# Task heads that start random and so always train and save with the adapter, as PEFT
-# does for its SEQ_CLS / TOKEN_CLS / QUESTION_ANS task types.
-TASK_HEADS: dict[str, list[str]] = {
-    "ForSequenceClassification": ["classifier", "score"],
-    "ForTokenClassification": ["classifier", "score"],
-    "ForQuestionAnswering": ["qa_outputs"],
-}
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -88,7 +63,7 @@ def _wanted(name: str, module: nn.Module, config: MethodConfig, heads: list[nn.M
     if isinstance(module, TrainableCopy) or (config.modules_to_save and matches_pattern(name, config.modules_to_save)):
         return False  # trained in full already
     if targets == ALL_LINEAR:
-        hit = isinstance(_unwrap(module), LINEAR_TYPES) and all(_unwrap(module) is not head for head in heads)
+        hit = is_linear(_unwrap(module)) and all(_unwrap(module) is not head for head in heads)
     else:
         hit = matches_pattern(name, targets)
     if not hit or (config.exclude_modules is not None and matches_pattern(name, config.exclude_modules)):
@@ -106,34 +81,22 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 def _heads(model: nn.Module) -> list[nn.Module]:
     """Output and task heads, which "all-linear" leaves alone (as PEFT does)."""
-    get = getattr(model, "get_output_embeddings", None)
-    output = get() if callable(get) else None
-    return [head for head in [output, *(getattr(model, name) for name in task_heads(model))] if head is not None]
-
-
-def task_heads(model: nn.Module) -> list[str]:
-    """Names of the randomly initialised task head of a transformers task model, if any."""
-    cls = type(model).__name__
-    heads = next((names for suffix, names in TASK_HEADS.items() if cls.endswith(suffix)), [])
-    return [name for name in heads if isinstance(getattr(model, name, None), nn.Module)]
-
-
-def resolved_config_targets(model: nn.Module, config: MethodConfig) -> list[str] | str:
-    """`config.target_modules`, or the model type's default when it is None."""
-    if config.target_modules is not None:
-        return config.target_modules
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return DEFAULT_TARGETS[model_type]
-    raise ConfigError(
-        f"no default target_modules for model type {model_type!r}; pass target_modules "
-        f"(module names, a regex, or {ALL_LINEAR!r}). Known defaults: {', '.join(sorted(DEFAULT_TARGETS))}."
-    )
+    heads = [getattr(model, name) for name in task_heads(model)]
+    head = output_head(model)
+    return heads + ([head] if head is not None else [])
 
 
 def find_targets(model: nn.Module, config: MethodConfig, adaptable: tuple[type[nn.Module], ...]) -> list[str]:
-    """Paths of the modules `config` selects; errors if none match or one cannot be adapted."""
-    config = dataclasses.replace(config, target_modules=resolved_config_targets(model, config))
+    """Paths of the modules `config` selects; errors if none match or one cannot be adapted.
+
+    `config.target_modules` must be given: a None (the method's default) is resolved by
+    the method (`AdapterMethod.resolved_config`), which alone knows its defaults.
+    """
+    if config.target_modules is None:
+        raise ConfigError(
+            f"target_modules is None for {type(model).__name__}; resolve the method's default first "
+            f"(AdapterMethod.resolved_config), or pass module names, a regex, or {ALL_LINEAR!r}."
+        )
     heads = _heads(model)
     modules = list(candidate_modules(model))
     chosen = [(name, m) for name, m in modules if _wanted(name, m, config, heads)]

@@ -34,6 +34,7 @@ __all__ = [
     "write_weight",
     "layer_features",
     "is_linear",
+    "fan_in_fan_out",
 ]
 
 LAYOUT_ENTRY_POINT_GROUP = "peftkit.weight_layouts"
@@ -116,6 +117,11 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
 def is_linear(module: nn.Module) -> bool:
     """Whether `module` computes `x @ W.T (+ b)`: an `nn.Linear` (4-bit ones included) or GPT-2's `Conv1D`."""
     return any(_qualified(cls) in (_LINEAR, _CONV1D) for cls in type(module).__mro__)
+
+
+def fan_in_fan_out(layer: nn.Module) -> bool:
+    """Whether a linear layer stores its weight as `[in, out]` (GPT-2's `Conv1D`): PEFT's `fan_in_fan_out`."""
+    return is_linear(layer) and weight_access(layer) is _transposed
 
 
 def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import AdapterExistsError, TargetNotFoundError, UnsupportedModuleError
-from peftkit.inject import hosts
+from peftkit.hosts import hosts
 
 
 def adapted_paths(model: nn.Module) -> list[str]:

@@ -36,7 +36,7 @@ from peftkit import (
     UnsupportedModuleError,
     adapter_methods,
 )
-from peftkit.targets import task_heads
+from peftkit.anatomy import output_head_path, task_heads
 
 __all__ = ["BaselineConfig", "InPlaceMethod", "FullFineTuning", "HeadOnly", "head_paths"]
 
@@ -161,9 +161,7 @@ def head_paths(model: nn.Module) -> list[str]:
     heads = task_heads(model)
     if heads:
         return heads
-    get = getattr(model, "get_output_embeddings", None)
-    output = get() if callable(get) else None
-    path = next((name for name, module in model.named_modules() if output is not None and module is output), None)
+    path = output_head_path(model)
     if path is None:
         raise TargetNotFoundError(
             f"{type(model).__name__} has no output head to probe: get_output_embeddings() gives none and it has "

@@ -25,13 +25,12 @@ from typing import Literal
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from peftkit import Adapter, AdapterMethod, ConfigError, MergeError, MethodConfig, peft_option
-from peftkit.inject import inject_adapters
-from peftkit.targets import LINEAR_TYPES
 from peftkit.weights import layer_features
 
-__all__ = ["ACTIVATIONS", "DEFAULT_TARGETS", "BottleneckConfig", "BottleneckAdapter", "Bottleneck", "default_targets"]
+__all__ = ["ACTIVATIONS", "DEFAULT_TARGETS", "BottleneckConfig", "BottleneckAdapter", "Bottleneck"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -114,17 +113,6 @@ class BottleneckAdapter(Adapter):
         )
 
 
-def default_targets(model: nn.Module) -> list[str]:
-    """This method's `target_modules` for `model`'s type: attention output and MLP output."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise ConfigError(
-            f"bottleneck has no default target_modules for model type {model_type!r}; pass target_modules "
-            f"(the attention and MLP output projections). Known defaults: {', '.join(sorted(DEFAULT_TARGETS))}."
-        )
-    return DEFAULT_TARGETS[model_type]
-
-
 class Bottleneck(AdapterMethod):
     """Houlsby bottleneck adapters after linear (and GPT-2 Conv1D) sublayers."""
 
@@ -132,18 +120,12 @@ class Bottleneck(AdapterMethod):
     description = "Houlsby bottleneck adapter up(act(down(h))) after attention and MLP outputs (Houlsby et al., 2019)."
     config_class = BottleneckConfig
     peft_type = None
+    default_targets = DEFAULT_TARGETS
     config: BottleneckConfig
 
     def adaptable_types(self) -> tuple[type[nn.Module], ...]:
-        return LINEAR_TYPES
+        return (nn.Linear, Conv1D)
 
     def create_adapter(self, base_layer: nn.Module, module_name: str) -> Adapter:
         _, features = layer_features(base_layer)
         return BottleneckAdapter(features, self.config.width(features), self.config.activation)
-
-    def attach(self, model: nn.Module, adapter_name: str) -> list[str]:
-        """Inject as usual, with this method's defaults (not the core's LoRA table) for `target_modules=None`."""
-        method: Bottleneck = self
-        if self.config.target_modules is None:
-            method = type(self)(dataclasses.replace(self.config, target_modules=default_targets(model)))
-        return inject_adapters(model, method, adapter_name)

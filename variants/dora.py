@@ -45,6 +45,8 @@ class MagnitudeDirection(Adapter):
     so a 4-bit base (dequantized there) works unchanged.
     """
 
+    additive_merge = False  # W -> (m / n) (W + s B A)
+    stackable = False  # the magnitude rescales the base output too
     lora_magnitude_vector: nn.Parameter
     merged_norm: torch.Tensor | None
 

@@ -23,10 +23,32 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import Adapter, AdapterMethod, ConfigError, MethodConfig, UnsupportedModuleError, peft_option
+from peftkit import (
+    Adapter,
+    AdapterMethod,
+    ConfigError,
+    LowRankAdapter,
+    MethodConfig,
+    UnsupportedModuleError,
+    peft_option,
+)
 from peftkit.weights import layer_features
 
-__all__ = ["LoraConfig", "LoraLinear", "LoraConv2d", "LoraEmbedding", "LoRA"]
+__all__ = ["DEFAULT_TARGETS", "LoraConfig", "LoraLinear", "LoraConv2d", "LoraEmbedding", "LoRA"]
+
+# `target_modules: None` per model type, as PEFT's table: the attention query and value.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(
+        ["llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "gemma3_text", "qwen2", "qwen3", "phi3", "opt"],
+        ["q_proj", "v_proj"],
+    ),
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta"], ["query", "value"]),
+    "distilbert": ["q_lin", "v_lin"],
+    "t5": ["q", "v"],
+}
 
 
 @dataclasses.dataclass
@@ -78,8 +100,10 @@ def _pattern_value(pattern: dict[str, float], module_name: str, default: float) 
     return default
 
 
-class LoraLinear(Adapter):
+class LoraLinear(LowRankAdapter):
     """The low-rank path for any layer that acts as `x @ W.T` (Linear, Conv1D, 4-bit Linear)."""
+
+    stackable = True
 
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float, init: str) -> None:
         super().__init__()
@@ -128,6 +152,8 @@ class LoraLinear(Adapter):
 class LoraConv2d(LoraLinear):
     """LoRA for `nn.Conv2d`: A is a conv with the base kernel, B a 1x1 conv (as PEFT)."""
 
+    stackable = False  # its delta acts through a convolution, not `x @ (up @ down).T`
+
     def build(self, base_layer: nn.Module, r: int) -> None:
         if base_layer.groups != 1:
             raise UnsupportedModuleError(f"LoRA supports Conv2d with groups=1 only, got groups={base_layer.groups}.")
@@ -148,7 +174,7 @@ class LoraConv2d(LoraLinear):
         return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a) * self.scaling
 
 
-class LoraEmbedding(Adapter):
+class LoraEmbedding(LowRankAdapter):
     """LoRA for `nn.Embedding`: a low-rank lookup table `A[:, ids]` mapped up by B."""
 
     def __init__(self, base_layer: nn.Embedding, r: int, scaling: float, dropout: float, init: str) -> None:
@@ -195,6 +221,7 @@ class LoRA(AdapterMethod):
     config_class = LoraConfig
     peft_type = "LORA"
     peft_markers = {"use_dora": False}
+    default_targets = DEFAULT_TARGETS
     config: LoraConfig
 
     # Most specific type first: a 4-bit linear is also an nn.Linear.

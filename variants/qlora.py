@@ -24,8 +24,9 @@ from typing import Any
 from torch import nn
 
 from peftkit import AdapterLayer, AdapterMethod, peft_option
-from peftkit.targets import LINEAR_TYPES, find_targets
+from peftkit.targets import find_targets
 from peftkit.validation import from_options
+from peftkit.weights import is_linear
 from variants.dora import DoRA, DoraConfig
 from variants.lora import LoRA, LoraConfig
 
@@ -63,7 +64,7 @@ def _linear_path(model: nn.Module, path: str) -> str | None:
     module = model.get_submodule(path)
     if isinstance(module, AdapterLayer):
         module, path = module.base_layer, path + ".base_layer"
-    return path if isinstance(module, LINEAR_TYPES) else None
+    return path if is_linear(module) else None
 
 
 class QuantizedBase(AdapterMethod):
@@ -83,7 +84,7 @@ class QuantizedBase(AdapterMethod):
     def attach(self, model: nn.Module, adapter_name: str) -> list[str]:
         from peftkit.quant import prepare_for_kbit_training, quantize_model
 
-        targets = find_targets(model, self.config, self.adaptable_types())
+        targets = find_targets(model, self.resolved_config(model), self.adaptable_types())
         paths = [_linear_path(model, target) for target in targets]
         quantize_model(model, self.config.quantization_config, targets=[p for p in paths if p is not None])
         prepare_for_kbit_training(model)

@@ -62,4 +62,3 @@ def compare(
     if len(failed) == len(rows):
         raise PeftkitError(f"all {len(rows)} runs failed; their messages are in {report}.")
     return rows
-

@@ -217,4 +217,3 @@ def plan_runs(raw: dict[str, Any], base_dir: Path | None, settings: CompareConfi
                     spec.error = str(error)
                 runs.append(spec)
     return runs
-

@@ -180,4 +180,3 @@ def run_plan(
     """Run every planned run in turn, each in its own process; one row per run, in plan order."""
     progress = _Progress(len(runs), stream)
     return [_run_one(spec, index, progress, timeout_s) for index, spec in enumerate(runs, 1)]
-

@@ -128,6 +128,7 @@ def resolve_compute_dtype(name: str | None, device: torch.device) -> torch.dtype
         )
     return COMPUTE_DTYPES[name]
 
+
 def is_quantized(module: nn.Module) -> bool:
     """Whether `module` is, or contains, a 4-bit bitsandbytes layer."""
     return any(isinstance(m, Linear4bit) for m in module.modules())
@@ -135,6 +136,7 @@ def is_quantized(module: nn.Module) -> bool:
 
 def is_bitsandbytes(module: nn.Module) -> bool:
     return type(module).__module__.startswith("bitsandbytes")
+
 
 def _blocksize(config: QuantizationConfig, in_features: int, device: torch.device, path: str) -> int:
     """One layer's blocksize: the configured one, but on CPU one that divides its rows.
@@ -196,6 +198,7 @@ def _store(
     )
     layer.weight = packed.to(weight.device)
 
+
 def _quant_state(layer: Linear4bit) -> Any:
     state = layer.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
@@ -234,6 +237,7 @@ def dequantized_copy(layer: Linear4bit, dtype: torch.dtype | None = None) -> nn.
     if layer.bias is not None:
         dense.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
     return dense
+
 
 def _tensors(state: Any) -> list[torch.Tensor]:
     tensors = [state.absmax, state.code, getattr(state, "offset", None)]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.anatomy import output_head
 from peftkit.errors import ConfigError, UnsupportedModuleError
 from peftkit.merge import merge_and_unload
 from peftkit.quant.codec import (
@@ -20,7 +21,8 @@ from peftkit.quant.codec import (
     resolve_compute_dtype,
     to_4bit,
 )
-from peftkit.targets import LINEAR_TYPES, candidate_modules, matches_pattern
+from peftkit.targets import candidate_modules, matches_pattern
+from peftkit.weights import is_linear
 
 __all__ = [
     "quantize_model",
@@ -32,12 +34,13 @@ __all__ = [
 
 _HALF = (torch.float16, torch.bfloat16)
 
+
 def _skipped(model: nn.Module, config: QuantizationConfig) -> set[str]:
     if config.skip_modules is not None:
         return {name for name, _ in candidate_modules(model) if matches_pattern(name, config.skip_modules)}
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = output_head(model)
     return {name for name, module in candidate_modules(model) if head is not None and module is head}
+
 
 def quantize_model(
     model: nn.Module, config: QuantizationConfig | None = None, targets: list[str] | None = None
@@ -52,15 +55,14 @@ def quantize_model(
     skipped = _skipped(model, config)
     compute_dtypes: dict[torch.device, torch.dtype] = {}
     if targets is None:
-        targets = [n for n, m in candidate_modules(model) if isinstance(m, LINEAR_TYPES) and not is_bitsandbytes(m)]
+        targets = [n for n, m in candidate_modules(model) if is_linear(m) and not is_bitsandbytes(m)]
     for path in targets:
         module = model.get_submodule(path)
         if path in skipped or is_bitsandbytes(module):
             continue
-        if not isinstance(module, LINEAR_TYPES):
+        if not is_linear(module):
             raise UnsupportedModuleError(
-                f"cannot quantize {path!r}: it is a {type(module).__name__}; "
-                f"4-bit layers replace {', '.join(t.__name__ for t in LINEAR_TYPES)} only."
+                f"cannot quantize {path!r}: it is a {type(module).__name__}; 4-bit layers replace Linear, Conv1D only."
             )
         device = module.weight.device
         if device.type == "meta":
@@ -143,4 +145,3 @@ def requantization_errors(model: nn.Module) -> dict[str, float]:
         for path, module in model.named_modules()
         if isinstance(module, Linear4bit) and hasattr(module, "requantization_error")
     }
-

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from peftkit.training.config import DataConfig
 from peftkit.errors import ConfigError
+from peftkit.training.config import DataConfig
 
 __all__ = [
     "IGNORE_INDEX",

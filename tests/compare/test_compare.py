@@ -15,9 +15,9 @@ from tiny_run import make_model_dir, write_run
 from peftkit.cli import main
 from peftkit.compare import compare
 from peftkit.compare.plan import ATTENTION_TARGETS, compare_settings, plan_runs, target_modules
+from peftkit.compare.report import CSV_COLUMNS
 from peftkit.compare.runner import task_scores
 from peftkit.errors import ConfigError, PeftkitError
-from peftkit.compare.report import CSV_COLUMNS
 
 # The tiny Llama (tests/tiny_run.py): 35,168 weights; LoRA r=4 on all 7 linear layers of its 2 blocks
 # trains 4 * (in + out) each, DoRA adds a magnitude per output feature (256 per block).

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peftkit.training.config import build_config, load_config
 from peftkit.errors import ConfigError, UnknownMethodError
+from peftkit.training.config import build_config, load_config
 
 
 @pytest.fixture

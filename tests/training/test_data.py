@@ -8,9 +8,9 @@ import pytest
 import torch
 from tiny_run import tiny_tokenizer, write_records
 
+from peftkit.errors import ConfigError
 from peftkit.training.config import DataConfig
 from peftkit.training.data import IGNORE_INDEX, Example, collate, encode, epoch_order, load_datasets, pack, read_records
-from peftkit.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

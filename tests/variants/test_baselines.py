@@ -13,7 +13,7 @@ from torch import nn
 from transformers import LlamaForCausalLM, LlamaModel
 
 import peftkit
-from peftkit.inject import hosts
+from peftkit.hosts import hosts
 
 
 def tied_llama(seed: int = 0) -> LlamaForCausalLM:

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import peftkit
-from peftkit.inject import hosts
+from peftkit.hosts import hosts
 
 DEFAULT_PATHS = {
     "llama": [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.o_proj", "mlp.down_proj")],
