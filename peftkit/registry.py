@@ -6,11 +6,14 @@ declared the same way, in the `peftkit.methods` entry-point group:
     [project.entry-points."peftkit.methods"]
     lora = "variants.lora:LoRA"
 
-The core never imports a method by name; it loads the group on first use.
+The core never imports a method by name; it loads the group on first use. A method
+not installed as a plugin can still be named by its dotted path, `package.module:Class`
+(torchtune's `_component_` idea), to try it without reinstalling anything.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import warnings
 from importlib.metadata import entry_points
@@ -19,7 +22,14 @@ from typing import TypeVar
 from peftkit.errors import ConfigError, UnknownMethodError, closest_match
 from peftkit.method import AdapterMethod
 
-__all__ = ["ENTRY_POINT_GROUP", "register_method", "get_method", "available_methods", "discover_methods"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "register_method",
+    "get_method",
+    "method_reference",
+    "available_methods",
+    "discover_methods",
+]
 
 ENTRY_POINT_GROUP = "peftkit.methods"
 
@@ -69,11 +79,39 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def _import_method(path: str) -> type[AdapterMethod]:
+    """The class a `package.module:Class` path names, checked as `register_method` checks one."""
+    module_name, _, attribute = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UnknownMethodError(f"adapter method {path!r}: cannot import module {module_name!r} ({error}).") from None
+    cls = getattr(module, attribute, None)
+    if cls is None:
+        raise UnknownMethodError(f"adapter method {path!r}: module {module_name!r} has no attribute {attribute!r}.")
+    if not (inspect.isclass(cls) and issubclass(cls, AdapterMethod)) or inspect.isabstract(cls):
+        raise UnknownMethodError(f"adapter method {path!r} is {cls!r}, not a concrete AdapterMethod subclass.")
+    return cls
+
+
+def method_reference(cls: type[AdapterMethod]) -> str:
+    """What `get_method` takes to give `cls` back: its registered name, else its dotted path."""
+    discover_methods()
+    if _METHODS.get(getattr(cls, "name", "")) is cls:
+        return cls.name
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
 def get_method(name: str) -> type[AdapterMethod]:
-    """The method class registered as `name`; an unknown name lists the known ones."""
+    """The method class registered as `name`, or named by a `package.module:Class` path.
+
+    An unknown name lists the registered ones.
+    """
     discover_methods()
     if name in _METHODS:
         return _METHODS[name]
+    if ":" in name:
+        return _import_method(name)
     if name in _BROKEN:
         raise UnknownMethodError(f"adapter method {name!r} is installed but failed to load: {_BROKEN[name]}")
     names = sorted(_METHODS)
@@ -81,5 +119,5 @@ def get_method(name: str) -> type[AdapterMethod]:
     raise UnknownMethodError(
         f"unknown adapter method {name!r}."
         + (f" Did you mean {hint!r}?" if hint else "")
-        + f" Registered methods: {', '.join(names) or '(none)'}."
+        + f" Registered methods: {', '.join(names) or '(none)'}; or give a dotted path, package.module:Class."
     )

@@ -28,7 +28,7 @@ from peftkit.hosts import hosts
 from peftkit.inject import DEFAULT_ADAPTER, adapt, adapter_methods, delete_adapter, mark_trainable
 from peftkit.layer import AdapterLayer
 from peftkit.method import AdapterMethod
-from peftkit.registry import available_methods, get_method
+from peftkit.registry import available_methods, get_method, method_reference
 from peftkit.targets import portable_target_modules
 from peftkit.weights import fan_in_fan_out
 
@@ -97,7 +97,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
     method = adapter_methods(model)[name]
     config = peft_config(model, name)
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in adapter_state_dict(model, name).items()}
-    metadata = {"format": "pt", METADATA_KEY: json.dumps({"method": method.name, "options": _options(method)})}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps({"method": method_reference(type(method)), "options": _options(method)})}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     atomic_write_json(directory / CONFIG_NAME, config)
     return directory

@@ -132,3 +132,45 @@ def test_register_method_decorator_and_name_clash(fresh_registry: None) -> None:
         @peftkit.register_method
         class Clash(lora):
             name = "lora"
+
+
+def _plugin_module(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plugin's module on sys.path, with no distribution declaring it."""
+    (root / "thirdparty_scale.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(root))
+
+
+def test_a_dotted_path_names_a_method_that_is_not_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    _plugin_module(tmp_path, monkeypatch)
+    path = "thirdparty_scale:OutputScale"
+    assert "output_scale" not in peftkit.available_methods()
+    assert peftkit.get_method(path).__name__ == "OutputScale"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    base = model(x)
+    peftkit.adapt(model, path, target_modules=["0"], init=0.25)
+    torch.testing.assert_close(model(x), base * 1.25)
+    # Saved with its path, so it loads back without being installed either.
+    peftkit.save_adapter(model, tmp_path / "adapter")
+    fresh = nn.Sequential(nn.Linear(4, 3))
+    fresh.load_state_dict(model[0].base_layer.state_dict(prefix="0."))
+    peftkit.load_adapter(fresh, tmp_path / "adapter")
+    assert type(peftkit.adapter_methods(fresh)["default"]).__name__ == "OutputScale"
+    torch.testing.assert_close(fresh(x), base * 1.25)
+
+
+def test_a_dotted_path_is_validated_like_a_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    _plugin_module(tmp_path, monkeypatch)
+    with pytest.raises(ConfigError, match=r"method 'output_scale' has no option 'int'\. Did you mean 'init'\?"):
+        peftkit.get_method("thirdparty_scale:OutputScale").from_options(int=1.0)
+    with pytest.raises(UnknownMethodError, match=r"cannot import module 'no_such_package\.mod'"):
+        peftkit.get_method("no_such_package.mod:Method")
+    with pytest.raises(UnknownMethodError, match=r"module 'thirdparty_scale' has no attribute 'Missing'"):
+        peftkit.get_method("thirdparty_scale:Missing")
+    with pytest.raises(UnknownMethodError, match=r"'thirdparty_scale:ScaleConfig' is .*not a concrete AdapterMethod"):
+        peftkit.get_method("thirdparty_scale:ScaleConfig")
