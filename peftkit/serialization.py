@@ -97,7 +97,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
     method = adapter_methods(model)[name]
     config = peft_config(model, name)
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in adapter_state_dict(model, name).items()}
-    metadata = {"format": "pt", METADATA_KEY: json.dumps({"method": method_reference(type(method)), "options": _options(method)})}
+    own = {"method": method_reference(type(method)), "options": _options(method)}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(own)}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     atomic_write_json(directory / CONFIG_NAME, config)
     return directory
