@@ -1,14 +1,16 @@
 """Facts about a model's parts that several subsystems need: one home for each.
 
 Its output head, its randomly initialised task head, its task type as PEFT names
-it, and which parameters are shared (tied) between modules.
+it, its attention projections, and which parameters are shared (tied) between modules.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["output_head", "output_head_path", "task_heads", "task_type", "tied_parameters"]
+from peftkit.weights import is_linear
+
+__all__ = ["attention_projections", "output_head", "output_head_path", "task_heads", "task_type", "tied_parameters"]
 
 # Per model-class suffix: PEFT's task type, and the task heads that start random and so
 # always train and save with the adapter (as PEFT does for SEQ_CLS, TOKEN_CLS, QUESTION_ANS).
@@ -57,3 +59,18 @@ def tied_parameters(model: nn.Module) -> dict[int, list[str]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         paths.setdefault(id(param), []).append(name)
     return {key: names for key, names in paths.items() if len(names) > 1}
+
+
+def attention_projections(model: nn.Module) -> list[str]:
+    """Paths of the linear layers inside the model's attention blocks (query, key, value, output).
+
+    Found by structure: transformers names every attention block's class `...Attention`
+    (LlamaAttention, GPT2Attention, BertSelfAttention, T5Attention, ...), so no table
+    per model type is needed.
+    """
+    blocks = [name for name, module in model.named_modules() if type(module).__name__.endswith("Attention")]
+    return [
+        name
+        for name, module in model.named_modules()
+        if is_linear(module) and any(name.startswith(block + ".") for block in blocks)
+    ]

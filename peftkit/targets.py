@@ -26,6 +26,7 @@ __all__ = [
     "matches_pattern",
     "layer_index",
     "portable_target_modules",
+    "distinguishing_suffixes",
 ]
 
 ALL_LINEAR = "all-linear"
@@ -130,3 +131,21 @@ def portable_target_modules(model: nn.Module, targeted: list[str], config: Metho
     if sorted(reselected) == sorted(targeted):
         return leaves
     return "(" + "|".join(re.escape(name) for name in sorted(targeted)) + ")"
+
+
+def distinguishing_suffixes(chosen: list[str], names: list[str]) -> list[str]:
+    """The shortest dotted suffixes that select exactly `chosen` among `names` under PEFT's suffix rule.
+
+    GPT-2's attention is `["c_attn", "attn.c_proj"]`: `c_proj` alone would also take the MLP's.
+    """
+    picked = set(chosen)
+    suffixes: list[str] = []
+    for path in chosen:
+        parts = path.split(".")
+        for start in range(len(parts) - 1, -1, -1):
+            suffix = ".".join(parts[start:])
+            if all(name in picked for name in names if matches_pattern(name, [suffix])):
+                break
+        if suffix not in suffixes:
+            suffixes.append(suffix)
+    return suffixes

@@ -19,16 +19,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from peftkit.anatomy import attention_projections
 from peftkit.errors import ConfigError
 from peftkit.registry import available_methods, get_method
-from peftkit.targets import ALL_LINEAR
+from peftkit.targets import ALL_LINEAR, candidate_modules, distinguishing_suffixes
 from peftkit.training.config import build_config
+from peftkit.training.models import resolve_model_path
 from peftkit.validation import check_types, from_options, option_names
 
 __all__ = [
-    "ATTENTION_TARGETS",
     "CompareConfig",
     "RunSpec",
     "parse_list",
@@ -38,21 +42,6 @@ __all__ = [
 ]
 
 ATTN = "attn"
-# The attention projections (query, key, value, output) of each model type, as suffix names.
-ATTENTION_TARGETS: dict[str, list[str]] = {
-    **dict.fromkeys(
-        ["llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "gemma3_text", "qwen2", "qwen3"],
-        ["q_proj", "k_proj", "v_proj", "o_proj"],
-    ),
-    "phi3": ["qkv_proj", "o_proj"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "gpt2": ["c_attn", "attn.c_proj"],  # not mlp.c_proj
-    "gpt_neox": ["query_key_value", "attention.dense"],
-    "falcon": ["query_key_value", "self_attention.dense"],
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta"], ["query", "key", "value", "attention.output.dense"]),
-    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin"],
-    "t5": ["q", "k", "v", "o"],
-}
 
 
 @dataclasses.dataclass
@@ -137,27 +126,26 @@ def compare_settings(
     return from_options(CompareConfig, values, where="compare")
 
 
-def target_modules(target: str | list[str], model_type: str | None) -> tuple[str, list[str] | str]:
-    """(label, `target_modules` value) of a target set: `attn`, `all-linear` or module names."""
+def target_modules(target: str | list[str], model: nn.Module | None) -> tuple[str, list[str] | str]:
+    """(label, `target_modules` value) of a target set: `attn` (of `model`), `all-linear` or module names."""
     if target == ALL_LINEAR:
         return ALL_LINEAR, ALL_LINEAR
     if target == ATTN:
-        if model_type not in ATTENTION_TARGETS:
+        projections = attention_projections(model) if model is not None else []
+        if not projections:
             raise ConfigError(
-                f"--targets attn: no attention module names known for model type {model_type!r}; "
-                f"give module names instead (e.g. q_proj+v_proj). Known types: {', '.join(sorted(ATTENTION_TARGETS))}."
+                f"--targets attn: {type(model).__name__} has no attention block (a module class named ...Attention) "
+                "with linear layers; give module names instead (e.g. q_proj+v_proj)."
             )
-        return ATTN, ATTENTION_TARGETS[model_type]
+        return ATTN, distinguishing_suffixes(projections, [name for name, _ in candidate_modules(model)])
     names = [target] if isinstance(target, str) else list(target)
     return "+".join(names), names
 
 
-def _model_type(name: str) -> str | None:
-    from transformers import AutoConfig
-
-    from peftkit.training.models import resolve_model_path
-
-    return getattr(AutoConfig.from_pretrained(resolve_model_path(name)), "model_type", None)
+def _skeleton(name: str) -> nn.Module:
+    """The model `name` as transformers builds it from its config alone, on the meta device (no weights)."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(name)))
 
 
 def _default(config_class: type, key: str) -> Any:
@@ -193,8 +181,8 @@ def plan_runs(raw: dict[str, Any], base_dir: Path | None, settings: CompareConfi
     base["training"]["log_every"] = 1  # every step's time and loss, for the medians
     base["eval"]["generations"] = settings.generations
     base["output"]["save_every"] = None  # a comparison's runs are short; checkpoints would only cost time
-    types = {ATTN: _model_type(base["model"]["name"])} if ATTN in (settings.targets or []) else {}
-    target_sets = [target_modules(t, types.get(ATTN)) for t in settings.targets or []] or [None]
+    model = _skeleton(base["model"]["name"]) if ATTN in (settings.targets or []) else None
+    target_sets = [target_modules(t, model) for t in settings.targets or []] or [None]
     base_options = {key: value for key, value in raw_method.items() if key != "name"}
     runs = []
     for method in settings.methods:

@@ -9,12 +9,14 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from tiny_run import make_model_dir, write_run
 
 from peftkit.cli import main
 from peftkit.compare import compare
-from peftkit.compare.plan import ATTENTION_TARGETS, compare_settings, plan_runs, target_modules
+from peftkit.compare.plan import compare_settings, plan_runs, target_modules
 from peftkit.compare.report import CSV_COLUMNS
 from peftkit.compare.runner import task_scores
 from peftkit.errors import ConfigError, PeftkitError
@@ -134,7 +136,7 @@ def test_plan_runs_the_same_setup_over_the_grid(tmp_path: Path, model_dir: Path)
     runs = plan_runs(raw, None, settings)
     assert [run.name for run in runs] == ["lora-r4-attn", "lora-r16-attn", "full"]
     assert [run.error for run in runs] == [None, None, None]
-    attn = ATTENTION_TARGETS["llama"]
+    attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert runs[0].config["method"] == {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": attn}
     assert runs[1].config["method"]["alpha"] == 32  # alpha / r stays 2
     assert runs[2].config["method"] == {"name": "full", "target_modules": "all-linear"}  # r, alpha, dropout: lora's
@@ -165,13 +167,14 @@ def test_settings_from_flags_and_section() -> None:
         compare_settings({}, None, None, None, None)
 
 
-def test_target_sets() -> None:
-    assert target_modules("attn", "gemma3_text") == ("attn", ["q_proj", "k_proj", "v_proj", "o_proj"])
-    assert target_modules("attn", "gpt2") == ("attn", ["c_attn", "attn.c_proj"])
+def test_target_sets_find_the_attention_projections_by_structure() -> None:
+    assert target_modules("attn", tiny_llama()) == ("attn", ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert target_modules("attn", tiny_gpt2()) == ("attn", ["c_attn", "attn.c_proj"])  # not mlp.c_proj
+    assert target_modules("attn", tiny_bert()) == ("attn", ["query", "key", "value", "attention.output.dense"])
     assert target_modules("all-linear", None) == ("all-linear", "all-linear")
     assert target_modules(["q_proj", "v_proj"], None) == ("q_proj+v_proj", ["q_proj", "v_proj"])
-    with pytest.raises(ConfigError, match="no attention module names known for model type 'mamba'"):
-        target_modules("attn", "mamba")
+    with pytest.raises(ConfigError, match=r"--targets attn: Sequential has no attention block"):
+        target_modules("attn", torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_task_scores() -> None:
