@@ -24,6 +24,7 @@ from peftkit.routing import RowRouting
 __all__ = [
     "DEFAULT_ADAPTER",
     "adapt",
+    "adapted_model",
     "adapter_methods",
     "forget_adapters",
     "set_active_adapters",
@@ -46,6 +47,14 @@ _STATE = "peftkit_methods"
 def _state_owner(model: nn.Module) -> nn.Module | None:
     """The module that holds the adapters' record: `model` itself, or the adapted model inside a wrapper."""
     return next((module for module in model.modules() if _STATE in module.__dict__), None)
+
+
+def adapted_model(model: nn.Module) -> nn.Module:
+    """The adapted model itself: `model`, or the one a wrapper (DDP, accelerate, a loss module) holds.
+
+    Paths in an adapter's state are relative to it, whatever wraps it.
+    """
+    return _state_owner(model) or model
 
 
 def adapter_methods(model: nn.Module) -> dict[str, AdapterMethod]:

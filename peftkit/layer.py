@@ -33,10 +33,13 @@ class Adapter(nn.Module, ABC):
     `merged_weight`/`unmerged_weight` and set `additive_merge = False`.
 
     Class attributes (capabilities, declared by the class that has them):
+        mergeable: the adapter is a change of the base weight, so it can be folded in
+            (a bottleneck adapter, a function of the layer's output, is not).
         additive_merge: merging is `W + delta_weight()` and unmerging its inverse, so a
             merge can check the delta before writing anything.
     """
 
+    mergeable: ClassVar[bool] = True
     additive_merge: ClassVar[bool] = True
 
     @abstractmethod

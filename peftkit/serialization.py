@@ -25,7 +25,7 @@ from peftkit.anatomy import task_type
 from peftkit.errors import AdapterFileError, AdapterStateError, ShapeMismatchError
 from peftkit.files import atomic_write, atomic_write_json
 from peftkit.hosts import hosts
-from peftkit.inject import DEFAULT_ADAPTER, adapt, adapter_methods, delete_adapter, mark_trainable
+from peftkit.inject import DEFAULT_ADAPTER, adapt, adapted_model, adapter_methods, delete_adapter, mark_trainable
 from peftkit.layer import AdapterLayer
 from peftkit.method import AdapterMethod
 from peftkit.registry import available_methods, get_method, method_reference
@@ -57,6 +57,7 @@ def _peft_key(path: str, adapter_name: str) -> str:
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
     """The live tensors that make up one adapter, under PEFT's key names."""
+    model = adapted_model(model)
     method = adapter_methods(model)[adapter_name]
     return {_peft_key(path, adapter_name): t for path, t in method.trainable_state(model, adapter_name).items()}
 
@@ -67,6 +68,7 @@ def _options(method: AdapterMethod) -> dict[str, Any]:
 
 def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, Any]:
     """The adapter_config.json content PEFT would write for this adapter."""
+    model = adapted_model(model)
     method = adapter_methods(model)[adapter_name]
     targeted = {
         path: host.base_layer

@@ -184,3 +184,27 @@ def test_generate_and_transformers_trainer_work_on_an_adapted_model(tmp_path: Pa
     Trainer(model=model, args=args, train_dataset=rows).train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_adapter_state_is_found_through_wrappers(tmp_path: Path) -> None:
+    """A DDP or loss wrapper around an adapted model still answers for its adapters."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from peftkit.training.loop import CausalLMLoss
+
+    model = peftkit.adapt(tiny_llama(), "lora", target_modules=["q_proj"])
+    peftkit.adapt(model, "lora", "second", target_modules=["v_proj"])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for wrapper in (CausalLMLoss(model), DistributedDataParallel(model)):
+            assert peftkit.list_adapters(wrapper) == ["default", "second"]
+            peftkit.set_active_adapters(wrapper, "second")
+            assert [host.active_adapters for _, host in hosts(model)] == [[], ["second"]] * 2
+            peftkit.set_active_adapters(wrapper, ["default", "second"])
+            assert (
+                peftkit.adapter_state_dict(wrapper, "second").keys()
+                == peftkit.adapter_state_dict(model, "second").keys()
+            )
+    finally:
+        dist.destroy_process_group()

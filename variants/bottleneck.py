@@ -94,6 +94,8 @@ class BottleneckConfig(MethodConfig):
 class BottleneckAdapter(Adapter):
     """`up(act(down(h)))` on a sublayer's output `h`; zero at init (see the module docstring)."""
 
+    mergeable = False
+
     def __init__(self, features: int, width: int, activation: str) -> None:
         super().__init__()
         self.down = nn.Linear(features, width)
