@@ -36,7 +36,7 @@ from peftkit import (
     UnsupportedModuleError,
     adapter_methods,
 )
-from peftkit.anatomy import output_head_path, task_heads
+from peftkit.anatomy import output_head_path, task_heads, tied_parameters
 
 __all__ = ["BaselineConfig", "InPlaceMethod", "FullFineTuning", "HeadOnly", "head_paths"]
 
@@ -193,14 +193,12 @@ class HeadOnly(InPlaceMethod):
 
     def prepare(self, model: nn.Module) -> None:
         """Give each head parameter shared with another module its own copy (see the class docstring)."""
-        counts: dict[int, int] = {}
-        for _, param in model.named_parameters(remove_duplicate=False):
-            counts[id(param)] = counts.get(id(param), 0) + 1
+        tied = tied_parameters(model)
         untied = False
         for path in self.trained_modules(model):
             head = model.get_submodule(path)
             for name, param in list(head.named_parameters()):
-                if counts[id(param)] > 1:
+                if id(param) in tied:
                     owner, _, leaf = name.rpartition(".")
                     setattr(head.get_submodule(owner), leaf, nn.Parameter(param.detach().clone(), param.requires_grad))
                     untied = True

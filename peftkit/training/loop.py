@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from peftkit.anatomy import output_head
 from peftkit.errors import ConfigError
 from peftkit.inject import adapt, trainable_parameters
 from peftkit.serialization import save_adapter
@@ -60,7 +61,7 @@ class CausalLMLoss(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        body, head = getattr(self.model, "base_model", self.model), self.model.get_output_embeddings()
+        body, head = getattr(self.model, "base_model", self.model), output_head(self.model)
         if body is self.model or head is None:  # no separate head: take the model's own logits
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
         else:
