@@ -19,6 +19,8 @@ import yaml
 
 from peftkit.errors import ConfigError, did_you_mean
 from peftkit.registry import get_method
+from peftkit.training.models import model_skeleton
+from peftkit.training.quantized import quantization_from_options, resolve_compute_dtype_here, skipped_modules
 from peftkit.validation import check_types, from_options
 
 __all__ = [
@@ -57,12 +59,28 @@ class _Section:
 
 @dataclasses.dataclass
 class ModelConfig(_Section):
-    """`name`: a hub id, a local path, or `gemma-3-270m` (the embedded default)."""
+    """`name`: a hub id, a local path, or `gemma-3-270m` (the embedded default).
+
+    `quantization` (the fields of `peftkit.quant.QuantizationConfig`) loads the linear
+    layers straight into 4 bits; the layers it leaves dense stay in `dtype`.
+    """
 
     section = "model"
     name: str = "gemma-3-270m"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
+    quantization: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.quantization is not None:
+            config = self.quantization_config()
+            resolve_compute_dtype_here(config)
+            self.quantization = dataclasses.asdict(config)  # complete, so config.yaml records every setting
+
+    def quantization_config(self) -> Any | None:
+        """The `quantization` section as a `QuantizationConfig`, or None for a full-precision base."""
+        return None if self.quantization is None else quantization_from_options(self.quantization, "model.quantization")
 
 
 @dataclasses.dataclass
@@ -236,6 +254,9 @@ def build_config(raw: Mapping[str, Any], base: Path | None = None) -> RunConfig:
     data.train = _resolve_file(data.train, base, "data.train")
     if data.validation:
         data.validation = _resolve_file(data.validation, base, "data.validation")
+    quantization = sections["model"].quantization_config()
+    if quantization is not None:  # which layers stay dense, checked on the model's skeleton: no weights read
+        skipped_modules(model_skeleton(sections["model"].name), quantization, "model.quantization")
     return RunConfig(method=_method_section(raw.get("method")), **sections)
 
 

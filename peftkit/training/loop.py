@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 from peftkit.anatomy import output_head
 from peftkit.errors import ConfigError
 from peftkit.inject import adapt, trainable_parameters
+from peftkit.registry import get_method
 from peftkit.serialization import save_adapter
 from peftkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig
 from peftkit.training.data import IGNORE_INDEX, Example, collate, epoch_order, generation_prompt, load_datasets
 from peftkit.training.models import generate_text, load_model, load_tokenizer
 
-__all__ = ["CausalLMLoss", "TrainResult", "train", "find_resume_checkpoint"]
+__all__ = ["CausalLMLoss", "TrainResult", "base_quantization", "train", "find_resume_checkpoint"]
 
 
 @dataclasses.dataclass
@@ -263,6 +264,12 @@ def train(config: RunConfig, resume: str | bool | None = None, quiet: bool = Fal
         return _train(run, resume)
 
 
+def base_quantization(config: RunConfig) -> Any | None:
+    """How the base loads: `model.quantization`, else the method's own default (qlora's 4-bit NF4), else dense."""
+    method = get_method(config.method.name).from_options(**config.method.options)
+    return config.model.quantization_config() or method.base_quantization()
+
+
 def _train(run: _Run, resume: str | bool | None) -> TrainResult:
     config = run.config
     acc, tc = run.acc, config.training
@@ -272,7 +279,7 @@ def _train(run: _Run, resume: str | bool | None) -> TrainResult:
     run.pad_id = run.tokenizer.pad_token_id
     train_set, valid_set, valid_records = load_datasets(config.data, run.tokenizer, tc.seed)
     total_steps = _total_steps(tc, len(train_set), acc.num_processes)
-    model = load_model(config.model.name, config.model.dtype)
+    model = load_model(config.model.name, config.model.dtype, base_quantization(config), acc.device)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     adapt(model, config.method.name, **config.method.options)
     if config.model.gradient_checkpointing:

@@ -18,6 +18,7 @@ from torch import nn
 from peftkit.dtypes import dtype_named
 from peftkit.errors import ConfigError
 from peftkit.files import atomic_directory
+from peftkit.training.quantized import bitsandbytes_config, local_device, skipped_modules
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -25,6 +26,7 @@ __all__ = [
     "embedded_model_dir",
     "resolve_model_path",
     "load_tokenizer",
+    "model_skeleton",
     "load_model",
     "generate_text",
 ]
@@ -79,11 +81,42 @@ def load_tokenizer(name: str) -> Any:
     return tokenizer
 
 
-def load_model(name: str, dtype: str = "float32") -> nn.Module:
-    """A causal LM for `name`; it remembers `name` (not the cache path) so adapters record it."""
+def model_skeleton(name: str) -> nn.Module:
+    """The causal LM `name` built from its config alone, on the meta device: its modules, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(name)))
+
+
+def load_model(
+    name: str, dtype: str = "float32", quantization: Any | None = None, device: str | torch.device | None = None
+) -> nn.Module:
+    """A causal LM for `name`; it remembers `name` (not the cache path) so adapters record it.
+
+    With `quantization` (a `peftkit.quant.QuantizationConfig`) the linear layers load
+    straight into 4 bits on `device` (default: this process's), weight by weight as the shards are
+    read; the layers it leaves dense stay in `dtype`.
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=dtype_named(dtype, "model.dtype"))
+    torch_dtype = dtype_named(dtype, "model.dtype")
+    options: dict[str, Any] = {}
+    if quantization is not None:
+        from peftkit.quant.codec import resolve_compute_dtype
+
+        target = torch.device(device or local_device())
+        skipped = skipped_modules(model_skeleton(name), quantization, "model.quantization")
+        compute = resolve_compute_dtype(quantization.compute_dtype, target)
+        options = {
+            "quantization_config": bitsandbytes_config(quantization, compute, skipped),
+            "device_map": {"": target},
+        }
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=torch_dtype, **options)
+    if quantization is not None:
+        from peftkit.quant.codec import keep_one_kernel
+
+        keep_one_kernel(model)
     model.config._name_or_path = name
     return model
 
