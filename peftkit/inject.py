@@ -8,7 +8,7 @@ name uses in `model.peftkit_methods`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,6 +24,7 @@ from peftkit.targets import candidate_modules, find_targets, matches_pattern, ta
 
 __all__ = [
     "DEFAULT_ADAPTER",
+    "ON_ADAPT",
     "adapt",
     "inject_adapters",
     "adapter_methods",
@@ -41,6 +42,10 @@ __all__ = [
 ]
 
 DEFAULT_ADAPTER = "default"
+
+# Called with the model at the end of every `adapt`: how a layer built on this one joins in
+# (peftkit.pretrained gives the model PEFT-format save_pretrained) without inject importing it.
+ON_ADAPT: list[Callable[[nn.Module], None]] = []
 
 
 def adapter_methods(model: nn.Module) -> dict[str, AdapterMethod]:
@@ -89,6 +94,8 @@ def adapt(
     methods[adapter_name] = method
     set_active_adapters(model, adapter_name)
     mark_trainable(model, adapter_name)
+    for hook in ON_ADAPT:
+        hook(model)
     return model
 
 

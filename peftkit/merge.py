@@ -14,6 +14,7 @@ from torch import nn
 from peftkit.errors import AdapterStateError, MergeError
 from peftkit.inject import adapter_methods, hosts, set_active_adapters
 from peftkit.layer import Adapter, AdapterLayer, TrainableCopy, is_additive
+from peftkit.pretrained import uninstall
 from peftkit.weights import read_weight, write_weight
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "unload", "switch_merged_adapter"]
@@ -113,6 +114,7 @@ def unload(model: nn.Module) -> nn.Module:
             replacement = host.wrapped
         model.set_submodule(path, replacement)
     model.__dict__.pop("peftkit_methods", None)
+    uninstall(model)
     return model
 
 
