@@ -90,7 +90,9 @@ def save_pretrained(
     if not _saves_adapters(model):  # every adapter deleted since `adapt`: a plain model again
         if max_shard_size is not None:
             kwargs["max_shard_size"] = max_shard_size
-        type(model).save_pretrained(model, save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
+        type(model).save_pretrained(
+            model, save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs
+        )
         return
     if kwargs:
         raise ConfigError(
@@ -134,7 +136,7 @@ def _write_resume_index(model: nn.Module, root: Path, adapter_names: list[str]) 
         atomic_write_json(root / SAFE_WEIGHTS_INDEX_NAME, {"metadata": {"format": note}, "weight_map": weight_map})
 
 
-def _model_keys(model: nn.Module, peft_named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _to_model_paths(model: nn.Module, peft_named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """PEFT-named tensors renamed to the active adapter's model paths, checked to be exactly that adapter."""
     active = active_adapters(model)
     if len(active) != 1:
@@ -155,9 +157,7 @@ def _model_keys(model: nn.Module, peft_named: Mapping[str, torch.Tensor]) -> dic
     return {to_path[key]: tensor for key, tensor in peft_named.items()}
 
 
-def load_state_dict(
-    model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-) -> Any:
+def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
     """`nn.Module.load_state_dict` that also reads PEFT-named tensors into the active adapter, in place.
 
     Keys `base_model.model.<module>.<param>` (an `adapter_model.safetensors`) are renamed
@@ -165,7 +165,9 @@ def load_state_dict(
     """
     peft_named = {key: t for key, t in state_dict.items() if key.startswith(PEFT_PREFIX)}
     if peft_named:
-        state_dict = {key: t for key, t in state_dict.items() if key not in peft_named} | _model_keys(model, peft_named)
+        state_dict = {key: t for key, t in state_dict.items() if key not in peft_named} | _to_model_paths(
+            model, peft_named
+        )
     return type(model).load_state_dict(model, state_dict, strict=strict, assign=assign)
 
 
