@@ -16,6 +16,7 @@ from peftkit.errors import AdapterStateError, MergeError
 from peftkit.hosts import hosts
 from peftkit.inject import adapter_methods, forget_adapters, set_active_adapters
 from peftkit.layer import Adapter, AdapterLayer, TrainableCopy
+from peftkit.pretrained import uninstall
 from peftkit.weights import read_weight, write_weight
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "unload", "switch_merged_adapter"]
@@ -107,6 +108,7 @@ def unload(model: nn.Module) -> nn.Module:
             replacement = host.wrapped
         model.set_submodule(path, replacement)
     forget_adapters(model)
+    uninstall(model)
     return model
 
 

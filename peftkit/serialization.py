@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from peftkit.weights import fan_in_fan_out
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "PEFT_PREFIX",
     "adapter_state_dict",
     "peft_config",
     "save_adapter",
@@ -93,12 +95,24 @@ def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[s
     return config
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str = DEFAULT_ADAPTER) -> Path:
-    """Write one adapter to `directory` in PEFT's format (only adapter tensors); returns the path."""
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    name: str = DEFAULT_ADAPTER,
+    *,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write one adapter to `directory` in PEFT's format (only adapter tensors); returns the path.
+
+    `state_dict` (model path -> tensor, e.g. gathered from FSDP or DeepSpeed shards, whose
+    live tensors are partial) supplies the values to write; paths it lacks use the live tensor.
+    """
+    model = adapted_model(model)
     directory = Path(directory)
     method = adapter_methods(model)[name]
     config = peft_config(model, name)
-    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in adapter_state_dict(model, name).items()}
+    values = {path: (state_dict or {}).get(path, t) for path, t in method.trainable_state(model, name).items()}
+    tensors = {_peft_key(path, name): t.detach().to("cpu").clone().contiguous() for path, t in values.items()}
     own = {"method": method_reference(type(method)), "options": _options(method)}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(own)}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
