@@ -4,6 +4,7 @@ Methods compute deltas as `[out_features, in_features, ...]`, the orientation of
 `nn.Linear`. Layers that store the transpose (GPT-2's `Conv1D`, `nn.Embedding`
 seen as a one-hot linear map) or a packed form (a 4-bit base, registered by
 `peftkit.quantization`) say here how to convert, so merging is written once.
+Convolutions keep their `[out, in / groups, *kernel]` kernel as it is.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ _transposed = WeightAccess(
 )
 
 register_weight_access(nn.Linear, _direct)
+register_weight_access(nn.Conv1d, _direct)  # [out, in / groups, *kernel]
 register_weight_access(nn.Conv2d, _direct)
+register_weight_access(nn.Conv3d, _direct)
 register_weight_access(Conv1D, _transposed)
 register_weight_access(nn.Embedding, _transposed)
