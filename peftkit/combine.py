@@ -37,7 +37,7 @@ class LowRankMethod(Protocol):
 
 
 def _factors(path: str, name: str, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (isinstance(adapter, LowRankAdapter) and is_additive(adapter)):
+    if not (isinstance(adapter, LowRankAdapter) and is_additive(adapter)) or adapter.delta_bias() is not None:
         raise ConfigError(
             f"adapter {name!r} at {path!r} ({type(adapter).__name__}) is not a pure low-rank delta; "
             "combining supports LoRA-style adapters only."

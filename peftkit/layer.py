@@ -52,6 +52,10 @@ class Adapter(nn.Module, ABC):
         """The dense `[out, in, ...]` change this adapter makes to the base weight."""
         raise MergeError(f"{type(self).__name__} is not a weight delta and cannot be merged.")
 
+    def delta_bias(self) -> torch.Tensor | None:
+        """The change this adapter makes to the base layer's bias when merged (LoRA's `lora_bias`), if any."""
+        return None
+
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The base weight with this adapter folded in."""
         return weight + self.delta_weight().to(weight.dtype)

@@ -61,10 +61,24 @@ def _fold(weight: torch.Tensor, adapter: Adapter, sign: int, where: str) -> None
     weight.copy_(result)
 
 
+def _fold_bias(layer: nn.Module, adapter: Adapter, sign: int) -> None:
+    """Add (sign=+1) or take out (sign=-1) the adapter's bias change, if it has one (LoRA's `lora_bias`)."""
+    delta = adapter.delta_bias()
+    if delta is not None:
+        with torch.no_grad():
+            layer.bias.add_(delta.detach().to(layer.bias.dtype), alpha=sign)
+
+
 def _merge_layer(path: str, layer: AdapterLayer, names: list[str], tied: dict[int, list[str]]) -> None:
     pending = [n for n in names if n not in layer.merged_adapters]
     if not pending:
         return
+    biased = [n for n in pending if layer.adapters[n].delta_bias() is not None]
+    if biased and getattr(layer.base_layer, "bias", None) is None:
+        raise MergeError(
+            f"adapter {biased[0]!r} trains a bias (lora_bias) but {path!r} has none to merge it into; "
+            "keep it unmerged, or adapt with lora_bias=False."
+        )
     shared = [n for n in tied.get(id(getattr(layer.base_layer, "weight", None)), []) if not n.startswith(path + ".")]
     if shared:
         raise MergeError(
@@ -75,6 +89,7 @@ def _merge_layer(path: str, layer: AdapterLayer, names: list[str], tied: dict[in
     try:
         for name in pending:
             _fold(weight, layer.adapters[name], +1, f"merging adapter {name!r} into {path!r}")
+            _fold_bias(layer.base_layer, layer.adapters[name], +1)
             layer.merged_adapters.append(name)
     finally:
         if not in_place:
@@ -98,6 +113,7 @@ def unmerge(model: nn.Module) -> nn.Module:
             weight, in_place = _working_weight(host.base_layer)
             for name in reversed(host.merged_adapters):
                 _fold(weight, host.adapters[name], -1, f"unmerging adapter {name!r} from {path!r}")
+                _fold_bias(host.base_layer, host.adapters[name], -1)
             if not in_place:
                 write_weight(host.base_layer, weight)
             host.merged_adapters.clear()

@@ -68,7 +68,10 @@ class RowRouting:
         stackable = (
             not torch.is_grad_enabled()
             and isinstance(layer.base_layer, LINEAR_TYPES)
-            and all(isinstance(a, LowRankAdapter) and is_additive(a) and not a.training for a in adapters)
+            and all(
+                isinstance(a, LowRankAdapter) and is_additive(a) and a.delta_bias() is None and not a.training
+                for a in adapters
+            )
         )
         if stackable:
             return self._add_stacked_delta(layer, list(groups), x, base_output)
