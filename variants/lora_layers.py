@@ -1,0 +1,199 @@
+"""LoRA's adapters, one per kind of base layer: linear maps, convolutions, embeddings.
+
+Each keeps PEFT's parameter names (`lora_A`, `lora_B`, `lora_embedding_A/B`), so the
+state-dict keys are PEFT's once the adapter-name level is dropped. An adapter lives
+on the base layer's device and computes in its dtype when that is float32 or float64;
+a half-precision base (bfloat16, float16) gets float32 adapters, as PEFT's default
+`autocast_adapter_dtype` gives, and outputs are cast back to the base's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftkit import Adapter, MergeError, UnsupportedModuleError
+from peftkit.weights import layer_features
+
+__all__ = ["adapter_placement", "LoraLinear", "LoraConv", "LoraEmbedding"]
+
+_CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def adapter_placement(base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) an adapter of `base_layer` computes in: its device; its dtype unless half precision."""
+    tensor = next(base_layer.parameters(), None)
+    if tensor is None:
+        return torch.device("cpu"), torch.float32
+    dtype = tensor.dtype if tensor.dtype in (torch.float32, torch.float64) else torch.float32
+    return tensor.device, dtype
+
+
+class LoraLinear(Adapter):
+    """The low-rank path for any layer that acts as `x @ W.T + b` (Linear, Conv1D, 4-bit Linear).
+
+    `h = s (B A x + b_B)`: with `bias=True` (PEFT's `lora_bias`), B has a trained bias
+    `b_B` (zero at the start) that merges into the base layer's bias as `s b_B`.
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, r: int, scaling: float, dropout: float, init: str, bias: bool = False
+    ) -> None:
+        super().__init__()
+        self.r = r
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.build(base_layer, r, bias)
+        self.reset_parameters(init)
+        # Initialised in float32 (PEFT's random stream), then placed: a magnitude or norm
+        # computed after this (DoRA) is then in the base's own precision.
+        device, dtype = adapter_placement(base_layer)
+        self.to(device=device, dtype=dtype)
+
+    def build(self, base_layer: nn.Module, r: int, bias: bool) -> None:
+        in_features, out_features = layer_features(base_layer)
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=bias)
+
+    def reset_parameters(self, init: str) -> None:
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        if self.lora_B.bias is not None:
+            nn.init.zeros_(self.lora_B.bias)
+
+    def project_up(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """B's operation on rank-r activations with the given weight and bias (DoRA passes rescaled ones)."""
+        return F.linear(hidden, weight, bias)
+
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """`s (B A x + b_B)` for an input that has already been through dropout.
+
+        `s` scales the rank-r activations, not the full-width output: one pass over
+        `tokens x r` values instead of `tokens x out` in the forward and the backward.
+        """
+        hidden = self.lora_A(x.to(self.lora_A.weight.dtype)) * self.scaling
+        return self.project_up(hidden, self.lora_B.weight, self.delta_bias())
+
+    def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return self.low_rank(self.dropout(x)).to(base_output.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None if self.lora_B.bias is None else self.lora_B.bias * self.scaling
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) with the delta `up @ down` (kernels flattened), for combining adapters."""
+        return self.lora_B.weight.reshape(-1, self.r), self.lora_A.weight.reshape(self.r, -1) * self.scaling
+
+    def set_low_rank_factors(self, up: torch.Tensor, down: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.lora_B.weight.copy_(up.reshape(self.lora_B.weight.shape) / self.scaling)
+            self.lora_A.weight.copy_(down.reshape(self.lora_A.weight.shape))
+
+
+class LoraConv(LoraLinear):
+    """LoRA for `nn.Conv1d/2d/3d`: A is a conv with the base's kernel, B a 1x1 conv (PEFT's layout).
+
+    A (`r` channels, groups=1) takes the base's kernel size, stride, padding, dilation
+    and padding mode, so `B * A` composes into one kernel of the base's shape:
+    `delta[o, i, k...] = s sum_r B[o, r] A[r, i, k...]`. With `groups = g > 1`, B is
+    grouped like the base (rank divisible by g), as in PEFT; since A mixes all input
+    channels, that update has no kernel in the base's grouped layout, so such an
+    adapter trains, saves and loads but cannot be merged.
+    """
+
+    def build(self, base_layer: nn.Module, r: int, bias: bool) -> None:
+        groups = base_layer.groups
+        if r % groups:
+            raise UnsupportedModuleError(
+                f"LoRA on a {type(base_layer).__name__} with groups={groups} needs a rank divisible by {groups} "
+                f"(B is grouped like the base layer), got r={r}."
+            )
+        conv = _CONV_TYPES[base_layer.weight.dim() - 2]
+        self.lora_A = conv(
+            base_layer.in_channels,
+            r,
+            base_layer.kernel_size,
+            base_layer.stride,
+            base_layer.padding,
+            base_layer.dilation,
+            bias=False,
+            padding_mode=base_layer.padding_mode,
+        )
+        self.lora_B = conv(r, base_layer.out_channels, 1, groups=groups, bias=bias)
+
+    def project_up(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # The conv module's own functional form (its stride, padding and groups) with another kernel.
+        return self.lora_B._conv_forward(hidden, weight, bias)
+
+    def _require_ungrouped(self) -> None:
+        if self.lora_B.groups > 1:
+            raise MergeError(
+                f"LoRA on a convolution with groups={self.lora_B.groups} is not a change of its grouped kernel "
+                "(A mixes every input channel), so it cannot be merged or combined; keep it unmerged."
+            )
+
+    def delta_weight(self) -> torch.Tensor:
+        self._require_ungrouped()
+        up, down = super().low_rank_factors()
+        return (up @ down).view(self.lora_B.out_channels, *self.lora_A.weight.shape[1:])
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._require_ungrouped()
+        return super().low_rank_factors()
+
+
+class LoraEmbedding(Adapter):
+    """LoRA for `nn.Embedding`: a low-rank lookup table `A[:, ids]` mapped up by B."""
+
+    def __init__(
+        self, base_layer: nn.Embedding, r: int, scaling: float, dropout: float, init: str, bias: bool = False
+    ) -> None:
+        super().__init__()
+        if bias:
+            raise UnsupportedModuleError(
+                f"lora_bias=True is not supported on {type(base_layer).__name__} (as in PEFT); "
+                "use it on linear or convolution layers only."
+            )
+        self.r = r
+        self.scaling = scaling
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, base_layer.num_embeddings))
+        self.lora_embedding_B = nn.Parameter(torch.empty(base_layer.embedding_dim, r))
+        nn.init.normal_(self.lora_embedding_B)
+        device, dtype = adapter_placement(base_layer)
+        self.to(device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        rows = F.embedding(
+            x,
+            self.lora_embedding_A.T,
+            base_layer.padding_idx,
+            base_layer.max_norm,
+            base_layer.norm_type,
+            base_layer.scale_grad_by_freq,
+            base_layer.sparse,
+        )
+        # Scaled embeddings (Gemma's) multiply the looked-up rows, so a merged delta is scaled too.
+        # Both factors are scalars: applied once, to the rank-r rows rather than the full width.
+        embed_scale = getattr(base_layer, "embed_scale", None)
+        factor = self.scaling if embed_scale is None else self.scaling * embed_scale.to(rows.dtype)
+        return ((rows * factor) @ self.lora_embedding_B.T).to(base_output.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_embedding_B @ self.lora_embedding_A) * self.scaling
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_B, self.lora_embedding_A * self.scaling
+
+    def set_low_rank_factors(self, up: torch.Tensor, down: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.lora_embedding_B.copy_(up / self.scaling)
+            self.lora_embedding_A.copy_(down)
