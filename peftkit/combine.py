@@ -21,7 +21,7 @@ from torch import nn
 
 from peftkit.errors import ConfigError
 from peftkit.inject import adapt, adapter_methods, hosts
-from peftkit.layer import Adapter, AdapterLayer, LowRankAdapter, is_additive
+from peftkit.layer import Adapter, AdapterLayer, LowRankAdapter, ParameterAdapter, is_additive
 from peftkit.method import AdapterMethod
 
 __all__ = ["LowRankMethod", "combine_adapters"]
@@ -37,7 +37,11 @@ class LowRankMethod(Protocol):
 
 
 def _factors(path: str, name: str, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (isinstance(adapter, LowRankAdapter) and is_additive(adapter)) or adapter.delta_bias() is not None:
+    if (
+        not (isinstance(adapter, LowRankAdapter) and is_additive(adapter))
+        or isinstance(adapter, ParameterAdapter)
+        or adapter.delta_bias() is not None
+    ):
         raise ConfigError(
             f"adapter {name!r} at {path!r} ({type(adapter).__name__}) is not a pure low-rank delta; "
             "combining supports LoRA-style adapters only."

@@ -15,7 +15,7 @@ adapter compose by addition and the host never needs to know the method.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -25,7 +25,15 @@ from peftkit.errors import AdapterStateError, MergeError
 if TYPE_CHECKING:
     from peftkit.routing import RowRouting
 
-__all__ = ["Adapter", "AdapterHost", "AdapterLayer", "LowRankAdapter", "TrainableCopy", "is_additive"]
+__all__ = [
+    "Adapter",
+    "AdapterHost",
+    "AdapterLayer",
+    "LowRankAdapter",
+    "ParameterAdapter",
+    "TrainableCopy",
+    "is_additive",
+]
 
 
 class Adapter(nn.Module, ABC):
@@ -34,7 +42,13 @@ class Adapter(nn.Module, ABC):
     Subclasses implement `forward`; methods that are a weight delta also implement
     `delta_weight`, and methods whose merge is not `W + delta` (DoRA) override
     `merged_weight`/`unmerged_weight`.
+
+    `selected_by_target_modules` is False for adapters that a method places by another
+    option (LoRA's `target_parameters`, `trainable_token_indices`), so their layers are
+    left out of the saved `target_modules`.
     """
+
+    selected_by_target_modules: ClassVar[bool] = True
 
     @abstractmethod
     def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
@@ -63,6 +77,28 @@ class Adapter(nn.Module, ABC):
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """Inverse of `merged_weight`."""
         return weight - self.delta_weight().to(weight.dtype)
+
+
+class ParameterAdapter(Adapter):
+    """An adapter that changes named parameters of its base layer for the call, adding nothing to its output.
+
+    For layers that read their weights directly instead of calling submodules
+    (`nn.MultiheadAttention` uses `out_proj.weight` without calling `out_proj`), or
+    weights that are bare parameters (the fused expert tensors of MoE layers). The
+    host runs the base layer with `P + delta` in place of each named parameter `P`
+    (`torch.func.functional_call`): nothing is written to the base, and autograd
+    reaches the adapter through the substituted tensors. Merging adds the deltas in.
+    """
+
+    @abstractmethod
+    def parameter_deltas(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        """Parameter path inside `base_layer` -> the change to it, in that parameter's own layout."""
+
+    def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        raise AdapterStateError(
+            f"{type(self).__name__} changes its layer's parameters and has no output of its own to add, "
+            "so its rows cannot be routed apart in a mixed batch."
+        )
 
 
 @runtime_checkable
@@ -129,18 +165,31 @@ class AdapterLayer(AdapterHost):
                 f"adapters {self.merged_adapters} are merged into the base weights; "
                 "unmerge them before disabling adapters."
             )
-        base_output = self.base_layer(x, *args, **kwargs)
         if not self.adapters_enabled:
-            return base_output
+            return self.base_layer(x, *args, **kwargs)
         if self.routing is not None:
-            return self._routed(x, base_output, self.routing)
+            return self._routed(x, self.base_layer(x, *args, **kwargs), self.routing)
         unmerged = [name for name in self.active_adapters if name not in self.merged_adapters]
-        if not unmerged:
+        substituting = [name for name in unmerged if isinstance(self.adapters[name], ParameterAdapter)]
+        base_output = self._base_output(substituting, x, args, kwargs)
+        adding = [name for name in unmerged if name not in substituting]
+        if not adding:
             return base_output
-        result = self.adapters[unmerged[0]].output(x, base_output, self.base_layer)
-        for name in unmerged[1:]:
+        result = self.adapters[adding[0]].output(x, base_output, self.base_layer)
+        for name in adding[1:]:
             result = result + self.adapters[name](x, base_output, self.base_layer)
         return result
+
+    def _base_output(self, names: list[str], x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The base layer's output, with the parameter changes of the `ParameterAdapter`s `names` applied."""
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        parameters: dict[str, torch.Tensor] = {}
+        for name in names:
+            for path, delta in self.adapters[name].parameter_deltas(self.base_layer).items():
+                current = parameters.get(path, self.base_layer.get_parameter(path))
+                parameters[path] = current + delta.to(current.dtype)
+        return torch.func.functional_call(self.base_layer, parameters, (x, *args), kwargs)
 
     def _routed(self, x: torch.Tensor, base_output: torch.Tensor, routing: RowRouting) -> torch.Tensor:
         if self.merged_adapters:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from peftkit.errors import AdapterStateError
-from peftkit.layer import LowRankAdapter, is_additive
+from peftkit.layer import LowRankAdapter, ParameterAdapter, is_additive
 from peftkit.targets import LINEAR_TYPES
 
 if TYPE_CHECKING:
@@ -69,7 +69,11 @@ class RowRouting:
             not torch.is_grad_enabled()
             and isinstance(layer.base_layer, LINEAR_TYPES)
             and all(
-                isinstance(a, LowRankAdapter) and is_additive(a) and a.delta_bias() is None and not a.training
+                isinstance(a, LowRankAdapter)
+                and is_additive(a)
+                and not isinstance(a, ParameterAdapter)
+                and a.delta_bias() is None
+                and not a.training
                 for a in adapters
             )
         )
