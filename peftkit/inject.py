@@ -8,7 +8,7 @@ name uses in `model.peftkit_methods`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import AdapterExistsError, AdapterNotFoundError, AdapterStateError, ConfigError, TargetNotFoundError
-from peftkit.layer import AdapterHost, AdapterLayer, TrainableCopy
+from peftkit.layer import Adapter, AdapterHost, AdapterLayer, TrainableCopy
 from peftkit.method import AdapterMethod
 from peftkit.registry import get_method
 from peftkit.routing import RowRouting
@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_ADAPTER",
     "adapt",
     "inject_adapters",
+    "add_adapter",
     "adapter_methods",
     "hosts",
     "set_active_adapters",
@@ -102,16 +103,23 @@ def inject_adapters(model: nn.Module, method: AdapterMethod, adapter_name: str) 
     """Wrap each targeted module in an `AdapterLayer` (once) and add the method's adapter to it."""
     targets = find_targets(model, method.config, method.adaptable_types())
     for name in targets:
-        module = model.get_submodule(name)
-        host = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
-        adapter = method.create_adapter(host.base_layer, name)
-        host.adapters[adapter_name] = adapter.to(_device_of(host.base_layer))
-        if host is not module:
-            model.set_submodule(name, host)
+        add_adapter(model, name, adapter_name, lambda base_layer, name=name: method.create_adapter(base_layer, name))
     # A random task head trains in full, unless the user chose to adapt it instead.
     to_save = (method.config.modules_to_save or []) + [h for h in task_heads(model) if h not in targets]
     _wrap_modules_to_save(model, to_save, adapter_name)
     return targets
+
+
+def add_adapter(
+    model: nn.Module, path: str, adapter_name: str, build: Callable[[nn.Module], Adapter]
+) -> AdapterLayer:
+    """Wrap the module at `path` in an `AdapterLayer` (once) and add `build(base_layer)` under `adapter_name`."""
+    module = model.get_submodule(path)
+    host = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
+    host.adapters[adapter_name] = build(host.base_layer).to(_device_of(host.base_layer))
+    if host is not module:
+        model.set_submodule(path, host)
+    return host
 
 
 def _wrap_modules_to_save(model: nn.Module, patterns: list[str] | None, adapter_name: str) -> None:

@@ -132,7 +132,13 @@ def resolved_config_targets(model: nn.Module, config: MethodConfig) -> list[str]
 
 
 def find_targets(model: nn.Module, config: MethodConfig, adaptable: tuple[type[nn.Module], ...]) -> list[str]:
-    """Paths of the modules `config` selects; errors if none match or one cannot be adapted."""
+    """Paths of the modules `config` selects; errors if none match or one cannot be adapted.
+
+    `target_modules=[]` selects nothing on purpose (PEFT's spelling for "only the
+    parameters or tokens a method's own options name").
+    """
+    if config.target_modules == []:
+        return []
     config = dataclasses.replace(config, target_modules=resolved_config_targets(model, config))
     heads = _heads(model)
     modules = list(candidate_modules(model))
