@@ -34,14 +34,19 @@ __all__ = ["DoraConfig", "MagnitudeDirection", "DoraLinear", "DoraConv", "DoraEm
 class DoraConfig(LoraConfig):
     """LoRA's options; DoRA adds none (on disk it is a PEFT LoRA file with `use_dora: true`).
 
-    `lora_bias` is refused, as PEFT refuses it: a bias on B would sit inside the
-    normalised direction, and PEFT's forward and merge disagree on how to scale it.
+    `lora_bias` and `target_parameters` are refused, as PEFT refuses them: a bias on B
+    would sit inside the normalised direction, and a bare parameter has no layer norm.
     """
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.lora_bias:
             raise ConfigError(f"{type(self).__name__}.lora_bias must be False (DoRA has no lora_bias), got True.")
+        if self.target_parameters:
+            raise ConfigError(
+                f"{type(self).__name__}.target_parameters must be None: DoRA needs a layer's weight norm per output "
+                f"feature, and PEFT has no DoRA on bare parameters either; got {self.target_parameters!r}."
+            )
 
 
 class MagnitudeDirection(Adapter):

@@ -9,6 +9,10 @@
 `s = alpha / r`, or `alpha / sqrt(r)` with rsLoRA (Kalajdzievski, 2023). A starts
 Kaiming-uniform (or Gaussian), B at zero, so the adapted model starts equal to the
 base. Embeddings swap the roles (A zero, B Gaussian) as loralib and PEFT do.
+
+Besides layers picked by `target_modules`, LoRA can adapt bare parameters
+(`target_parameters`, e.g. fused MoE expert tensors) and train chosen embedding rows
+(`trainable_token_indices`), both under the same adapter name and file, as PEFT does.
 """
 
 from __future__ import annotations
@@ -21,10 +25,30 @@ from typing import ClassVar, Literal
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import Adapter, AdapterMethod, ConfigError, MethodConfig, peft_option
-from variants.lora_layers import LoraConv, LoraEmbedding, LoraLinear
+from peftkit import (
+    Adapter,
+    AdapterLayer,
+    AdapterMethod,
+    ConfigError,
+    MethodConfig,
+    TargetNotFoundError,
+    UnsupportedModuleError,
+    peft_option,
+)
+from peftkit.inject import add_adapter
+from peftkit.targets import candidate_modules
+from variants.lora_layers import LoraConv, LoraEmbedding, LoraLinear, LoraMultiheadAttention, LoraParameter
+from variants.trainable_tokens import attach_trainable_tokens
 
-__all__ = ["LoraConfig", "LoraLinear", "LoraConv", "LoraEmbedding", "LoRA"]
+__all__ = [
+    "LoraConfig",
+    "LoraLinear",
+    "LoraConv",
+    "LoraEmbedding",
+    "LoraMultiheadAttention",
+    "LoraParameter",
+    "LoRA",
+]
 
 
 @dataclasses.dataclass
@@ -41,6 +65,11 @@ class LoraConfig(MethodConfig):
         alpha_pattern: per-module alpha, likewise.
         lora_bias: give B a trained bias (zero at the start) that merges into the base
             layer's bias; for LoRA extracted from a full fine-tune, whose biases moved too.
+        trainable_token_indices: embedding rows to train in full (new tokens), as ids
+            of the input embedding, or `{embedding module name: ids}`.
+        target_parameters: parameters to adapt where there is no layer to wrap (MoE
+            experts as bare 2-D/3-D tensors), by full path or `.`-suffix, e.g.
+            `["experts.gate_up_proj"]`. Pass `target_modules=[]` to adapt only these.
     """
 
     r: int = peft_option(8, "r")
@@ -51,6 +80,8 @@ class LoraConfig(MethodConfig):
     rank_pattern: dict[str, int] = peft_option({}, "rank_pattern")
     alpha_pattern: dict[str, float] = peft_option({}, "alpha_pattern")
     lora_bias: bool = peft_option(False, "lora_bias")
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = peft_option(None, "trainable_token_indices")
+    target_parameters: list[str] | None = peft_option(None, "target_parameters")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,7 +111,7 @@ def _pattern_value(pattern: dict[str, float], module_name: str, default: float) 
 
 
 class LoRA(AdapterMethod):
-    """Low-rank adaptation of linear, GPT-2 Conv1D, embedding and Conv1d/2d/3d layers."""
+    """Low-rank adaptation of linear, GPT-2 Conv1D, embedding, Conv1d/2d/3d and multi-head attention layers."""
 
     name = "lora"
     description = "Low-rank update W0 + (alpha/r) B A; B starts at zero (Hu et al., 2021)."
@@ -92,6 +123,7 @@ class LoRA(AdapterMethod):
     # Most specific type first: a 4-bit linear is also an nn.Linear.
     adapter_classes: ClassVar[dict[type[nn.Module], type[Adapter]]] = {
         nn.Embedding: LoraEmbedding,
+        nn.MultiheadAttention: LoraMultiheadAttention,
         nn.Conv1d: LoraConv,
         nn.Conv2d: LoraConv,
         nn.Conv3d: LoraConv,
@@ -115,8 +147,57 @@ class LoRA(AdapterMethod):
             exclude_modules=None,
             layers_to_transform=None,
             modules_to_save=None,
+            trainable_token_indices=None,
+            target_parameters=None,
         )
         return type(self).from_options(**options)
+
+    def attach(self, model: nn.Module, adapter_name: str) -> list[str]:
+        """The layers of `target_modules`, then the modules holding `target_parameters`, then token rows."""
+        targets = super().attach(model, adapter_name)
+        if self.config.target_parameters:
+            targets += self._attach_parameters(model, self.config.target_parameters, adapter_name)
+        if self.config.trainable_token_indices is not None:
+            targets += attach_trainable_tokens(model, self.config.trainable_token_indices, adapter_name)
+        if not targets:
+            raise TargetNotFoundError(
+                "target_modules=[] selects no layer, and no target_parameters or trainable_token_indices were "
+                "given; name what to adapt in one of them."
+            )
+        return targets
+
+    def _attach_parameters(self, model: nn.Module, names: list[str], adapter_name: str) -> list[str]:
+        """A `LoraParameter` chain on every module with parameters matching `names` (PEFT's rule)."""
+        if self.config.dropout or self.config.lora_bias:
+            raise UnsupportedModuleError(
+                "target_parameters adapts a tensor, not a layer's input: it takes dropout=0 and lora_bias=False "
+                f"(as PEFT), got dropout={self.config.dropout}, lora_bias={self.config.lora_bias}."
+            )
+        found: dict[str, list[str]] = {}
+        for path, module in list(candidate_modules(model)):
+            if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
+                continue  # a layer of target_modules: its own parameters are adapted already
+            owner = module.base_layer if isinstance(module, AdapterLayer) else module
+            for name, _ in owner.named_parameters(recurse=False):
+                key = f"{path}.{name}"
+                if any(key == target or key.endswith("." + target) for target in names):
+                    found.setdefault(path, []).append(name)
+        if not found:
+            raise TargetNotFoundError(
+                f"target_parameters={names!r} matched no parameter of {type(model).__name__}; give a parameter's "
+                "path or its ending, e.g. 'experts.gate_up_proj'."
+            )
+        for path, parameters in found.items():
+            add_adapter(model, path, adapter_name, lambda owner, path=path, ps=parameters: self._chain(owner, path, ps))
+        return list(found)
+
+    def _chain(self, owner: nn.Module, path: str, parameter_names: list[str]) -> LoraParameter:
+        """One adapter per parameter, each later one holding the earlier (PEFT's nesting and keys)."""
+        adapter = None
+        for name in parameter_names:
+            r, alpha = self.config.rank_and_alpha(f"{path}.{name}")
+            adapter = LoraParameter(owner, name, r, self.config.scaling(r, alpha), self.config.init, inner=adapter)
+        return adapter
 
     def create_adapter(self, base_layer: nn.Module, module_name: str) -> Adapter:
         r, alpha = self.config.rank_and_alpha(module_name)

@@ -15,10 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit import Adapter, MergeError, UnsupportedModuleError
+from peftkit import Adapter, MergeError, ParameterAdapter, UnsupportedModuleError
 from peftkit.weights import layer_features
 
-__all__ = ["adapter_placement", "LoraLinear", "LoraConv", "LoraEmbedding"]
+__all__ = [
+    "adapter_placement",
+    "LoraLinear",
+    "LoraConv",
+    "LoraEmbedding",
+    "LoraMultiheadAttention",
+    "LoraParameter",
+]
 
 _CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -197,3 +204,96 @@ class LoraEmbedding(Adapter):
         with torch.no_grad():
             self.lora_embedding_B.copy_(up / self.scaling)
             self.lora_embedding_A.copy_(down)
+
+
+class LoraMultiheadAttention(ParameterAdapter, LoraLinear):
+    """LoRA for `nn.MultiheadAttention` (query, key and value of one width): both of its projections.
+
+        in_proj_weight  [3E, E] -> in_proj_weight + s B A
+        out_proj.weight [E, E]  -> out_proj.weight + s B' A'
+
+    The attention reads both weights itself (it never calls `out_proj`), so the update
+    is a change of parameters for the call, as PEFT's merge-for-the-forward amounts
+    to. A and B train the packed q/k/v projection; the out projection's pair sits at
+    `base_layer.out_proj`, where PEFT's wrapper keeps it, so the state-dict keys are PEFT's.
+    Dropout has no input to act on here and a bias on B none to sit in (PEFT ignores
+    or mishandles both), so they are refused.
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, r: int, scaling: float, dropout: float, init: str, bias: bool = False
+    ) -> None:
+        if base_layer.in_proj_weight is None or dropout or bias:
+            raise UnsupportedModuleError(
+                "LoRA on nn.MultiheadAttention needs query, key and value of the embedding width (one packed "
+                "in_proj_weight), dropout=0 and lora_bias=False; got "
+                f"kdim={base_layer.kdim}, vdim={base_layer.vdim}, embed_dim={base_layer.embed_dim}, "
+                f"dropout={dropout}, lora_bias={bias}."
+            )
+        super().__init__(base_layer, r, scaling, dropout, init, bias)
+        self.base_layer = nn.ModuleDict({"out_proj": LoraLinear(base_layer.out_proj, r, scaling, 0.0, init)})
+
+    def build(self, base_layer: nn.Module, r: int, bias: bool) -> None:
+        self.lora_A = nn.Linear(base_layer.embed_dim, r, bias=False)
+        self.lora_B = nn.Linear(r, 3 * base_layer.embed_dim, bias=False)
+
+    def parameter_deltas(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        return {"in_proj_weight": self.delta_weight(), "out_proj.weight": self.base_layer["out_proj"].delta_weight()}
+
+
+class LoraParameter(ParameterAdapter, LoraLinear):
+    """LoRA on one bare `nn.Parameter` of a module (PEFT's `target_parameters`), e.g. fused MoE experts.
+
+    A 2-D parameter `[out, in]` gets `W + s B A`. A 3-D one stacks `E` experts,
+    `[E, out, in]` (or `[E, in, out]` when its module says `is_transposed`, as
+    transformers' expert modules do); A `[E r, in]` and B `[out, E r]` hold one rank-r
+    pair per expert, laid out as PEFT lays them out:
+
+        delta[e] = s B[:, (j, e)] A[(e, j), :]   (j over the rank; B's columns expert-minor)
+
+    Several parameters of one module nest as PEFT nests its wrappers: the one targeted
+    later holds the earlier one's adapter at `base_layer`, so the keys are PEFT's
+    (`experts.lora_A.weight`, `experts.base_layer.lora_A.weight`, ...).
+    """
+
+    selected_by_target_modules = False
+
+    def __init__(
+        self,
+        module: nn.Module,
+        parameter_name: str,
+        r: int,
+        scaling: float,
+        init: str,
+        inner: LoraParameter | None = None,
+    ) -> None:
+        shape = module.get_parameter(parameter_name).shape
+        if len(shape) not in (2, 3):
+            raise UnsupportedModuleError(
+                f"target_parameters needs a 2-D [out, in] or 3-D [experts, ...] parameter; "
+                f"{parameter_name!r} of {type(module).__name__} has shape {tuple(shape)}."
+            )
+        self.parameter_name = parameter_name
+        self.transposed = len(shape) == 3 and bool(getattr(module, "is_transposed", False))
+        super().__init__(module, r, scaling, 0.0, init)
+        if inner is not None:
+            self.base_layer = inner
+
+    def build(self, base_layer: nn.Module, r: int, bias: bool) -> None:
+        shape = base_layer.get_parameter(self.parameter_name).shape
+        self.experts = shape[0] if len(shape) == 3 else 1
+        out_features, in_features = (shape[-1], shape[-2]) if self.transposed else (shape[-2], shape[-1])
+        self.lora_A = nn.Linear(in_features, r * self.experts, bias=False)
+        self.lora_B = nn.Linear(r * self.experts, out_features, bias=False)
+
+    def delta_weight(self) -> torch.Tensor:
+        if self.experts == 1:
+            return super().delta_weight()
+        down = self.lora_A.weight.view(self.experts, self.r, -1)  # (expert, rank, in)
+        up = self.lora_B.weight.view(-1, self.r, self.experts)  # (out, rank, expert)
+        layout = "e i o" if self.transposed else "e o i"
+        return torch.einsum(f"o r e, e r i -> {layout}", up, down) * self.scaling
+
+    def parameter_deltas(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        inner = self._modules.get("base_layer")
+        return {**(inner.parameter_deltas(base_layer) if inner else {}), self.parameter_name: self.delta_weight()}
