@@ -194,6 +194,12 @@ class AdapterLayer(AdapterHost):
     def _routed(self, x: torch.Tensor, base_output: torch.Tensor, routing: RowRouting) -> torch.Tensor:
         if self.merged_adapters:
             raise AdapterStateError(f"adapters {self.merged_adapters} are merged; unmerge them before a mixed batch.")
+        substituting = [n for n, a in self.adapters.items() if isinstance(a, ParameterAdapter)]
+        if substituting:
+            raise AdapterStateError(
+                f"adapter {substituting[0]!r} changes this layer's parameters and has no output of its own, "
+                "so its rows cannot be routed apart in a mixed batch."
+            )
         return routing.layer_output(self, x, base_output)
 
 

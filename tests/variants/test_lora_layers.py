@@ -240,3 +240,105 @@ def test_lora_bias_is_refused_where_peft_refuses_it() -> None:
         peftkit.adapt(net(LINEAR[0]), "dora", lora_bias=True, target_modules=["layer"])
     with pytest.raises(peftkit.UnsupportedModuleError, match="lora_bias=True is not supported on Embedding"):
         peftkit.adapt(net(lambda: nn.Embedding(10, 4)), "lora", lora_bias=True, target_modules=["layer"])
+
+
+class Attention(nn.Module):
+    """Self-attention through nn.MultiheadAttention, returning only the attended values."""
+
+    def __init__(self, **options: object) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True, **options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x)[0]
+
+
+def attention(seed: int = 0) -> Attention:
+    torch.manual_seed(seed)
+    return Attention()
+
+
+def adapted_attention(zero_out_proj: bool = False) -> Attention:
+    model = peftkit.adapt(attention(), "lora", r=2, alpha=4, target_modules=["mha"])
+    randomize_adapters(model)
+    if zero_out_proj:
+        with torch.no_grad():
+            model.mha.adapters["default"].base_layer["out_proj"].lora_B.weight.zero_()
+    return model
+
+
+def peft_attention(model: Attention) -> nn.Module:
+    theirs = peft.get_peft_model(attention(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["mha"]))
+    state = peftkit.adapter_state_dict(model)
+    assert set(peft.get_peft_model_state_dict(theirs)) == set(state)  # mha.lora_A/B, mha.base_layer.out_proj.lora_A/B
+    assert not peft.set_peft_model_state_dict(theirs, state).unexpected_keys
+    return theirs
+
+
+ATTENTION_INPUT = (2, 5, 8)
+
+
+def test_mha_is_the_dense_formula_and_merges_exactly() -> None:
+    model = adapted_attention()
+    adapter = model.mha.adapters["default"]
+    x = inputs(ATTENTION_INPUT)
+    out = model(x)
+    reference = attention()
+    with torch.no_grad():
+        reference.mha.in_proj_weight += 2 * adapter.lora_B.weight @ adapter.lora_A.weight
+        out_pair = adapter.base_layer["out_proj"]
+        reference.mha.out_proj.weight += 2 * out_pair.lora_B.weight @ out_pair.lora_A.weight
+    torch.testing.assert_close(out, reference(x), atol=OUTPUT_ATOL, rtol=0)
+    assert (out - attention()(x)).abs().max() > 1e-2
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in adapter.parameters())
+    peftkit.merge(model)
+    merged_in = model.mha.base_layer.in_proj_weight
+    torch.testing.assert_close(merged_in, reference.mha.in_proj_weight, atol=MERGE_ATOL, rtol=0)
+    torch.testing.assert_close(model(x), out, atol=MERGE_ATOL, rtol=0)
+    peftkit.unmerge(model)
+    torch.testing.assert_close(model.mha.base_layer.out_proj.weight, attention().mha.out_proj.weight, atol=1e-6, rtol=0)
+    plain = peftkit.merge_and_unload(model)
+    assert type(plain.mha) is nn.MultiheadAttention
+    torch.testing.assert_close(plain(x), out, atol=MERGE_ATOL, rtol=0)
+
+
+def test_mha_equals_peft_on_the_in_projection_and_files_cross(tmp_path: Path) -> None:
+    model = adapted_attention(zero_out_proj=True)
+    theirs = peft_attention(model)
+    x = inputs(ATTENTION_INPUT)
+    expected = model(x)
+    torch.testing.assert_close(expected, theirs(x), atol=OUTPUT_ATOL, rtol=0)
+    torch.testing.assert_close(theirs.merge_and_unload()(x), expected, atol=MERGE_ATOL, rtol=0)
+    peftkit.save_adapter(model, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(attention(), tmp_path / "ours")
+    torch.testing.assert_close(loaded(x), expected, atol=OUTPUT_ATOL, rtol=0)
+    peft_attention(model).save_pretrained(tmp_path / "theirs")
+    back = peftkit.load_adapter(attention(), tmp_path / "theirs")
+    torch.testing.assert_close(back(x), expected, atol=OUTPUT_ATOL, rtol=0)
+
+
+def test_peft_0_21_applies_the_mha_out_projection_update_twice() -> None:
+    """PEFT's MultiheadAttention.merge adds out_proj's delta by hand and again through the nested layer's merge
+    (huggingface/peft#3774, open). peftkit applies it once; this pins the difference, so a fixed PEFT shows here."""
+    model = adapted_attention()
+    theirs = peft_attention(model)
+    x = inputs(ATTENTION_INPUT)
+    assert (model(x) - theirs(x)).abs().max() > 1e-3
+    with torch.no_grad():
+        model.mha.adapters["default"].base_layer["out_proj"].lora_B.weight.mul_(2)
+    torch.testing.assert_close(model(x), theirs(x), atol=OUTPUT_ATOL, rtol=0)
+
+
+def test_mha_refusals_are_typed() -> None:
+    torch.manual_seed(0)
+    with pytest.raises(peftkit.UnsupportedModuleError, match="kdim=4, vdim=4, embed_dim=8"):
+        peftkit.adapt(Attention(kdim=4, vdim=4), "lora", target_modules=["mha"])
+    with pytest.raises(peftkit.UnsupportedModuleError, match="dropout=0.1"):
+        peftkit.adapt(attention(), "lora", dropout=0.1, target_modules=["mha"])
+    with pytest.raises(peftkit.UnsupportedModuleError, match="MultiheadAttention, which this method cannot adapt"):
+        peftkit.adapt(attention(), "dora", target_modules=["mha"])  # PEFT has no DoRA on it either
+    model = adapted_attention()
+    with pytest.raises(peftkit.AdapterStateError, match="cannot be routed apart in a mixed batch"):
+        with peftkit.mixed_batch(model, ["default", "base"]):
+            model(inputs(ATTENTION_INPUT))
