@@ -157,13 +157,13 @@ class LoRA(AdapterMethod):
         targets = super().attach(model, adapter_name)
         if self.config.target_parameters:
             targets += self._attach_parameters(model, self.config.target_parameters, adapter_name)
+        if not targets:  # PEFT reads no LoRA file without a low-rank target, tokens or not
+            raise TargetNotFoundError(
+                "target_modules=[] selects no layer and no target_parameters were given; LoRA needs at least one "
+                "(trainable_token_indices alone is PEFT's separate TRAINABLE_TOKENS method)."
+            )
         if self.config.trainable_token_indices is not None:
             targets += attach_trainable_tokens(model, self.config.trainable_token_indices, adapter_name)
-        if not targets:
-            raise TargetNotFoundError(
-                "target_modules=[] selects no layer, and no target_parameters or trainable_token_indices were "
-                "given; name what to adapt in one of them."
-            )
         return targets
 
     def _attach_parameters(self, model: nn.Module, names: list[str], adapter_name: str) -> list[str]:
