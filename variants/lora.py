@@ -36,9 +36,9 @@ from peftkit import (
     peft_option,
 )
 from peftkit.inject import add_adapter
-from peftkit.targets import candidate_modules
+from peftkit.targets import candidate_modules, find_targets
 from variants.lora_layers import LoraConv, LoraEmbedding, LoraLinear, LoraMultiheadAttention, LoraParameter
-from variants.trainable_tokens import attach_trainable_tokens
+from variants.trainable_tokens import trainable_tokens
 
 __all__ = [
     "LoraConfig",
@@ -153,43 +153,48 @@ class LoRA(AdapterMethod):
         return type(self).from_options(**options)
 
     def attach(self, model: nn.Module, adapter_name: str) -> list[str]:
-        """The layers of `target_modules`, then the modules holding `target_parameters`, then token rows."""
-        targets = super().attach(model, adapter_name)
-        if self.config.target_parameters:
-            targets += self._attach_parameters(model, self.config.target_parameters, adapter_name)
-        if not targets:  # PEFT reads no LoRA file without a low-rank target, tokens or not
+        """The layers of `target_modules`, the modules holding `target_parameters`, the embeddings of tokens.
+
+        Everything is selected and built before the first module is wrapped, so a bad
+        option leaves the model as it was.
+        """
+        layers = find_targets(model, self.config, self.adaptable_types())
+        extra = self._parameter_adapters(model, layers) if self.config.target_parameters else {}
+        if not layers and not extra:  # PEFT reads no LoRA file without a low-rank target, tokens or not
             raise TargetNotFoundError(
                 "target_modules=[] selects no layer and no target_parameters were given; LoRA needs at least one "
                 "(trainable_token_indices alone is PEFT's separate TRAINABLE_TOKENS method)."
             )
         if self.config.trainable_token_indices is not None:
-            targets += attach_trainable_tokens(model, self.config.trainable_token_indices, adapter_name)
-        return targets
+            extra.update(trainable_tokens(model, self.config.trainable_token_indices, layers))
+        targets = super().attach(model, adapter_name)
+        for path, adapter in extra.items():
+            add_adapter(model, path, adapter_name, lambda base_layer, adapter=adapter: adapter)
+        return targets + list(extra)
 
-    def _attach_parameters(self, model: nn.Module, names: list[str], adapter_name: str) -> list[str]:
-        """A `LoraParameter` chain on every module with parameters matching `names` (PEFT's rule)."""
+    def _parameter_adapters(self, model: nn.Module, layers: list[str]) -> dict[str, LoraParameter]:
+        """A `LoraParameter` chain per module with parameters matching `target_parameters` (PEFT's rule)."""
+        names = self.config.target_parameters
         if self.config.dropout or self.config.lora_bias:
             raise UnsupportedModuleError(
                 "target_parameters adapts a tensor, not a layer's input: it takes dropout=0 and lora_bias=False "
                 f"(as PEFT), got dropout={self.config.dropout}, lora_bias={self.config.lora_bias}."
             )
-        found: dict[str, list[str]] = {}
-        for path, module in list(candidate_modules(model)):
-            if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
+        found: dict[str, tuple[nn.Module, list[str]]] = {}
+        for path, module in candidate_modules(model):
+            if path in layers:
                 continue  # a layer of target_modules: its own parameters are adapted already
             owner = module.base_layer if isinstance(module, AdapterLayer) else module
             for name, _ in owner.named_parameters(recurse=False):
                 key = f"{path}.{name}"
                 if any(key == target or key.endswith("." + target) for target in names):
-                    found.setdefault(path, []).append(name)
+                    found.setdefault(path, (owner, []))[1].append(name)
         if not found:
             raise TargetNotFoundError(
                 f"target_parameters={names!r} matched no parameter of {type(model).__name__}; give a parameter's "
                 "path or its ending, e.g. 'experts.gate_up_proj'."
             )
-        for path, parameters in found.items():
-            add_adapter(model, path, adapter_name, lambda owner, path=path, ps=parameters: self._chain(owner, path, ps))
-        return list(found)
+        return {path: self._chain(owner, path, parameters) for path, (owner, parameters) in found.items()}
 
     def _chain(self, owner: nn.Module, path: str, parameter_names: list[str]) -> LoraParameter:
         """One adapter per parameter, each later one holding the earlier (PEFT's nesting and keys)."""

@@ -18,10 +18,9 @@ import torch
 from torch import nn
 
 from peftkit import Adapter, AdapterLayer, ConfigError, TargetNotFoundError, UnsupportedModuleError
-from peftkit.inject import add_adapter
 from peftkit.targets import candidate_modules, matches_pattern
 
-__all__ = ["TrainableTokens", "attach_trainable_tokens"]
+__all__ = ["TrainableTokens", "trainable_tokens"]
 
 
 class TrainableTokens(Adapter):
@@ -82,34 +81,35 @@ def _input_embedding_path(model: nn.Module) -> str:
     )
 
 
-def attach_trainable_tokens(
-    model: nn.Module, token_indices: list[int] | dict[str, list[int]], adapter_name: str
-) -> list[str]:
-    """Put a `TrainableTokens` adapter on each embedding `token_indices` names; returns their paths."""
+def trainable_tokens(
+    model: nn.Module, token_indices: list[int] | dict[str, list[int]], layers: list[str]
+) -> dict[str, TrainableTokens]:
+    """A `TrainableTokens` adapter per embedding `token_indices` names, by path (nothing is wrapped yet).
+
+    `layers` are the paths the same adapter puts LoRA on, which cannot also train rows.
+    """
     by_name = token_indices if isinstance(token_indices, dict) else {_input_embedding_path(model): token_indices}
     output = getattr(model, "get_output_embeddings", lambda: None)()
-    paths = []
+    adapters = {}
     for key, indices in by_name.items():
         chosen = [(name, m) for name, m in candidate_modules(model) if matches_pattern(name, [key])]
         if not chosen:
             raise TargetNotFoundError(f"trainable_token_indices names {key!r}, which matches no module of the model.")
         for name, module in chosen:
-            if isinstance(module, AdapterLayer):
-                if adapter_name in module.adapters:
-                    raise ConfigError(
-                        f"{name!r} is a LoRA target of adapter {adapter_name!r} already; take it out of "
-                        "target_modules or out of trainable_token_indices."
-                    )
-                module = module.base_layer
-            if not isinstance(module, nn.Embedding):
-                raise UnsupportedModuleError(
-                    f"trainable_token_indices needs an nn.Embedding; {name!r} is a {type(module).__name__}."
+            if name in layers:
+                raise ConfigError(
+                    f"{name!r} is a LoRA target of the same adapter; take it out of target_modules or out of "
+                    "trainable_token_indices."
                 )
-            if output is not None and getattr(output, "weight", None) is module.weight:
+            embedding = module.base_layer if isinstance(module, AdapterLayer) else module
+            if not isinstance(embedding, nn.Embedding):
+                raise UnsupportedModuleError(
+                    f"trainable_token_indices needs an nn.Embedding; {name!r} is a {type(embedding).__name__}."
+                )
+            if output is not None and getattr(output, "weight", None) is embedding.weight:
                 raise UnsupportedModuleError(
                     f"{name!r} is tied to the output head, whose logits would not see the trained rows; "
                     "untie the weights (tie_word_embeddings=False) to train tokens."
                 )
-            add_adapter(model, name, adapter_name, lambda base, indices=indices: TrainableTokens(base, indices))
-            paths.append(name)
-    return paths
+            adapters[name] = TrainableTokens(embedding, indices)
+    return adapters

@@ -134,15 +134,19 @@ def test_trainable_tokens_on_a_scaled_embedding_equal_peft() -> None:
     torch.testing.assert_close(ours(IDS), theirs(IDS), atol=OUTPUT_ATOL, rtol=0)
 
 
-def test_trainable_tokens_refusals_are_typed() -> None:
+def test_trainable_tokens_refusals_are_typed_and_leave_the_model_as_it_was() -> None:
     with pytest.raises(peftkit.ConfigError, match=r"distinct ids in \[0, 128\).*got \[3, 128\]"):
         with_tokens([3, 128], ["q_proj"])
-    with pytest.raises(peftkit.ConfigError, match="'model.embed_tokens' is a LoRA target"):
+    with pytest.raises(peftkit.ConfigError, match="'model.embed_tokens' is a LoRA target of the same adapter"):
         with_tokens(TOKENS, ["q_proj", "embed_tokens"])
     with pytest.raises(peftkit.UnsupportedModuleError, match="needs an nn.Embedding; 'model.layers.0.mlp.up_proj'"):
         with_tokens({"layers.0.mlp.up_proj": [1]}, ["q_proj"])
     with pytest.raises(peftkit.TargetNotFoundError, match="'wte', which matches no module"):
         with_tokens({"wte": [1]}, ["q_proj"])
+    model = tiny_llama()
+    with pytest.raises(peftkit.ConfigError, match="distinct ids"):
+        peftkit.adapt(model, "lora", target_modules=["q_proj"], trainable_token_indices=[1, 1])
+    assert not list(peftkit.inject.hosts(model)) and not peftkit.list_adapters(model)
     tied = tiny_llama(tie_word_embeddings=True)
     with pytest.raises(peftkit.UnsupportedModuleError, match="tied to the output head"):
         peftkit.adapt(tied, "lora", target_modules=["q_proj"], trainable_token_indices=TOKENS)
