@@ -43,6 +43,7 @@ def gradients(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[s
 
 def peft_key(name: str) -> str:
     """A PEFT parameter name -> its saved key (the name peftkit's state dict uses)."""
+    name = name.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
     return "base_model.model." + name.removeprefix("base_model.model.").replace(".default", "")
 
 
@@ -61,18 +62,22 @@ def assert_same_gradients(ours: nn.Module, theirs: nn.Module, ids: torch.Tensor)
 # --- trainable_token_indices -------------------------------------------------------------
 
 
-def with_tokens(indices: list[int] | dict[str, list[int]], targets: list[str]) -> nn.Module:
-    model = peftkit.adapt(tiny_llama(), "lora", r=2, alpha=4, target_modules=targets, trainable_token_indices=indices)
+def with_tokens(indices: list[int] | dict[str, list[int]], targets: list[str], method: str = "lora") -> nn.Module:
+    model = peftkit.adapt(tiny_llama(), method, r=2, alpha=4, target_modules=targets, trainable_token_indices=indices)
     randomize_adapters(model)
     return model
 
 
-def test_trainable_tokens_equal_peft_in_outputs_and_gradients() -> None:
-    ours = with_tokens(TOKENS, ["q_proj"])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_trainable_tokens_equal_peft_in_outputs_and_gradients(method: str) -> None:
+    ours = with_tokens(TOKENS, ["q_proj"], method)
     rows = ours.model.embed_tokens.adapters["default"].token_adapter.trainable_tokens_delta
     assert rows.shape == (len(TOKENS), 32) and rows.requires_grad
-    assert peftkit.trainable_parameters(ours)[0] == len(TOKENS) * 32 + 2 * (2 * 32 + 32 * 2)  # rows + 2 q_proj LoRAs
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], trainable_token_indices=TOKENS)
+    magnitudes = 2 * 32 if method == "dora" else 0
+    assert peftkit.trainable_parameters(ours)[0] == len(TOKENS) * 32 + 2 * (2 * 32 + 32 * 2) + magnitudes
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"], trainable_token_indices=TOKENS, use_dora=method == "dora"
+    )
     theirs = twin(ours, tiny_llama(), config)
     assert_same_gradients(ours, theirs, IDS)
 
