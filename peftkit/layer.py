@@ -43,9 +43,9 @@ class Adapter(nn.Module, ABC):
     `delta_weight`, and methods whose merge is not `W + delta` (DoRA) override
     `merged_weight`/`unmerged_weight`.
 
-    `selected_by_target_modules` is False for adapters that a method places by another
-    option (LoRA's `target_parameters`, `trainable_token_indices`), so their layers are
-    left out of the saved `target_modules`.
+    `selected_by_target_modules` is False for adapters that a method places by an
+    option of its own (on bare parameters, on embedding rows), so their layers are left
+    out of the saved `target_modules`.
     """
 
     selected_by_target_modules: ClassVar[bool] = True

@@ -213,11 +213,13 @@ class LoraMultiheadAttention(ParameterAdapter, LoraLinear):
         out_proj.weight [E, E]  -> out_proj.weight + s B' A'
 
     The attention reads both weights itself (it never calls `out_proj`), so the update
-    is a change of parameters for the call, as PEFT's merge-for-the-forward amounts
-    to. A and B train the packed q/k/v projection; the out projection's pair sits at
-    `base_layer.out_proj`, where PEFT's wrapper keeps it, so the state-dict keys are PEFT's.
-    Dropout has no input to act on here and a bias on B none to sit in (PEFT ignores
-    or mishandles both), so they are refused.
+    is a change of parameters for the call (PEFT merges before each forward and
+    unmerges after). A and B train the packed q/k/v projection; the out projection's
+    pair sits at `base_layer.out_proj`, where PEFT's wrapper keeps it, so the
+    state-dict keys are PEFT's. PEFT 0.21 adds the out-projection update twice
+    (huggingface/peft#3774, open); it is added once here, so the two agree on the
+    in-projection and differ by that factor on the out-projection. Dropout has no
+    input to act on here and a bias on B none to sit in, so they are refused.
     """
 
     def __init__(
