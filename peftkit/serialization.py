@@ -75,7 +75,9 @@ def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[s
     targeted = {
         path: host.base_layer
         for path, host in hosts(model)
-        if isinstance(host, AdapterLayer) and adapter_name in host.adapters
+        if isinstance(host, AdapterLayer)
+        and adapter_name in host.adapters
+        and host.adapters[adapter_name].selected_by_target_modules
     }
     config: dict[str, Any] = {
         f.metadata["peft"]: getattr(method.config, f.name)
@@ -274,6 +276,8 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike[str], name: 
         raise AdapterFileError(f"cannot hot-swap a {incoming.name} adapter into {name!r}, which is {current.name}.")
     for path, host in hosts(model):
         if isinstance(host, AdapterLayer) and name in host.adapters:
+            if not host.adapters[name].selected_by_target_modules:
+                continue  # placed by another option; its shapes are checked when its tensors are copied
             if name in host.merged_adapters:
                 raise AdapterStateError(f"adapter {name!r} is merged into {path!r}; unmerge it before hot-swapping.")
             live, fresh = (
