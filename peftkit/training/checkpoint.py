@@ -23,7 +23,8 @@ from torch import nn
 
 from peftkit.errors import AdapterFileError
 from peftkit.files import atomic_directory
-from peftkit.serialization import WEIGHTS_NAME, adapter_state_dict, save_adapter
+from peftkit.inject import DEFAULT_ADAPTER
+from peftkit.serialization import WEIGHTS_NAME, copy_adapter_tensors, save_adapter
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints"]
 
@@ -93,16 +94,7 @@ def load_checkpoint(
     path = Path(path)
     if not (path / STATE_NAME).is_file():
         raise AdapterFileError(f"{str(path)!r} is not a whole checkpoint (no {STATE_NAME}).")
-    saved = load_file(str(path / "adapter" / WEIGHTS_NAME))
-    live = adapter_state_dict(model)
-    if saved.keys() != live.keys():
-        raise AdapterFileError(
-            f"checkpoint {str(path)!r} does not fit this model's adapter "
-            f"({len(saved.keys() ^ live.keys())} tensor names differ); was the config changed?"
-        )
-    with torch.no_grad():
-        for key, tensor in live.items():
-            tensor.copy_(saved[key])
+    copy_adapter_tensors(model, DEFAULT_ADAPTER, load_file(str(path / "adapter" / WEIGHTS_NAME)), path / "adapter")
     trainer = torch.load(path / TRAINER_NAME, weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])

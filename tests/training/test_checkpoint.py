@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_run import make_model_dir, write_run
 from transformers import AutoModelForCausalLM
 
 import peftkit
 import peftkit.training.checkpoint as checkpoint
 import peftkit.training.loop
+from peftkit.errors import ShapeMismatchError
 from peftkit.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from peftkit.training.config import load_config
 from peftkit.training.loop import train
@@ -94,3 +95,19 @@ def test_resumed_run_is_bit_identical(tmp_path: Path, model_dir: Path, monkeypat
     assert expected.keys() == got.keys() and len(expected) == 2 * 7 * 2  # layers x linears x (A, B)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert resumed.summary["val_loss"] == whole.summary["val_loss"]
+
+
+def test_a_checkpoint_tensor_of_another_shape_is_refused(tmp_path: Path, model_dir: Path) -> None:
+    """A (1, 32) lora_A would broadcast into the live (2, 32) one; the shape check names it instead."""
+    model, optimizer, scheduler = adapted(model_dir)
+    saved = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {}, keep_last=2)
+    weights = saved / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = tensors[key][:1] + 1.0
+    save_file(tensors, str(weights))
+    fresh, fresh_optimizer, fresh_scheduler = adapted(model_dir)
+    before = {k: v.clone() for k, v in peftkit.adapter_state_dict(fresh).items()}
+    with pytest.raises(ShapeMismatchError, match=r"saved lora_A\.weight has shape \(1, 32\), but this model needs \(2, 32\)"):
+        load_checkpoint(saved, fresh, fresh_optimizer, fresh_scheduler)
+    assert all(torch.equal(v, before[k]) for k, v in peftkit.adapter_state_dict(fresh).items())
