@@ -48,11 +48,26 @@ def _as_float(value: Any) -> Any:
 
 @dataclasses.dataclass
 class _Section:
+    """A YAML section: type-checked, then range-checked (`positive` and `non_negative` keys; None passes)."""
+
+    section: typing.ClassVar[str]
+    positive: typing.ClassVar[tuple[str, ...]] = ()
+    non_negative: typing.ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
-        for name, hint in typing.get_type_hints(type(self)).items():
+        hints = typing.get_type_hints(type(self))
+        for name, hint in hints.items():
             if float in typing.get_args(hint) or hint is float:
                 setattr(self, name, _as_float(getattr(self, name)))
-        check_types(self, type(self).section)  # type: ignore[attr-defined]
+        check_types(self, self.section)
+        for key in self.positive + self.non_negative:
+            value = getattr(self, key)
+            if value is None or value > 0 or (value == 0 and key in self.non_negative):
+                continue
+            whole = int in (hints[key], *typing.get_args(hints[key]))
+            valid = "0 or more" if key in self.non_negative else "at least 1" if whole else "above 0"
+            optional = " (or null)" if type(None) in typing.get_args(hints[key]) else ""
+            raise ConfigError(f"{self.section}.{key} must be {valid}{optional}, got {value!r}.")
 
 
 @dataclasses.dataclass
@@ -102,6 +117,16 @@ class TrainingConfig(_Section):
     """Optimisation: AdamW with a warmup then a `schedule`; `batch_size` is per process."""
 
     section = "training"
+    positive = (
+        "learning_rate",
+        "epochs",
+        "max_steps",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "max_grad_norm",
+        "log_every",
+    )
+    non_negative = ("warmup_steps", "weight_decay", "seed")
     learning_rate: float = 2.0e-4
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = 0
@@ -115,13 +140,6 @@ class TrainingConfig(_Section):
     seed: int = 0
     log_every: int = 1
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key in ("epochs", "batch_size", "gradient_accumulation_steps", "log_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"training.{key} must be at least 1, got {getattr(self, key)}.")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"training.max_steps must be at least 1, got {self.max_steps}.")
 
 
 @dataclasses.dataclass
@@ -129,6 +147,8 @@ class EvalConfig(_Section):
     """Validation loss every `every` steps (and at start and end); `generations` greedy samples."""
 
     section = "eval"
+    positive = ("every", "max_new_tokens", "batch_size")
+    non_negative = ("generations",)
     every: int | None = None
     generations: int = 0
     max_new_tokens: int = 48
@@ -140,6 +160,7 @@ class OutputConfig(_Section):
     """Where the run writes; a checkpoint every `save_every` steps, the last `keep_last` kept."""
 
     section = "output"
+    positive = ("save_every", "keep_last")
     dir: str = "runs/peftkit"
     save_every: int | None = None
     keep_last: int = 2
