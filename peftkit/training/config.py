@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,17 +34,45 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "build_config",
+    "yaml_numbers",
 ]
 
 
-def _as_float(value: Any) -> Any:
-    """YAML 1.1 reads `1e-4` as a string; take it as the float a person meant."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
+def _yaml_number(value: Any, hint: Any) -> Any:
+    """`value` as the number `hint` asks for where YAML 1.1 left a string (`1e-4`, `1e2`).
+
+    A float option gets the float; an int option gets the int when the number is whole
+    (`1e2` -> 100); containers (`rank_pattern: {q_proj: 1e1}`) are converted inside.
+    """
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = typing.get_args(hint) if union else (hint,)
+    if isinstance(value, (dict, list)):
+        kind = dict if isinstance(value, dict) else list
+        inner = next((typing.get_args(h) for h in options if typing.get_origin(h) is kind), None)
+        if not inner:
             return value
-    return value
+        if kind is dict:
+            return {k: _yaml_number(v, inner[-1]) for k, v in value.items()}
+        return [_yaml_number(v, inner[0]) for v in value]
+    if not isinstance(value, str) or str in options:
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if float in options:
+        return number
+    return int(number) if int in options and number.is_integer() else value
+
+
+def yaml_numbers(cls: type, options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` for the dataclass `cls` with YAML's numeric strings read as its fields' number types.
+
+    The one conversion for every section, the method's options included; unknown keys pass
+    through for `from_options` to name.
+    """
+    hints = typing.get_type_hints(cls)
+    return {key: _yaml_number(value, hints[key]) if key in hints else value for key, value in options.items()}
 
 
 @dataclasses.dataclass
@@ -56,9 +85,6 @@ class _Section:
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
-        for name, hint in hints.items():
-            if float in typing.get_args(hint) or hint is float:
-                setattr(self, name, _as_float(getattr(self, name)))
         check_types(self, self.section)
         for key in self.positive + self.non_negative:
             value = getattr(self, key)
@@ -227,8 +253,8 @@ def _resolve_file(path: str, base: Path | None, key: str) -> str:
 def _method_section(raw: Any) -> MethodSection:
     if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str):
         raise ConfigError("method.name is required: a registered method such as 'lora'.")
-    options = {k: v for k, v in raw.items() if k != "name"}
     method = get_method(raw["name"])  # raises on an unknown method, naming the close ones
+    options = yaml_numbers(method.config_class, {k: v for k, v in raw.items() if k != "name"})
     try:
         method.from_options(**options)
     except ConfigError as error:
@@ -252,7 +278,7 @@ def build_config(raw: Mapping[str, Any], base: Path | None = None) -> RunConfig:
         values = raw.get(name) or {}
         if not isinstance(values, Mapping):
             raise ConfigError(f"{name} must be a mapping of options, got {values!r}.")
-        sections[name] = from_options(cls, values, where=name)
+        sections[name] = from_options(cls, yaml_numbers(cls, values), where=name)
     data = sections["data"]
     data.train = _resolve_file(data.train, base, "data.train")
     if data.validation:

@@ -125,3 +125,25 @@ def test_out_of_range_values_name_key_value_and_range(config_file: Path, overrid
 def test_zero_is_valid_where_it_means_none(config_file: Path) -> None:
     config = load_config(config_file, ["training.warmup_steps=0", "training.weight_decay=0", "eval.generations=0"])
     assert (config.training.warmup_steps, config.training.weight_decay, config.eval.generations) == (0, 0.0, 0)
+
+
+def test_yaml_1_1_exponents_are_numbers_in_every_section(config_file: Path) -> None:
+    """YAML 1.1 reads `1e2` (no dot) as a string; every section takes the number its option's type asks for."""
+    raw = yaml.safe_load(config_file.read_text())
+    raw["method"].update(alpha="1e2", dropout="5e-2", r="1e1", rank_pattern={"q_proj": "2e0"})
+    raw["training"].update(learning_rate="1e-4", max_steps="1e3")
+    config = build_config(raw, base=config_file.parent)
+    options = config.method.options
+    assert (options["alpha"], options["dropout"], options["r"], options["rank_pattern"]) == (
+        100.0,
+        0.05,
+        10,
+        {"q_proj": 2},
+    )
+    assert isinstance(options["alpha"], float) and type(options["r"]) is int and type(options["rank_pattern"]["q_proj"]) is int
+    assert config.training.learning_rate == 1e-4 and type(config.training.max_steps) is int and config.training.max_steps == 1000
+
+
+def test_a_fractional_number_for_an_int_option_is_refused(config_file: Path) -> None:
+    with pytest.raises(ConfigError, match=r"r must be int, got '1\.5e0'"):
+        load_config(config_file, ["method.r=1.5e0"])
