@@ -30,6 +30,7 @@ __all__ = [
     "EvalConfig",
     "OutputConfig",
     "RunConfig",
+    "read_text",
     "read_yaml",
     "load_config",
     "apply_overrides",
@@ -167,7 +168,6 @@ class TrainingConfig(_Section):
     log_every: int = 1
 
 
-
 @dataclasses.dataclass
 class EvalConfig(_Section):
     """Validation loss every `every` steps (and at start and end); `generations` greedy samples."""
@@ -286,13 +286,23 @@ def build_config(raw: Mapping[str, Any], base: Path | None = None) -> RunConfig:
     return RunConfig(method=_method_section(raw.get("method")), **sections)
 
 
+def read_text(path: str | os.PathLike[str], what: str) -> str:
+    """A file's text; ConfigError names `what` and the file when it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{what} {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8."
+        ) from None
+
+
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The mapping of sections in a YAML config file; ConfigError says what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(read_text(path, "config file")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):

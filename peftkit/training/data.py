@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from peftkit.training.config import DataConfig
 from peftkit.errors import ConfigError
+from peftkit.training.config import DataConfig, read_text
 
 __all__ = [
     "IGNORE_INDEX",
@@ -46,25 +46,62 @@ class Example:
     labels: list[int]
 
 
+def _check_record(record: Any, where: str) -> None:
+    """Raise ConfigError at `where` (file:line) unless the record's known fields have the shape they need."""
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__} {_short(record)}.")
+    for key in ("text", "prompt", "completion"):
+        if key in record and not isinstance(record[key], str):
+            raise ConfigError(
+                f"{where}: {key!r} must be a string, got {type(record[key]).__name__} {_short(record[key])}."
+            )
+    messages = record.get("messages", [])
+    if not isinstance(messages, list):
+        raise ConfigError(
+            f"{where}: 'messages' must be a list of {{'role', 'content'}} objects, got {_short(messages)}."
+        )
+    for number, message in enumerate(messages, 1):
+        if not (isinstance(message, dict) and all(isinstance(message.get(k), str) for k in ("role", "content"))):
+            raise ConfigError(
+                f"{where}: message {number} must be an object with string 'role' and 'content', got {_short(message)}."
+            )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a .jsonl/.json file, or of a text file (one `text` record per paragraph)."""
+    """Records of a .jsonl/.json file, or of a text file (one `text` record per paragraph).
+
+    Every record is checked here, where its line is known, so a bad one is named by file:line.
+    """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "data file")
     if path.suffix == ".json":
-        records = json.loads(text)
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(loaded, list):
+            raise ConfigError(f"{path} must hold a JSON list of records, got {type(loaded).__name__}.")
+        numbered = [(f"{path} record {i}", r) for i, r in enumerate(loaded, 1)]
     elif path.suffix == ".jsonl":
-        records = []
+        numbered = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    numbered.append((f"{path}:{number}", json.loads(line)))
                 except json.JSONDecodeError as error:
                     raise ConfigError(f"{path}:{number} is not valid JSON: {error}") from None
     else:
-        records = [{"text": part.strip()} for part in text.split("\n\n") if part.strip()]
-    if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+        numbered = [(str(path), {"text": part.strip()}) for part in text.split("\n\n") if part.strip()]
+    if not numbered:
         raise ConfigError(f"{path} holds no records; expected JSON objects, one per line.")
-    return records
+    for where, record in numbered:
+        _check_record(record, where)
+    return [record for _, record in numbered]
 
 
 def record_format(record: dict[str, Any], where: str) -> str:

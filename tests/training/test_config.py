@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peftkit.training.config import build_config, load_config
 from peftkit.errors import ConfigError, UnknownMethodError
+from peftkit.training.config import build_config, load_config
 
 
 @pytest.fixture
@@ -140,10 +140,25 @@ def test_yaml_1_1_exponents_are_numbers_in_every_section(config_file: Path) -> N
         10,
         {"q_proj": 2},
     )
-    assert isinstance(options["alpha"], float) and type(options["r"]) is int and type(options["rank_pattern"]["q_proj"]) is int
-    assert config.training.learning_rate == 1e-4 and type(config.training.max_steps) is int and config.training.max_steps == 1000
+    assert (
+        isinstance(options["alpha"], float)
+        and type(options["r"]) is int
+        and type(options["rank_pattern"]["q_proj"]) is int
+    )
+    assert (
+        config.training.learning_rate == 1e-4
+        and type(config.training.max_steps) is int
+        and config.training.max_steps == 1000
+    )
 
 
 def test_a_fractional_number_for_an_int_option_is_refused(config_file: Path) -> None:
     with pytest.raises(ConfigError, match=r"r must be int, got '1\.5e0'"):
         load_config(config_file, ["method.r=1.5e0"])
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_bytes("model:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"config file '{path}' is not UTF-8 text .*; save it as UTF-8\.$"):
+        load_config(path)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_run import tiny_tokenizer, write_records
 
+from peftkit.errors import ConfigError
 from peftkit.training.config import DataConfig
 from peftkit.training.data import IGNORE_INDEX, Example, collate, encode, epoch_order, load_datasets, pack, read_records
-from peftkit.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -79,4 +80,47 @@ def test_text_file_and_validation_split(tmp_path: Path, tok) -> None:
 def test_unknown_record_shape_is_named(tmp_path: Path, tok) -> None:
     path = write_records(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(ConfigError, match=r"data.train: a record with keys \['answer', 'question'\]"):
+        load_datasets(DataConfig(train=str(path)), tok, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ({"prompt": "p", "completion": 5}, "'completion' must be a string, got int 5."),
+        ({"prompt": ["p"], "completion": "c"}, "'prompt' must be a string, got list [\"p\"]."),
+        ({"text": None}, "'text' must be a string, got NoneType null."),
+        ({"messages": "hi"}, "'messages' must be a list of {'role', 'content'} objects, got \"hi\"."),
+        (
+            {"messages": [{"role": "user", "content": "a"}, "hi"]},
+            "message 2 must be an object with string 'role' and 'content', got \"hi\".",
+        ),
+        (
+            {"messages": [{"role": "user"}]},
+            "message 1 must be an object with string 'role' and 'content', got {\"role\": \"user\"}.",
+        ),
+        ([1, 2], "expected a JSON object, got list [1, 2]."),
+    ],
+)
+def test_a_malformed_record_is_named_by_file_and_line(tmp_path: Path, tok, line, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    good = '{"prompt": "p", "completion": "c"}\n'
+    path.write_text(good + "\n" + json.dumps(line) + "\n", encoding="utf-8")  # line 3: a blank line is counted
+    with pytest.raises(ConfigError) as caught:
+        load_datasets(DataConfig(train=str(path)), tok, seed=0)
+    assert str(caught.value) == f"{path}:3: {message}"
+
+
+def test_a_data_file_that_is_not_utf8_is_named(tmp_path: Path, tok) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(
+        ConfigError, match=rf"data file '{path}' is not UTF-8 text \(invalid continuation byte at byte 13\)"
+    ):
+        load_datasets(DataConfig(train=str(path)), tok, seed=0)
+
+
+def test_a_json_file_that_is_not_json_is_named(tmp_path: Path, tok) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text("[{", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"{path} is not valid JSON: "):
         load_datasets(DataConfig(train=str(path)), tok, seed=0)
