@@ -25,13 +25,13 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from peftkit.errors import ConfigError
+from peftkit.inject import adapt, trainable_parameters
+from peftkit.serialization import save_adapter
 from peftkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig
 from peftkit.training.data import IGNORE_INDEX, Example, collate, epoch_order, generation_prompt, load_datasets
-from peftkit.errors import ConfigError
-from peftkit.inject import adapt, trainable_parameters
 from peftkit.training.models import generate_text, load_model, load_tokenizer
-from peftkit.serialization import save_adapter
 
 __all__ = ["CausalLMLoss", "TrainResult", "train", "find_resume_checkpoint"]
 

@@ -10,8 +10,8 @@ import sys
 
 from safetensors.torch import save_file
 
-from peftkit.training.config import load_config
 from peftkit.serialization import adapter_state_dict
+from peftkit.training.config import load_config
 from peftkit.training.loop import train
 
 if __name__ == "__main__":

@@ -108,6 +108,8 @@ def test_a_checkpoint_tensor_of_another_shape_is_refused(tmp_path: Path, model_d
     save_file(tensors, str(weights))
     fresh, fresh_optimizer, fresh_scheduler = adapted(model_dir)
     before = {k: v.clone() for k, v in peftkit.adapter_state_dict(fresh).items()}
-    with pytest.raises(ShapeMismatchError, match=r"saved lora_A\.weight has shape \(1, 32\), but this model needs \(2, 32\)"):
+    with pytest.raises(
+        ShapeMismatchError, match=r"saved lora_A\.weight has shape \(1, 32\), but this model needs \(2, 32\)"
+    ):
         load_checkpoint(saved, fresh, fresh_optimizer, fresh_scheduler)
     assert all(torch.equal(v, before[k]) for k, v in peftkit.adapter_state_dict(fresh).items())
