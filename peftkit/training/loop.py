@@ -30,7 +30,15 @@ from peftkit.inject import adapt, trainable_parameters
 from peftkit.serialization import save_adapter
 from peftkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig
-from peftkit.training.data import IGNORE_INDEX, Example, collate, epoch_order, generation_prompt, load_datasets
+from peftkit.training.data import (
+    IGNORE_INDEX,
+    Datasets,
+    Example,
+    collate,
+    epoch_order,
+    generation_prompt,
+    load_datasets,
+)
 from peftkit.training.models import generate_text, load_model, load_tokenizer
 
 __all__ = ["CausalLMLoss", "TrainResult", "train", "find_resume_checkpoint"]
@@ -173,6 +181,12 @@ class _Run:
             )
 
 
+def _dropped(datasets: Datasets, max_length: int) -> str:
+    """ " (dropped ...)" for the header line, naming each split's dropped rows and why; "" when none were."""
+    said = [f"{name}: {r.describe(max_length)}" for name, r in datasets.reports.items() if r.describe(max_length)]
+    return f" (dropped from {'; '.join(said)})" if said else ""
+
+
 def _peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
@@ -269,7 +283,8 @@ def _train(run: _Run, resume: str | bool | None) -> TrainResult:
     started = time.perf_counter()
     run.tokenizer = load_tokenizer(config.model.name)
     run.pad_id = run.tokenizer.pad_token_id
-    train_set, valid_set, valid_records = load_datasets(config.data, run.tokenizer, tc.seed)
+    datasets = load_datasets(config.data, run.tokenizer, tc.seed)
+    train_set, valid_set, valid_records = datasets.train, datasets.validation, datasets.validation_records
     total_steps = _total_steps(tc, len(train_set), acc.num_processes)
     model = load_model(config.model.name, config.model.dtype)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -289,10 +304,12 @@ def _train(run: _Run, resume: str | bool | None) -> TrainResult:
     run.say(
         f"peftkit: {config.method.name} on {config.model.name} | trainable {trainable:,} / {total:,} params "
         f"({100 * trainable / total:.2f}%) | base weights {base_bytes / 1e9:.2f} GB | {len(train_set)} train / "
-        f"{len(valid_set)} val examples | {total_steps} steps x {sequences} sequences | "
+        f"{len(valid_set)} val examples{_dropped(datasets, config.data.max_length)} | "
+        f"{total_steps} steps x {sequences} sequences | "
         f"{acc.num_processes} process(es) on {acc.device}"
         + (f" | resumed from {resume_from} at step {start}" if resume_from else "")
     )
+    run.log({"step": start, "data": {name: dataclasses.asdict(r) for name, r in datasets.reports.items()}})
     val_before = run.validate(wrapper, valid_set, start)
     run.generations(unwrapped, valid_records, start, "before")
 

@@ -72,8 +72,9 @@ def test_text_file_and_validation_split(tmp_path: Path, tok) -> None:
     (tmp_path / "corpus.txt").write_text("one\n\ntwo\n\nthree\n\nfour\n", encoding="utf-8")
     assert read_records(tmp_path / "corpus.txt") == [{"text": t} for t in ("one", "two", "three", "four")]
     config = DataConfig(train=str(tmp_path / "corpus.txt"), validation_split=0.25, max_length=16)
-    train, valid, valid_records = load_datasets(config, tok, seed=0)
-    assert len(train) == 3 and len(valid) == 1 and len(valid_records) == 1
+    datasets = load_datasets(config, tok, seed=0)
+    train, valid = datasets.train, datasets.validation
+    assert len(train) == 3 and len(valid) == 1 and len(datasets.validation_records) == 1
     assert torch.tensor([len(e.input_ids) for e in train + valid]).sum() == len("onetwothreefour") + 4
 
 
@@ -124,3 +125,58 @@ def test_a_json_file_that_is_not_json_is_named(tmp_path: Path, tok) -> None:
     path.write_text("[{", encoding="utf-8")
     with pytest.raises(ConfigError, match=rf"{path} is not valid JSON: "):
         load_datasets(DataConfig(train=str(path)), tok, seed=0)
+
+
+def chat(*turns: tuple[str, str]) -> dict:
+    return {"messages": [{"role": role, "content": content} for role, content in turns]}
+
+
+def test_dropped_rows_are_counted_by_reason(tmp_path: Path, tok) -> None:
+    records = [chat(("user", "hi"), ("assistant", "yo")), chat(("user", "hi")), chat(("system", "s"), ("user", "x"))]
+    records.append(chat(("user", "x" * 40), ("assistant", "late")))  # 40 bytes of prompt > max_length 32
+    path = write_records(tmp_path / "chat.jsonl", records)
+    report = load_datasets(DataConfig(train=str(path), max_length=32), tok, seed=0).reports["train"]
+    assert (report.records, report.examples) == (4, 1)
+    assert report.dropped == {"no_assistant_turn": 2, "prompt_fills_max_length": 1}
+    assert report.describe(32) == (
+        "2 chat record(s) without an assistant turn (the loss is on assistant turns only); "
+        "1 record(s) whose prompt fills data.max_length 32, leaving no token to learn"
+    )
+
+
+def test_packing_reports_the_cut_remainder(tmp_path: Path, tok) -> None:
+    path = write_records(tmp_path / "text.jsonl", [{"text": t} for t in ("abcde", "fghij", "klmno")])  # 3 x (5 + EOS)
+    datasets = load_datasets(DataConfig(train=str(path), max_length=8, packing=True), tok, seed=0)
+    report = datasets.reports["train"]
+    assert len(datasets.train) == report.examples == 2 and report.packing_remainder_tokens == 2
+    assert report.describe(8) == "the last 2 tokens, short of a 8-token block"
+
+
+@pytest.mark.parametrize(
+    ("records", "config", "message"),
+    [
+        (
+            [chat(("user", "a")), chat(("user", "b"))],
+            {},
+            "data.train: none of the 2 records has a token to learn from: "
+            "2 chat record(s) without an assistant turn (the loss is on assistant turns only).",
+        ),
+        (
+            [{"prompt": "p" * 20, "completion": "c"}],
+            {"max_length": 16},
+            "data.train: none of the 1 records has a token to learn from: 1 record(s) whose prompt fills "
+            "data.max_length 16, leaving no token to learn. Raise data.max_length.",
+        ),
+        (
+            [{"text": "abc"}, {"text": "de"}],
+            {"max_length": 16, "packing": True},
+            "data.train: packing joins 7 tokens, short of one data.max_length block of 16; "
+            "lower data.max_length or set data.packing: false.",
+        ),
+    ],
+)
+def test_no_example_left_says_the_real_reason(tmp_path: Path, tok, records, config, message: str) -> None:
+    path = write_records(tmp_path / "data.jsonl", records)
+    with pytest.raises(ConfigError) as caught:
+        load_datasets(DataConfig(train=str(path), **config), tok, seed=0)
+    assert str(caught.value) == message

@@ -121,3 +121,28 @@ def test_two_processes_average_gradients(tmp_path: Path, model_dir: Path) -> Non
     single_adapter = load_file(tmp_path / "single" / "run" / "adapter" / "adapter_model.safetensors")
     assert all(torch.allclose(rank0[k], single_adapter[k], atol=1e-4) for k in rank0)
     assert not (tmp_path / "double" / "run" / "checkpoints").exists()
+
+
+def test_dropped_rows_are_reported_in_the_header_and_metrics(tmp_path: Path, model_dir: Path, capsys) -> None:
+    path = write_run(tmp_path, model_dir, training={"max_steps": 1})
+    with open(tmp_path / "train.jsonl", "a", encoding="utf-8") as handle:  # 32 good rows, then 2 too long
+        handle.write(json.dumps({"prompt": "p" * 40, "completion": "c"}) + "\n")
+        handle.write(json.dumps({"prompt": "q" * 33, "completion": "c"}) + "\n")
+    train(load_config(path))
+    header = capsys.readouterr().out.splitlines()[0]
+    assert (
+        "| 32 train / 8 val examples (dropped from train: 2 record(s) whose prompt fills data.max_length 32" in header
+    )
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first == {
+        "step": 0,
+        "data": {
+            "train": {
+                "records": 34,
+                "examples": 32,
+                "dropped": {"prompt_fills_max_length": 2},
+                "packing_remainder_tokens": 0,
+            },
+            "validation": {"records": 8, "examples": 8, "dropped": {}, "packing_remainder_tokens": 0},
+        },
+    }
