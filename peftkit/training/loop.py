@@ -39,7 +39,7 @@ from peftkit.training.data import (
     generation_prompt,
     load_datasets,
 )
-from peftkit.training.models import generate_text, load_model, load_tokenizer
+from peftkit.training.models import check_model_source, generate_text, load_model, load_tokenizer
 
 __all__ = ["CausalLMLoss", "TrainResult", "train", "find_resume_checkpoint"]
 
@@ -279,6 +279,7 @@ def train(config: RunConfig, resume: str | bool | None = None, quiet: bool = Fal
 def _train(run: _Run, resume: str | bool | None) -> TrainResult:
     config = run.config
     acc, tc = run.acc, config.training
+    check_model_source(config.model.name)
     resume_from = find_resume_checkpoint(resume, run.out) if resume else None
     started = time.perf_counter()
     run.tokenizer = load_tokenizer(config.model.name)

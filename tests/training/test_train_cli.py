@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,46 @@ def test_a_config_that_is_not_utf8_is_named(tmp_path: Path, capsys) -> None:
     config = tmp_path / "run.yaml"
     config.write_bytes(b"model:\n  name: \xff\n")
     assert fails_in_one_line(["train", str(config)], capsys).startswith(f"config file '{config}' is not UTF-8 text")
+
+
+def test_offline_a_hub_id_not_in_the_cache_fails_at_once(tmp_path: Path, model_dir: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    config = write_run(tmp_path, model_dir, model={"name": "nobody/no-such-model-peftkit"})
+    started = time.perf_counter()
+    message = fails_in_one_line(["train", str(config)], capsys)
+    assert time.perf_counter() - started < 3.0
+    assert message == (
+        "model.name 'nobody/no-such-model-peftkit' is neither a local directory nor a hub model in the cache, "
+        "and HF_HUB_OFFLINE=1 forbids downloading it; download it first, or give a local path."
+    )
+
+
+def test_a_local_model_path_that_does_not_exist(tmp_path: Path, model_dir: Path, capsys) -> None:
+    config = write_run(tmp_path, model_dir, model={"name": str(tmp_path / "models" / "mine")})
+    message = fails_in_one_line(["train", str(config)], capsys)
+    assert message == f"model.name '{tmp_path / 'models' / 'mine'}': no such local directory."
+
+
+def test_a_hub_that_cannot_be_reached_is_named(tmp_path: Path, model_dir: Path, capsys, monkeypatch) -> None:
+    import transformers
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
+    config = write_run(tmp_path, model_dir, model={"name": "nobody/no-such-model-peftkit"})
+    assert fails_in_one_line(["train", str(config)], capsys) == (
+        "model.name 'nobody/no-such-model-peftkit': could not load it from the Hugging Face hub (or its cache): "
+        "We couldn't connect to 'https://huggingface.co' to load the files."
+    )
+
+
+def test_a_local_directory_without_a_model_is_named(tmp_path: Path, model_dir: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    config = write_run(tmp_path, model_dir, model={"name": str(tmp_path / "empty")})
+    message = fails_in_one_line(["train", str(config)], capsys)
+    assert (
+        message == f"model.name '{tmp_path / 'empty'}': a local path without config.json, so not a transformers model."
+    )
