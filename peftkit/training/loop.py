@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from peftkit.errors import ConfigError
 from peftkit.inject import adapt, trainable_parameters
 from peftkit.serialization import save_adapter
-from peftkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from peftkit.training.checkpoint import find_resume_checkpoint, restore_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig
 from peftkit.training.data import (
     IGNORE_INDEX,
@@ -41,7 +41,7 @@ from peftkit.training.data import (
 )
 from peftkit.training.models import check_model_source, generate_text, load_model, load_tokenizer
 
-__all__ = ["CausalLMLoss", "TrainResult", "train", "find_resume_checkpoint"]
+__all__ = ["CausalLMLoss", "TrainResult", "train"]
 
 
 @dataclasses.dataclass
@@ -78,18 +78,6 @@ class CausalLMLoss(nn.Module):
             if cap:  # Gemma's soft cap, as its own forward applies it
                 logits = torch.tanh(logits / cap) * cap
         return F.cross_entropy(logits.float(), targets[keep])
-
-
-def find_resume_checkpoint(resume: str | bool, output_dir: Path) -> Path:
-    """The checkpoint `--resume [DIR]` means: DIR itself, DIR's newest, or the run's newest."""
-    base = output_dir if resume is True else Path(str(resume))
-    for candidate in (base, base / "checkpoints"):
-        if (candidate / "state.json").is_file():
-            return candidate
-        found = latest_checkpoint(candidate)
-        if found is not None:
-            return found
-    raise ConfigError(f"--resume: no whole checkpoint in {str(base)!r}.")
 
 
 def _global_batch(step: int, micro: int, accum: int, n_examples: int, per_global: int, seed: int) -> list[int]:
@@ -280,7 +268,7 @@ def _train(run: _Run, resume: str | bool | None) -> TrainResult:
     config = run.config
     acc, tc = run.acc, config.training
     check_model_source(config.model.name)
-    resume_from = find_resume_checkpoint(resume, run.out) if resume else None
+    resume_from, skipped = find_resume_checkpoint(resume, run.out, run.say) if resume else (None, [])
     started = time.perf_counter()
     run.tokenizer = load_tokenizer(config.model.name)
     run.pad_id = run.tokenizer.pad_token_id
@@ -297,7 +285,10 @@ def _train(run: _Run, resume: str | bool | None) -> TrainResult:
     wrapper, optimizer = acc.prepare(CausalLMLoss(model), optimizer)
     unwrapped = acc.unwrap_model(wrapper).model
 
-    start = load_checkpoint(resume_from, unwrapped, optimizer, scheduler)["step"] if resume_from else 0
+    start = 0
+    if resume_from is not None:
+        restore_checkpoint(resume_from, unwrapped, optimizer, scheduler)
+        start = resume_from.step
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
@@ -308,8 +299,10 @@ def _train(run: _Run, resume: str | bool | None) -> TrainResult:
         f"{len(valid_set)} val examples{_dropped(datasets, config.data.max_length)} | "
         f"{total_steps} steps x {sequences} sequences | "
         f"{acc.num_processes} process(es) on {acc.device}"
-        + (f" | resumed from {resume_from} at step {start}" if resume_from else "")
+        + (f" | resumed from {resume_from.path} at step {start}" if resume_from else "")
     )
+    if resume_from is not None:
+        run.log({"step": start, "resumed_from": str(resume_from.path), "skipped": skipped})
     run.log({"step": start, "data": {name: dataclasses.asdict(r) for name, r in datasets.reports.items()}})
     val_before = run.validate(wrapper, valid_set, start)
     run.generations(unwrapped, valid_records, start, "before")
