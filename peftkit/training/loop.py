@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peftkit.errors import ConfigError
+from peftkit.files import atomic_write
 from peftkit.inject import adapt, trainable_parameters
 from peftkit.serialization import save_adapter
 from peftkit.training.checkpoint import find_resume_checkpoint, restore_checkpoint, save_checkpoint
@@ -40,6 +41,7 @@ from peftkit.training.data import (
     load_datasets,
 )
 from peftkit.training.models import check_model_source, generate_text, load_model, load_tokenizer
+from peftkit.training.rundir import check_new_run, check_resume, clear_run
 
 __all__ = ["CausalLMLoss", "TrainResult", "train"]
 
@@ -257,18 +259,30 @@ def _transformers_bars(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def train(config: RunConfig, resume: str | bool | None = None, quiet: bool = False) -> TrainResult:
-    """Fine-tune as `config` says; the summary is also printed unless `quiet`."""
+def train(
+    config: RunConfig, resume: str | bool | None = None, quiet: bool = False, overwrite: bool = False
+) -> TrainResult:
+    """Fine-tune as `config` says; the summary is also printed unless `quiet`.
+
+    `resume` continues from a checkpoint of this config (True: the run's newest); `overwrite`
+    deletes another run's state in the output directory first, which is refused otherwise.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in output.dir and --overwrite deletes it; give one.")
     run = _Run(config, quiet)
     with _transformers_bars(enabled=run.main and not quiet):
-        return _train(run, resume)
+        return _train(run, resume, overwrite)
 
 
-def _train(run: _Run, resume: str | bool | None) -> TrainResult:
+def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult:
     config = run.config
     acc, tc = run.acc, config.training
     check_model_source(config.model.name)
     resume_from, skipped = find_resume_checkpoint(resume, run.out, run.say) if resume else (None, [])
+    if resume_from is not None:
+        check_resume(resume_from.state.get("config", {}), config.to_dict(), resume_from.path)
+    if resume_from is None or run.out.resolve() not in resume_from.path.resolve().parents:
+        check_new_run(run.out, overwrite)  # a resume from elsewhere starts this directory afresh
     started = time.perf_counter()
     run.tokenizer = load_tokenizer(config.model.name)
     run.pad_id = run.tokenizer.pad_token_id
@@ -289,9 +303,12 @@ def _train(run: _Run, resume: str | bool | None) -> TrainResult:
     if resume_from is not None:
         restore_checkpoint(resume_from, unwrapped, optimizer, scheduler)
         start = resume_from.step
+    acc.wait_for_everyone()  # every process has checked the directory before the main one changes it
     if run.main:
-        run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+        if overwrite:
+            clear_run(run.out)
+        text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+        atomic_write(run.out / "config.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     sequences = tc.batch_size * acc.num_processes * tc.gradient_accumulation_steps
     run.say(
         f"peftkit: {config.method.name} on {config.model.name} | trainable {trainable:,} / {total:,} params "

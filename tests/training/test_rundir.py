@@ -1,0 +1,113 @@
+"""The output directory holds one run: a new run never mixes with, deletes or resumes another's state."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny_run import make_model_dir, write_run
+
+import peftkit.training.rundir as rundir
+from peftkit.cli import main
+from peftkit.training.checkpoint import list_checkpoints
+from peftkit.training.rundir import run_state
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def first_run(tmp_path: Path, model_dir: Path) -> Path:
+    """Run A: 4 steps, checkpoints at 2 and 4, in tmp_path/run; returns its config."""
+    path = write_run(
+        tmp_path / "a", model_dir, training={"max_steps": 4}, output={"save_every": 2, "dir": str(tmp_path / "run")}
+    )
+    assert main(["train", str(path), "--quiet"]) == 0
+    return path
+
+
+def second_run(tmp_path: Path, model_dir: Path) -> Path:
+    """Run B: another learning rate, 2 steps, a checkpoint every step, into the same directory."""
+    sections = dict(training={"max_steps": 2, "learning_rate": 0.01}, output={"save_every": 1, "keep_last": 5})
+    return write_run(
+        tmp_path / "b", model_dir, **{**sections, "output": {**sections["output"], "dir": str(tmp_path / "run")}}
+    )
+
+
+def test_a_new_run_refuses_a_directory_holding_another_run(tmp_path: Path, model_dir: Path, capsys) -> None:
+    first_run(tmp_path, model_dir)
+    before = snapshot(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["train", str(second_run(tmp_path, model_dir))]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        f"peftkit train: error: output.dir '{tmp_path / 'run'}' already holds a run "
+        "(checkpoints, adapter, metrics.jsonl, config.yaml); pass --resume to continue it, "
+        "--overwrite to delete it and start again, or choose another output.dir.\n"
+    )
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_overwrite_replaces_the_other_run_and_only_it(tmp_path: Path, model_dir: Path) -> None:
+    first_run(tmp_path, model_dir)
+    (tmp_path / "run" / "notes.txt").write_text("mine", encoding="utf-8")
+    assert main(["train", str(second_run(tmp_path, model_dir)), "--overwrite", "--quiet"]) == 0
+    out = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000001", "step-000002"]
+    for checkpoint in list_checkpoints(out / "checkpoints"):
+        assert json.loads((checkpoint / "state.json").read_text())["config"]["training"]["learning_rate"] == 0.01
+    steps = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(s for s in steps if s is not None) == 2  # none of run A's steps 3 and 4
+    assert (out / "notes.txt").read_text() == "mine" and not list(out.glob(".peftkit-*"))
+
+
+def test_a_crash_while_clearing_leaves_no_mix(tmp_path: Path, model_dir: Path, monkeypatch, capsys) -> None:
+    first_run(tmp_path, model_dir)
+    out, real_replace, moved = tmp_path / "run", os.replace, []
+
+    def die_on_second_rename(src, dst):
+        if moved:
+            raise KeyboardInterrupt
+        moved.append(src)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(rundir.os, "replace", die_on_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", str(second_run(tmp_path, model_dir)), "--overwrite", "--quiet"])
+    monkeypatch.undo()
+    # Run A's checkpoints went first, whole; nothing of run B was written.
+    assert run_state(out) == ["adapter", "metrics.jsonl", "config.yaml"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["training"]["learning_rate"] == 0.03  # run A's
+    assert main(["train", str(second_run(tmp_path, model_dir)), "--quiet"]) == 2  # still refused, not mixed
+    assert "already holds a run (adapter, metrics.jsonl, config.yaml)" in capsys.readouterr().err
+    assert main(["train", str(second_run(tmp_path, model_dir)), "--overwrite", "--quiet"]) == 0
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000001", "step-000002"]
+    assert not list(out.glob(".peftkit-*"))  # the trash of the crashed clearing is gone too
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path, model_dir: Path, capsys) -> None:
+    first_run(tmp_path, model_dir)
+    before = snapshot(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["train", str(second_run(tmp_path, model_dir)), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert (
+        f"--resume: '{tmp_path / 'run' / 'checkpoints' / 'step-000004'}' was trained with other options "
+        "(data.train: " in err
+    )
+    assert "training.learning_rate: 0.03 in the checkpoint, 0.01 now)" in err
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_resume_and_overwrite_exclude_each_other(tmp_path: Path, model_dir: Path, capsys) -> None:
+    assert main(["train", str(write_run(tmp_path, model_dir)), "--resume", "--overwrite"]) == 2
+    assert "--resume continues the run in output.dir and --overwrite deletes it; give one." in capsys.readouterr().err
