@@ -279,8 +279,6 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     acc, tc = run.acc, config.training
     check_model_source(config.model.name)
     resume_from, skipped = find_resume_checkpoint(resume, run.out, run.say) if resume else (None, [])
-    if resume_from is not None:
-        check_resume(resume_from.state.get("config", {}), config.to_dict(), resume_from.path)
     if resume_from is None or run.out.resolve() not in resume_from.path.resolve().parents:
         check_new_run(run.out, overwrite)  # a resume from elsewhere starts this directory afresh
     started = time.perf_counter()
@@ -289,6 +287,8 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     datasets = load_datasets(config.data, run.tokenizer, tc.seed)
     train_set, valid_set, valid_records = datasets.train, datasets.validation, datasets.validation_records
     total_steps = _total_steps(tc, len(train_set), acc.num_processes)
+    sequences = tc.batch_size * acc.num_processes * tc.gradient_accumulation_steps
+    changed = check_resume(resume_from, config.to_dict(), sequences, total_steps) if resume_from else ""
     model = load_model(config.model.name, config.model.dtype)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     adapt(model, config.method.name, **config.method.options)
@@ -309,7 +309,6 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
             clear_run(run.out)
         text = yaml.safe_dump(config.to_dict(), sort_keys=False)
         atomic_write(run.out / "config.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    sequences = tc.batch_size * acc.num_processes * tc.gradient_accumulation_steps
     run.say(
         f"peftkit: {config.method.name} on {config.model.name} | trainable {trainable:,} / {total:,} params "
         f"({100 * trainable / total:.2f}%) | base weights {base_bytes / 1e9:.2f} GB | {len(train_set)} train / "
@@ -317,9 +316,10 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
         f"{total_steps} steps x {sequences} sequences | "
         f"{acc.num_processes} process(es) on {acc.device}"
         + (f" | resumed from {resume_from.path} at step {start}" if resume_from else "")
+        + (f" with changed options: {changed}" if changed else "")
     )
     if resume_from is not None:
-        run.log({"step": start, "resumed_from": str(resume_from.path), "skipped": skipped})
+        run.log({"step": start, "resumed_from": str(resume_from.path), "skipped": skipped, "changed": changed})
     run.log({"step": start, "data": {name: dataclasses.asdict(r) for name, r in datasets.reports.items()}})
     val_before = run.validate(wrapper, valid_set, start)
     run.generations(unwrapped, valid_records, start, "before")

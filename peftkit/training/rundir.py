@@ -18,6 +18,7 @@ from typing import Any
 
 from peftkit.errors import ConfigError, PeftkitError
 from peftkit.registry import get_method
+from peftkit.training.checkpoint import Checkpoint
 
 __all__ = [
     "RUN_STATE",
@@ -102,23 +103,41 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """`key -> (checkpoint's value, this config's)` for each option that differs and may not on resume."""
+    """`key -> (checkpoint's value, this config's)` for every option that differs."""
     before, now = _flat(saved), _flat(current)
-    differing = {key: (before.get(key), now.get(key)) for key in before.keys() | now.keys()}
-    return {
-        key: values
-        for key, values in sorted(differing.items())
-        if values[0] != values[1] and key not in RESUMABLE + EXTENDABLE
-    }
+    differing = {key: (before.get(key), now.get(key)) for key in sorted(before.keys() | now.keys())}
+    return {key: values for key, values in differing.items() if values[0] != values[1]}
 
 
-def check_resume(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
-    """Refuse to resume the checkpoint at `checkpoint` (config `saved`) under a config that changes results."""
-    differing = resume_differences(saved, current)
-    if differing:
-        said = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in differing.items())
+def _said(differing: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in differing.items())
+
+
+def check_resume(checkpoint: Checkpoint, config: dict[str, Any], sequences: int, total_steps: int) -> str:
+    """Refuse to resume `checkpoint` under `config` where that changes results; returns the changes allowed.
+
+    The global batch (`sequences` per step: batch_size x processes x accumulation) must be the
+    checkpoint's, so a per-process batch_size may change with the number of processes; the
+    run may be made longer, never shorter than the step the checkpoint reached.
+    """
+    differing = resume_differences(checkpoint.state.get("config", {}), config)
+    refused = {k: v for k, v in differing.items() if k not in RESUMABLE + EXTENDABLE + ("training.batch_size",)}
+    if refused:
         raise ConfigError(
-            f"--resume: {str(checkpoint)!r} was trained with other options ({said}). A resume may change only "
-            f"{', '.join(RESUMABLE)}, and {' or '.join(EXTENDABLE)} to train longer; start a new run "
+            f"--resume: {str(checkpoint.path)!r} was trained with other options ({_said(refused)}). A resume may "
+            f"change only {', '.join(RESUMABLE)}, and {' or '.join(EXTENDABLE)} to train longer; start a new run "
             "(another output.dir, or --overwrite) to change the others."
         )
+    before = checkpoint.state.get("examples_seen", 0) // max(checkpoint.step, 1)
+    if checkpoint.step and before != sequences:
+        raise ConfigError(
+            f"--resume: a step of {str(checkpoint.path)!r} took {before} sequences, one of this run {sequences} "
+            "(training.batch_size x processes x gradient_accumulation_steps); resume with the checkpoint's global "
+            "batch, e.g. the batch_size and number of processes it had."
+        )
+    if checkpoint.step > total_steps:
+        raise ConfigError(
+            f"--resume: {str(checkpoint.path)!r} is at step {checkpoint.step}, past the {total_steps} steps this "
+            "config trains; raise training.max_steps (or training.epochs) to train on from it."
+        )
+    return _said(differing)

@@ -111,3 +111,53 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path, model_dir
 def test_resume_and_overwrite_exclude_each_other(tmp_path: Path, model_dir: Path, capsys) -> None:
     assert main(["train", str(write_run(tmp_path, model_dir)), "--resume", "--overwrite"]) == 2
     assert "--resume continues the run in output.dir and --overwrite deletes it; give one." in capsys.readouterr().err
+
+
+def test_resume_may_change_cadence_and_train_longer(tmp_path: Path, model_dir: Path, capsys) -> None:
+    config = first_run(tmp_path, model_dir)
+    changes = ["training.max_steps=6", "eval.every=1", "training.log_every=2", "output.keep_last=3"]
+    assert main(["train", str(config), "--resume", *[f"--set={c}" for c in changes]]) == 0
+    out = tmp_path / "run"
+    said = (
+        "eval.every: None in the checkpoint, 1 now; output.keep_last: 2 in the checkpoint, 3 now; "
+        "training.log_every: 1 in the checkpoint, 2 now; training.max_steps: 4 in the checkpoint, 6 now"
+    )
+    assert f"at step 4 with changed options: {said}" in capsys.readouterr().out
+    in_force = yaml.safe_load((out / "config.yaml").read_text())
+    assert (in_force["training"]["max_steps"], in_force["eval"]["every"], in_force["output"]["keep_last"]) == (6, 1, 3)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    marker = records.index(next(r for r in records if "resumed_from" in r))
+    assert records[marker]["changed"] == said
+    after = records[marker + 1 :]
+    assert [r["step"] for r in after if "loss" in r] == [6] and [r["step"] for r in after if "val_loss" in r] == [
+        4,
+        5,
+        6,
+    ]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000002", "step-000004", "step-000006"]
+    state = json.loads((out / "checkpoints" / "step-000006" / "state.json").read_text())
+    assert state["config"] == in_force
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ("method.r=8", "(method.r: 4 in the checkpoint, 8 now)"),
+        ("method.target_modules=[q_proj]", "(method.target_modules: 'all-linear' in the checkpoint, ['q_proj'] now)"),
+        ("training.learning_rate=1e-3", "(training.learning_rate: 0.03 in the checkpoint, 0.001 now)"),
+        ("training.seed=1", "(training.seed: 0 in the checkpoint, 1 now)"),
+        ("data.max_length=64", "(data.max_length: 32 in the checkpoint, 64 now)"),
+        ("training.max_steps=3", "is at step 4, past the 3 steps this config trains; raise training.max_steps"),
+        ("training.batch_size=2", "took 4 sequences, one of this run 2 (training.batch_size x processes x "),
+    ],
+)
+def test_resume_refuses_an_option_that_changes_results(
+    tmp_path: Path, model_dir: Path, capsys, change: str, said: str
+) -> None:
+    config = first_run(tmp_path, model_dir)
+    before = snapshot(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["train", str(config), "--resume", "--set", change]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and said in captured.err and "Traceback" not in captured.err
+    assert snapshot(tmp_path / "run") == before
