@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peftkit.errors import ConfigError
-from peftkit.files import atomic_write
+from peftkit.files import atomic_directory, atomic_write
 from peftkit.inject import adapt, trainable_parameters
 from peftkit.serialization import save_adapter
 from peftkit.training.checkpoint import find_resume_checkpoint, restore_checkpoint, save_checkpoint
@@ -41,7 +41,7 @@ from peftkit.training.data import (
     load_datasets,
 )
 from peftkit.training.models import check_model_source, generate_text, load_model, load_tokenizer
-from peftkit.training.rundir import check_new_run, check_resume, clear_run
+from peftkit.training.rundir import check_new_run, check_resume, clear_run, probe_output, writing
 
 __all__ = ["CausalLMLoss", "TrainResult", "train"]
 
@@ -122,9 +122,16 @@ class _Run:
             (self.bar.write if self.bar is not None else print)(message)
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append one line to metrics.jsonl; a failed write is cut back off, leaving whole lines only."""
         if self.main:
-            with open(self.metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            with writing(self.out), open(self.metrics_path, "a", encoding="utf-8") as handle:
+                end = handle.tell()
+                try:
+                    handle.write(json.dumps(record) + "\n")
+                    handle.flush()
+                except OSError:
+                    handle.truncate(end)
+                    raise
 
     def evaluate(self, wrapper: nn.Module, examples: list[Example]) -> float | None:
         """Token-weighted validation loss over all processes' shards."""
@@ -278,6 +285,7 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     config = run.config
     acc, tc = run.acc, config.training
     check_model_source(config.model.name)
+    probe_output(run.out)
     resume_from, skipped = find_resume_checkpoint(resume, run.out, run.say) if resume else (None, [])
     if resume_from is None or run.out.resolve() not in resume_from.path.resolve().parents:
         check_new_run(run.out, overwrite)  # a resume from elsewhere starts this directory afresh
@@ -305,10 +313,11 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
         start = resume_from.step
     acc.wait_for_everyone()  # every process has checked the directory before the main one changes it
     if run.main:
-        if overwrite:
-            clear_run(run.out)
         text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-        atomic_write(run.out / "config.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        with writing(run.out):
+            if overwrite:
+                clear_run(run.out)
+            atomic_write(run.out / "config.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     run.say(
         f"peftkit: {config.method.name} on {config.model.name} | trainable {trainable:,} / {total:,} params "
         f"({100 * trainable / total:.2f}%) | base weights {base_bytes / 1e9:.2f} GB | {len(train_set)} train / "
@@ -348,9 +357,10 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
             run.validate(wrapper, valid_set, done)
         if run.main and config.output.save_every and (done % config.output.save_every == 0 or done == total_steps):
             state = {"examples_seen": done * sequences, "config": config.to_dict()}
-            save_checkpoint(
-                run.out / "checkpoints", done, unwrapped, optimizer, scheduler, state, config.output.keep_last
-            )
+            with writing(run.out):
+                save_checkpoint(
+                    run.out / "checkpoints", done, unwrapped, optimizer, scheduler, state, config.output.keep_last
+                )
         acc.wait_for_everyone()
     run.bar.close()
     run.bar = None
@@ -358,7 +368,8 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     val_loss = run.validate(wrapper, valid_set, total_steps)
     run.generations(unwrapped, valid_records, total_steps, "after")
     if run.main:
-        save_adapter(unwrapped, run.out / "adapter")
+        with writing(run.out), atomic_directory(run.out / "adapter", replace=True) as tmp:
+            save_adapter(unwrapped, tmp)
     acc.wait_for_everyone()
     window = losses[-10:]
     summary = {

@@ -10,9 +10,12 @@ that decide only when to evaluate, log and save (`RESUMABLE`), and a longer run.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,8 @@ __all__ = [
     "RESUMABLE",
     "EXTENDABLE",
     "OutputDirError",
+    "writing",
+    "probe_output",
     "run_state",
     "check_new_run",
     "clear_run",
@@ -54,6 +59,45 @@ EXTENDABLE = ("training.max_steps", "training.epochs")
 
 class OutputDirError(PeftkitError, OSError):
     """The output directory holds another run's state, or cannot be written."""
+
+
+# Why a write fails that the user can fix (space, a read-only mount, permissions), not a bug.
+_UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+_PROBE_BYTES = 1 << 16
+
+
+@contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """Writes to the run's directory inside this block fail as one OutputDirError naming output.dir."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, PeftkitError) or error.errno not in _UNWRITABLE:
+            raise
+        raise OutputDirError(
+            f"output.dir {str(out)!r} cannot be written: {error.strerror or error}"
+            + (f" ({error.filename})" if error.filename else "")
+            + "; free some space, or choose a writable output.dir."
+        ) from None
+
+
+def probe_output(out: Path) -> None:
+    """Write, sync and delete a small file where the run will write, before any model loads.
+
+    A read-only or full disk then fails in a second, not after minutes of loading; the probe
+    goes in the nearest existing directory on the way to `out`, so nothing is created.
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output.dir {str(out)!r} is a file, not a directory.")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    with writing(out):
+        fd, name = tempfile.mkstemp(prefix=".peftkit-probe-", dir=existing)
+        try:
+            os.write(fd, bytes(_PROBE_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(name)
 
 
 def run_state(out: Path) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,9 @@ import pytest
 import yaml
 from tiny_run import make_model_dir, write_run
 
+import peftkit.serialization
+import peftkit.training.checkpoint
+import peftkit.training.loop
 import peftkit.training.rundir as rundir
 from peftkit.cli import main
 from peftkit.training.checkpoint import list_checkpoints
@@ -161,3 +165,78 @@ def test_resume_refuses_an_option_that_changes_results(
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and said in captured.err and "Traceback" not in captured.err
     assert snapshot(tmp_path / "run") == before
+
+
+def no_model_loads(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model loaded before the output directory was checked")
+
+    monkeypatch.setattr(peftkit.training.loop, "load_tokenizer", refuse)
+    monkeypatch.setattr(peftkit.training.loop, "load_model", refuse)
+
+
+def test_a_full_disk_fails_before_the_model_loads(tmp_path: Path, model_dir: Path, capsys, monkeypatch) -> None:
+    config = write_run(tmp_path / "cfg", model_dir, output={"dir": str(tmp_path / "out" / "run")})
+    (tmp_path / "out").mkdir()
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    no_model_loads(monkeypatch)
+    monkeypatch.setattr(rundir.os, "write", full)
+    assert main(["train", str(config)]) == 2
+    monkeypatch.undo()
+    assert capsys.readouterr().err == (
+        f"peftkit train: error: output.dir '{tmp_path / 'out' / 'run'}' cannot be written: No space left on device; "
+        "free some space, or choose a writable output.dir.\n"
+    )
+    assert list((tmp_path / "out").iterdir()) == []  # no probe file, no run directory
+
+
+def test_a_read_only_output_dir_fails_before_the_model_loads(
+    tmp_path: Path, model_dir: Path, capsys, monkeypatch
+) -> None:
+    """Simulated: the tests run as root, whom a chmod does not stop."""
+    config = write_run(tmp_path, model_dir)
+
+    def read_only(prefix, dir):
+        raise OSError(errno.EROFS, "Read-only file system", dir)
+
+    no_model_loads(monkeypatch)
+    monkeypatch.setattr(rundir.tempfile, "mkstemp", read_only)
+    assert main(["train", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        f"peftkit train: error: output.dir '{tmp_path / 'run'}' cannot be written: Read-only file system "
+        f"({tmp_path}); free some space, or choose a writable output.dir.\n"
+    )
+
+
+def test_a_disk_full_at_a_checkpoint_leaves_nothing_half_written(
+    tmp_path: Path, model_dir: Path, capsys, monkeypatch
+) -> None:
+    config = write_run(tmp_path, model_dir, training={"max_steps": 4}, output={"save_every": 2})
+
+    def full(obj, path):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(peftkit.training.checkpoint.torch, "save", full)
+    assert main(["train", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"peftkit train: error: output.dir '{tmp_path / 'run'}' cannot be written: No space left")
+    assert err.count("\n") == 1 and "trainer_state.pt" in err
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []  # the half-written step-000002 is gone
+
+
+def test_a_disk_full_at_the_final_adapter_leaves_no_half_adapter(
+    tmp_path: Path, model_dir: Path, capsys, monkeypatch
+) -> None:
+    config = write_run(tmp_path, model_dir, training={"max_steps": 1})
+
+    def full(path, data):  # the weights are written, then the disk fills
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(peftkit.serialization, "atomic_write_json", full)
+    assert main(["train", str(config), "--quiet"]) == 2
+    assert "cannot be written: No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "metrics.jsonl"]
