@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,7 +108,11 @@ def test_two_processes_average_gradients(tmp_path: Path, model_dir: Path) -> Non
         str(double),
         str(tmp_path),
     ]
-    subprocess.run(command, check=True, timeout=120, capture_output=True)
+    # The script's own directory comes first on sys.path; the checkout under test must come next,
+    # not whichever peftkit the interpreter has installed.
+    root = str(Path(__file__).parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(command, check=True, timeout=120, capture_output=True, env=env)
 
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # every rank holds the same adapter
