@@ -40,6 +40,7 @@ __all__ = [
     "load_checkpoint",
     "find_resume_checkpoint",
     "latest_checkpoint",
+    "checkpoint_step",
     "list_checkpoints",
 ]
 
@@ -54,7 +55,15 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / STATE_NAME).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint directory `step-000120` was saved at."""
+    match = _NAME.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not named like a checkpoint (step-NNNNNN)")
+    return int(match.group(1))
 
 
 def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:

@@ -21,12 +21,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
 from peftkit.errors import ConfigError
-from peftkit.files import atomic_directory, atomic_write
+from peftkit.files import atomic_directory
 from peftkit.inject import adapt, trainable_parameters
 from peftkit.serialization import save_adapter
 from peftkit.training.checkpoint import find_resume_checkpoint, restore_checkpoint, save_checkpoint
@@ -41,7 +40,13 @@ from peftkit.training.data import (
     load_datasets,
 )
 from peftkit.training.models import check_model_source, generate_text, load_model, load_tokenizer
-from peftkit.training.rundir import check_new_run, check_resume, clear_run, probe_output, writing
+from peftkit.training.rundir import (
+    check_new_run,
+    check_resume,
+    probe_output,
+    start_writing,
+    writing,
+)
 
 __all__ = ["CausalLMLoss", "TrainResult", "train"]
 
@@ -287,7 +292,8 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     check_model_source(config.model.name)
     probe_output(run.out)
     resume_from, skipped = find_resume_checkpoint(resume, run.out, run.say) if resume else (None, [])
-    if resume_from is None or run.out.resolve() not in resume_from.path.resolve().parents:
+    continues = resume_from is not None and run.out.resolve() in resume_from.path.resolve().parents
+    if not continues:
         check_new_run(run.out, overwrite)  # a resume from elsewhere starts this directory afresh
     started = time.perf_counter()
     run.tokenizer = load_tokenizer(config.model.name)
@@ -312,12 +318,11 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
         restore_checkpoint(resume_from, unwrapped, optimizer, scheduler)
         start = resume_from.step
     acc.wait_for_everyone()  # every process has checked the directory before the main one changes it
+    discarded: list[str] = []
     if run.main:
-        text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-        with writing(run.out):
-            if overwrite:
-                clear_run(run.out)
-            atomic_write(run.out / "config.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        discarded = start_writing(run.out, config.to_dict(), overwrite, start if continues else None)
+        if discarded:
+            run.say(f"--resume: deleted {', '.join(discarded)}, past the resumed step {start}.")
     run.say(
         f"peftkit: {config.method.name} on {config.model.name} | trainable {trainable:,} / {total:,} params "
         f"({100 * trainable / total:.2f}%) | base weights {base_bytes / 1e9:.2f} GB | {len(train_set)} train / "
@@ -328,7 +333,8 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
         + (f" with changed options: {changed}" if changed else "")
     )
     if resume_from is not None:
-        run.log({"step": start, "resumed_from": str(resume_from.path), "skipped": skipped, "changed": changed})
+        resumed = {"resumed_from": str(resume_from.path), "skipped": skipped, "deleted": discarded, "changed": changed}
+        run.log({"step": start, **resumed})
     run.log({"step": start, "data": {name: dataclasses.asdict(r) for name, r in datasets.reports.items()}})
     val_before = run.validate(wrapper, valid_set, start)
     run.generations(unwrapped, valid_records, start, "before")

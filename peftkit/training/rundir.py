@@ -19,9 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from peftkit.errors import ConfigError, PeftkitError
+from peftkit.files import atomic_write
 from peftkit.registry import get_method
-from peftkit.training.checkpoint import Checkpoint
+from peftkit.training.checkpoint import Checkpoint, checkpoint_step, list_checkpoints
 
 __all__ = [
     "RUN_STATE",
@@ -33,6 +36,8 @@ __all__ = [
     "run_state",
     "check_new_run",
     "clear_run",
+    "discard_later_checkpoints",
+    "start_writing",
     "resume_differences",
     "check_resume",
 ]
@@ -115,23 +120,48 @@ def check_new_run(out: Path, overwrite: bool) -> None:
         )
 
 
-def clear_run(out: Path) -> None:
-    """Delete the run state in `out`, leaving any other file alone.
+def _discard(out: Path, paths: list[Path]) -> None:
+    """Delete `paths` (inside `out`) by renaming each into one trash directory, then deleting that.
 
-    Each entry is first renamed into one trash directory (a rename is atomic), then the
-    trash is deleted: a crash part way leaves whole entries of the old run and a trash
-    directory that the next `--overwrite` removes, never a half-deleted checkpoint. Nothing
-    of the new run is written before this returns.
+    A rename is atomic, so a crash part way leaves each entry whole where it was or in the
+    trash, which the next call removes: never a half-deleted checkpoint in view.
     """
     for stale in out.glob(f"{_TRASH_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
-    found = run_state(out)
-    if not found:
+    if not paths:
         return
     trash = Path(tempfile.mkdtemp(prefix=_TRASH_PREFIX, dir=out))
-    for name in found:
-        os.replace(out / name, trash / name)
+    for number, path in enumerate(paths):
+        os.replace(path, trash / f"{number}-{path.name}")
     shutil.rmtree(trash)
+
+
+def clear_run(out: Path) -> None:
+    """Delete the run state in `out` for `--overwrite`, checkpoints first, leaving any other file alone.
+
+    Nothing of the new run is written before this returns, so a crash leaves old state only.
+    """
+    _discard(out, [out / name for name in run_state(out)])
+
+
+def discard_later_checkpoints(out: Path, step: int) -> list[str]:
+    """Delete the checkpoints in `out` past `step`, the one resumed: they are of the continuation
+    being replaced, and a later `--resume` must not pick one. Returns their names."""
+    later = [p for p in list_checkpoints(out / "checkpoints") if checkpoint_step(p) > step]
+    _discard(out, later)
+    return sorted(p.name for p in later)
+
+
+def start_writing(out: Path, config: dict[str, Any], overwrite: bool, resumed_step: int | None) -> list[str]:
+    """Make `out` this run's: clear another run (`overwrite`), or the checkpoints past the one
+    resumed from it; then write the config in force as `config.yaml`. Returns the checkpoints deleted."""
+    text = yaml.safe_dump(config, sort_keys=False)
+    with writing(out):
+        if overwrite:
+            clear_run(out)
+        discarded = discard_later_checkpoints(out, resumed_step) if resumed_step is not None else []
+        atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return discarded
 
 
 def _flat(config: dict[str, Any]) -> dict[str, Any]:

@@ -240,3 +240,25 @@ def test_a_disk_full_at_the_final_adapter_leaves_no_half_adapter(
     assert main(["train", str(config), "--quiet"]) == 2
     assert "cannot be written: No space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "metrics.jsonl"]
+
+
+def test_resuming_an_earlier_checkpoint_deletes_the_later_ones(
+    tmp_path: Path, model_dir: Path, capsys, monkeypatch
+) -> None:
+    """Resumed from step 2 and killed after saving step 3, the run's newest must be its step 3,
+    not the step 4 of the continuation it replaced."""
+    config = first_run(tmp_path, model_dir)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    real_save = peftkit.training.loop.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(peftkit.training.loop, "save_checkpoint", save_then_die)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", str(config), "--resume", str(checkpoints / "step-000002"), "--set", "output.save_every=1"])
+    assert "--resume: deleted step-000004, past the resumed step 2." in capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-000002", "step-000003"]
+    assert not list((tmp_path / "run").glob(".peftkit-*"))
