@@ -194,7 +194,13 @@ def check_resume(checkpoint: Checkpoint, config: dict[str, Any], sequences: int,
     checkpoint's, so a per-process batch_size may change with the number of processes; the
     run may be made longer, never shorter than the step the checkpoint reached.
     """
-    differing = resume_differences(checkpoint.state.get("config", {}), config)
+    saved = checkpoint.state.get("config")
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(section), dict) for section in config):
+        raise ConfigError(
+            f"--resume: {str(checkpoint.path)!r} records no whole config, so it cannot be checked to belong to "
+            "this run; start a new run (another output.dir, or --overwrite)."
+        )
+    differing = resume_differences(saved, config)
     refused = {k: v for k, v in differing.items() if k not in RESUMABLE + EXTENDABLE + ("training.batch_size",)}
     if refused:
         raise ConfigError(

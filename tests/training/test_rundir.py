@@ -262,3 +262,15 @@ def test_resuming_an_earlier_checkpoint_deletes_the_later_ones(
     assert "--resume: deleted step-000004, past the resumed step 2." in capsys.readouterr().out
     assert [p.name for p in list_checkpoints(checkpoints)] == ["step-000002", "step-000003"]
     assert not list((tmp_path / "run").glob(".peftkit-*"))
+
+
+def test_resume_refuses_a_checkpoint_that_records_no_config(tmp_path: Path, model_dir: Path, capsys) -> None:
+    config = first_run(tmp_path, model_dir)
+    state_path = tmp_path / "run" / "checkpoints" / "step-000004" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["config"]["method"]
+    state_path.write_text(json.dumps(state))
+    assert main(["train", str(config), "--resume"]) == 2
+    assert (
+        f"--resume: '{state_path.parent}' records no whole config, so it cannot be checked" in capsys.readouterr().err
+    )
