@@ -43,6 +43,7 @@ from peftkit.training.models import check_model_source, generate_text, load_mode
 from peftkit.training.rundir import (
     check_new_run,
     check_resume,
+    data_digests,
     probe_output,
     start_writing,
     writing,
@@ -302,7 +303,8 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     train_set, valid_set, valid_records = datasets.train, datasets.validation, datasets.validation_records
     total_steps = _total_steps(tc, len(train_set), acc.num_processes)
     sequences = tc.batch_size * acc.num_processes * tc.gradient_accumulation_steps
-    changed = check_resume(resume_from, config.to_dict(), sequences, total_steps) if resume_from else ""
+    digests = data_digests(config.data)
+    changed = check_resume(resume_from, config.to_dict(), digests, sequences, total_steps) if resume_from else ""
     model = load_model(config.model.name, config.model.dtype)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     adapt(model, config.method.name, **config.method.options)
@@ -362,7 +364,7 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
         if config.eval.every and done % config.eval.every == 0 and done < total_steps:
             run.validate(wrapper, valid_set, done)
         if run.main and config.output.save_every and (done % config.output.save_every == 0 or done == total_steps):
-            state = {"examples_seen": done * sequences, "config": config.to_dict()}
+            state = {"examples_seen": done * sequences, "config": config.to_dict(), "data_sha256": digests}
             with writing(run.out):
                 save_checkpoint(
                     run.out / "checkpoints", done, unwrapped, optimizer, scheduler, state, config.output.keep_last

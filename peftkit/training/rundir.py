@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ from peftkit.errors import ConfigError, PeftkitError
 from peftkit.files import atomic_write
 from peftkit.registry import get_method
 from peftkit.training.checkpoint import Checkpoint, checkpoint_step, list_checkpoints
+from peftkit.training.config import DataConfig
 
 __all__ = [
     "RUN_STATE",
@@ -40,6 +42,7 @@ __all__ = [
     "start_writing",
     "resume_differences",
     "check_resume",
+    "data_digests",
 ]
 
 # Checkpoints first: a clearing cut short must take away what a resume would read before the rest.
@@ -187,12 +190,21 @@ def _said(differing: dict[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in differing.items())
 
 
-def check_resume(checkpoint: Checkpoint, config: dict[str, Any], sequences: int, total_steps: int) -> str:
+def data_digests(data: DataConfig) -> dict[str, str]:
+    """`data.train`/`data.validation` -> the SHA-256 of the file's bytes, so a resume sees an edited file."""
+    paths = {"data.train": data.train, "data.validation": data.validation}
+    return {key: hashlib.sha256(Path(path).read_bytes()).hexdigest() for key, path in paths.items() if path}
+
+
+def check_resume(
+    checkpoint: Checkpoint, config: dict[str, Any], digests: dict[str, str], sequences: int, total_steps: int
+) -> str:
     """Refuse to resume `checkpoint` under `config` where that changes results; returns the changes allowed.
 
-    The global batch (`sequences` per step: batch_size x processes x accumulation) must be the
-    checkpoint's, so a per-process batch_size may change with the number of processes; the
-    run may be made longer, never shorter than the step the checkpoint reached.
+    The data files must hold what they held (`digests`, by `data_digests`). The global batch
+    (`sequences` per step: batch_size x processes x accumulation) must be the checkpoint's,
+    so a per-process batch_size may change with the number of processes; the run may be
+    made longer, never shorter than the step the checkpoint reached.
     """
     saved = checkpoint.state.get("config")
     if not isinstance(saved, dict) or not all(isinstance(saved.get(section), dict) for section in config):
@@ -202,6 +214,10 @@ def check_resume(checkpoint: Checkpoint, config: dict[str, Any], sequences: int,
         )
     differing = resume_differences(saved, config)
     refused = {k: v for k, v in differing.items() if k not in RESUMABLE + EXTENDABLE + ("training.batch_size",)}
+    saved_digests = checkpoint.state.get("data_sha256", {})
+    for key, digest in digests.items():
+        if key not in refused and saved_digests.get(key, digest) != digest:
+            refused[f"{key} contents"] = (f"sha256 {saved_digests[key][:12]}", f"sha256 {digest[:12]}")
     if refused:
         raise ConfigError(
             f"--resume: {str(checkpoint.path)!r} was trained with other options ({_said(refused)}). A resume may "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -274,3 +275,15 @@ def test_resume_refuses_a_checkpoint_that_records_no_config(tmp_path: Path, mode
     assert (
         f"--resume: '{state_path.parent}' records no whole config, so it cannot be checked" in capsys.readouterr().err
     )
+
+
+def test_resume_refuses_edited_training_data(tmp_path: Path, model_dir: Path, capsys) -> None:
+    config = first_run(tmp_path, model_dir)
+    data = tmp_path / "a" / "train.jsonl"
+    before = hashlib.sha256(data.read_bytes()).hexdigest()[:12]
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same rows, in another order
+    after = hashlib.sha256(data.read_bytes()).hexdigest()[:12]
+    assert main(["train", str(config), "--resume"]) == 2
+    said = f"(data.train contents: 'sha256 {before}' in the checkpoint, 'sha256 {after}' now)"
+    assert said in capsys.readouterr().err
