@@ -206,18 +206,23 @@ DROP_REASONS = {
 
 @dataclasses.dataclass
 class DataReport:
-    """What one split's records became: examples kept, rows dropped by reason, tokens packing cut off."""
+    """What one split's records became: examples kept, rows dropped by reason, what packing and batching cut off."""
 
     records: int
     examples: int
     dropped: dict[str, int]
     packing_remainder_tokens: int = 0
+    left_out_per_epoch: int = 0  # set by the loop: examples past the last whole global batch of an epoch
 
     def describe(self, max_length: int) -> str:
         """The drops in words ("" when nothing was dropped)."""
         parts = [f"{n} {DROP_REASONS[why].format(max_length=max_length)}" for why, n in self.dropped.items()]
         if self.packing_remainder_tokens:
             parts.append(f"the last {self.packing_remainder_tokens} tokens, short of a {max_length}-token block")
+        if self.left_out_per_epoch:
+            parts.append(
+                f"{self.left_out_per_epoch} example(s) of each epoch, short of a whole global batch (others each epoch)"
+            )
         return "; ".join(parts)
 
 

@@ -302,6 +302,7 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     datasets = load_datasets(config.data, run.tokenizer, tc.seed)
     train_set, valid_set, valid_records = datasets.train, datasets.validation, datasets.validation_records
     total_steps = _total_steps(tc, len(train_set), acc.num_processes)
+    datasets.reports["train"].left_out_per_epoch = len(train_set) % (tc.batch_size * acc.num_processes)
     sequences = tc.batch_size * acc.num_processes * tc.gradient_accumulation_steps
     digests = data_digests(config.data)
     changed = check_resume(resume_from, config.to_dict(), digests, sequences, total_steps) if resume_from else ""

@@ -129,16 +129,18 @@ def test_two_processes_average_gradients(tmp_path: Path, model_dir: Path) -> Non
 
 
 def test_dropped_rows_are_reported_in_the_header_and_metrics(tmp_path: Path, model_dir: Path, capsys) -> None:
-    path = write_run(tmp_path, model_dir, training={"max_steps": 1})
+    path = write_run(tmp_path, model_dir, training={"max_steps": 1, "batch_size": 5})
     with open(tmp_path / "train.jsonl", "a", encoding="utf-8") as handle:  # 32 good rows, then 2 too long
         handle.write(json.dumps({"prompt": "p" * 40, "completion": "c"}) + "\n")
         handle.write(json.dumps({"prompt": "q" * 33, "completion": "c"}) + "\n")
     train(load_config(path))
     header = capsys.readouterr().out.splitlines()[0]
     assert (
-        "| 32 train / 8 val examples (dropped from train: 2 record(s) whose prompt fills data.max_length 32" in header
-    )
+        "| 32 train / 8 val examples (dropped from train: 2 record(s) whose prompt fills data.max_length 32, "
+        "leaving no token to learn; 2 example(s) of each epoch, short of a whole global batch (others each epoch)) |"
+    ) in header
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    kept = {"packing_remainder_tokens": 0}
     assert first == {
         "step": 0,
         "data": {
@@ -146,8 +148,9 @@ def test_dropped_rows_are_reported_in_the_header_and_metrics(tmp_path: Path, mod
                 "records": 34,
                 "examples": 32,
                 "dropped": {"prompt_fills_max_length": 2},
-                "packing_remainder_tokens": 0,
+                **kept,
+                "left_out_per_epoch": 2,
             },
-            "validation": {"records": 8, "examples": 8, "dropped": {}, "packing_remainder_tokens": 0},
+            "validation": {"records": 8, "examples": 8, "dropped": {}, **kept, "left_out_per_epoch": 0},
         },
     }
