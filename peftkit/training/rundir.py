@@ -82,10 +82,11 @@ def writing(out: Path) -> Iterator[None]:
     except OSError as error:
         if isinstance(error, PeftkitError) or error.errno not in _UNWRITABLE:
             raise
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
         raise OutputDirError(
             f"output.dir {str(out)!r} cannot be written: {error.strerror or error}"
             + (f" ({error.filename})" if error.filename else "")
-            + "; free some space, or choose a writable output.dir."
+            + ("; free some space, or choose another output.dir." if full else "; choose a writable output.dir.")
         ) from None
 
 

@@ -189,7 +189,7 @@ def test_a_full_disk_fails_before_the_model_loads(tmp_path: Path, model_dir: Pat
     monkeypatch.undo()
     assert capsys.readouterr().err == (
         f"peftkit train: error: output.dir '{tmp_path / 'out' / 'run'}' cannot be written: No space left on device; "
-        "free some space, or choose a writable output.dir.\n"
+        "free some space, or choose another output.dir.\n"
     )
     assert list((tmp_path / "out").iterdir()) == []  # no probe file, no run directory
 
@@ -208,7 +208,7 @@ def test_a_read_only_output_dir_fails_before_the_model_loads(
     assert main(["train", str(config)]) == 2
     assert capsys.readouterr().err == (
         f"peftkit train: error: output.dir '{tmp_path / 'run'}' cannot be written: Read-only file system "
-        f"({tmp_path}); free some space, or choose a writable output.dir.\n"
+        f"({tmp_path}); choose a writable output.dir.\n"
     )
 
 
