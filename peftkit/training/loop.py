@@ -28,7 +28,7 @@ from peftkit.errors import ConfigError
 from peftkit.files import atomic_directory
 from peftkit.inject import adapt, trainable_parameters
 from peftkit.serialization import save_adapter
-from peftkit.training.checkpoint import find_resume_checkpoint, restore_checkpoint, save_checkpoint
+from peftkit.training.checkpoint import Checkpoint, find_resume_checkpoint, restore_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig
 from peftkit.training.data import (
     IGNORE_INDEX,
@@ -287,15 +287,27 @@ def train(
         return _train(run, resume, overwrite)
 
 
-def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult:
-    config = run.config
-    acc, tc = run.acc, config.training
-    check_model_source(config.model.name)
+def _check_before_loading(
+    run: _Run, resume: str | bool | None, overwrite: bool
+) -> tuple[Checkpoint | None, list[str], bool]:
+    """What can fail before anything loads: the model's name, the output directory, the checkpoint.
+
+    Returns the checkpoint to resume (read whole), the newer ones skipped as unreadable, and
+    whether the run continues in its own directory (else that directory must hold no run).
+    """
+    check_model_source(run.config.model.name)
     probe_output(run.out)
     resume_from, skipped = find_resume_checkpoint(resume, run.out, run.say) if resume else (None, [])
     continues = resume_from is not None and run.out.resolve() in resume_from.path.resolve().parents
     if not continues:
-        check_new_run(run.out, overwrite)  # a resume from elsewhere starts this directory afresh
+        check_new_run(run.out, overwrite)
+    return resume_from, skipped, continues
+
+
+def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult:
+    config = run.config
+    acc, tc = run.acc, config.training
+    resume_from, skipped, continues = _check_before_loading(run, resume, overwrite)
     started = time.perf_counter()
     run.tokenizer = load_tokenizer(config.model.name)
     run.pad_id = run.tokenizer.pad_token_id
