@@ -44,6 +44,7 @@ __all__ = [
     "read_adapter_config",
     "method_from_config",
     "hot_swap_adapter",
+    "copy_adapter_tensors",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -210,7 +211,7 @@ def load_adapter(
         method = get_method(method).from_options(**_options(method_from_config(config, metadata)))
     adapt(model, method, name)
     try:
-        _copy_tensors(model, name, tensors, directory)
+        copy_adapter_tensors(model, name, tensors, directory)
     except Exception:
         delete_adapter(model, name)
         raise
@@ -222,13 +223,20 @@ def load_adapter(
     return model
 
 
-def _copy_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+def copy_adapter_tensors(
+    model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], source: str | os.PathLike[str]
+) -> None:
+    """Copy saved tensors (PEFT key names) into the live adapter, after checking names and shapes.
+
+    Nothing is copied unless every tensor fits, so a mismatch leaves the adapter as it was;
+    `source` (a directory or file) is named in the error.
+    """
     expected = adapter_state_dict(model, adapter_name)
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
     if missing or unexpected:
         raise ShapeMismatchError(
-            f"adapter in {str(directory)!r} does not fit this model: "
+            f"adapter in {str(source)!r} does not fit this model: "
             + (f"{len(missing)} tensor(s) missing (e.g. {missing[:3]})" if missing else "")
             + ("; " if missing and unexpected else "")
             + (
@@ -291,5 +299,5 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike[str], name: 
                 raise ShapeMismatchError(
                     f"module {path!r}: hot-swap needs equal settings; (live, saved) differ in {differing}."
                 )
-    _copy_tensors(model, name, tensors, directory)
+    copy_adapter_tensors(model, name, tensors, directory)
     return model
