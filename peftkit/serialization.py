@@ -24,7 +24,7 @@ from torch import nn
 
 from peftkit.anatomy import task_type
 from peftkit.errors import AdapterFileError, AdapterStateError, ShapeMismatchError
-from peftkit.files import atomic_write, atomic_write_json
+from peftkit.files import atomic_write, atomic_write_json, read_json
 from peftkit.hosts import hosts
 from peftkit.inject import DEFAULT_ADAPTER, adapt, adapted_model, adapter_methods, delete_adapter, mark_trainable
 from peftkit.layer import AdapterLayer
@@ -128,10 +128,7 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise AdapterFileError(f"no {CONFIG_NAME} in {str(directory)!r}; is this an adapter directory?")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterFileError(f"{path} is not valid JSON: {error}") from error
+    config = read_json(path, AdapterFileError)
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path} must hold a JSON object, got {type(config).__name__}.")
     return config

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from peftkit.errors import AdapterFileError, ConfigError
-from peftkit.files import atomic_directory
+from peftkit.files import atomic_directory, read_json
 from peftkit.inject import DEFAULT_ADAPTER
 from peftkit.serialization import WEIGHTS_NAME, copy_adapter_tensors, save_adapter
 
@@ -142,10 +142,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     state_path, trainer_path = path / STATE_NAME, path / TRAINER_NAME
     if not state_path.is_file():
         raise CheckpointError(f"{str(path)!r} is not a whole checkpoint (no {STATE_NAME}).")
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{state_path} is truncated or corrupt ({error}).") from None
+    state = read_json(state_path, CheckpointError, "is truncated or corrupt")
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "python_rng" not in state:
         raise CheckpointError(f"{state_path} lacks the step and RNG state a checkpoint records.")
     weights = path / "adapter" / WEIGHTS_NAME
