@@ -79,6 +79,21 @@ def randomize_adapters(model: torch.nn.Module, std: float = 0.1, seed: int = 1) 
                 param.add_(torch.randn(param.shape, generator=generator) * std)
 
 
+def train_steps(
+    model: torch.nn.Module, ids: torch.Tensor, steps: int = 3, lr: float = 1e-2, labels: torch.Tensor | None = None
+) -> list[float]:
+    """`steps` AdamW steps on the model's own loss over `ids` (labels: `ids`); the loss of each step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids if labels is None else labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -15,7 +15,7 @@ import bitsandbytes as bnb
 import peft
 import pytest
 import torch
-from conftest import model_output, randomize_adapters, tiny_llama
+from conftest import model_output, randomize_adapters, tiny_llama, train_steps
 from torch import nn
 
 import peftkit
@@ -91,15 +91,7 @@ def test_starts_equal_to_the_quantized_base(method: str, ids: torch.Tensor) -> N
 
 def test_loss_falls_and_only_adapters_get_gradients(method: str, ids: torch.Tensor) -> None:
     model = peftkit.adapt(tiny_llama(), method, target_modules="all-linear", r=8, alpha=16).train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=2e-2)
-    losses = []
-    for _ in range(4):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, ids, steps=4, lr=2e-2)
     assert losses[-1] < losses[0] - 0.05, losses  # measured: 4.83 -> 4.57
     assert all(".adapters.default." in n for n, p in model.named_parameters() if p.requires_grad)
     assert len(four_bit_paths(model)) == 14
