@@ -15,15 +15,22 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from peftkit.errors import ConfigError
 from peftkit.layer import Adapter
 from peftkit.validation import check_types, from_options
 
 __all__ = ["MethodConfig", "AdapterMethod", "peft_option"]
 
 
-def peft_option(default: Any = None, peft_name: str | None = None, **kwargs: Any) -> Any:
-    """A config field; `peft_name` is its key in PEFT's adapter_config.json, if it has one."""
-    metadata = {"peft": peft_name} if peft_name else {}
+def peft_option(default: Any = None, peft_name: str | None = None, aliases: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """A config field; `peft_name` is its key in PEFT's adapter_config.json, if it has one.
+
+    `aliases` are names users coming from elsewhere write for it (`rank` for `r`); with
+    the PEFT key they are what an unknown option is matched against for a suggestion.
+    """
+    metadata: dict[str, Any] = {"aliases": (peft_name, *aliases) if peft_name else aliases}
+    if peft_name:
+        metadata["peft"] = peft_name
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
@@ -88,8 +95,30 @@ class AdapterMethod(ABC):
 
     @classmethod
     def from_options(cls, **options: Any) -> AdapterMethod:
-        """Build the method from keyword options, naming any the method does not have."""
+        """Build the method from keyword options, naming any the method does not have.
+
+        A PEFT marker given as an option (`use_dora=True` to `lora`) is a choice of
+        method, not an option: the error names the method that has that marker.
+        """
+        for key, value in options.items():
+            if key in cls.peft_markers:
+                raise ConfigError(f"method {cls.name!r} has no option {key!r}: {cls._marker_hint(key, value)}")
         return cls(from_options(cls.config_class, options, where=f"method {cls.name!r}"))
+
+    @classmethod
+    def _marker_hint(cls, key: str, value: Any) -> str:
+        """Which method PEFT's marker `key=value` stands for, among the loaded methods like this one."""
+        if cls.peft_markers[key] == value:
+            return f"{cls.name!r} already is {key}={value!r}; drop the option."
+        kin = sorted(
+            method.name
+            for method in _concrete_methods(AdapterMethod)
+            if method.peft_type == cls.peft_type
+            and method.peft_markers.get(key) == value
+            and method.reads_peft_files == cls.reads_peft_files
+        )
+        chosen = " or ".join(repr(name) for name in kin) or "another method"
+        return f"in PEFT it selects another method; use method {chosen} instead of {cls.name!r}."
 
     @abstractmethod
     def adaptable_types(self) -> tuple[type[nn.Module], ...]:
@@ -118,3 +147,13 @@ class AdapterMethod(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+def _concrete_methods(base: type[AdapterMethod]) -> list[type[AdapterMethod]]:
+    """Loaded subclasses of `base` that have a name (the registry imports this module, not the reverse)."""
+    found = []
+    for sub in base.__subclasses__():
+        if isinstance(sub.__dict__.get("name"), str):
+            found.append(sub)
+        found.extend(_concrete_methods(sub))
+    return list(dict.fromkeys(found))

@@ -43,7 +43,7 @@ class LoraConfig(MethodConfig):
         alpha_pattern: per-module alpha, likewise.
     """
 
-    r: int = peft_option(8, "r")
+    r: int = peft_option(8, "r", aliases=("rank", "lora_rank"))
     alpha: float = peft_option(8, "lora_alpha")
     dropout: float = peft_option(0.0, "lora_dropout")
     rslora: bool = peft_option(False, "use_rslora")
