@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from typing import ClassVar, Literal
 
 import torch
@@ -70,12 +71,22 @@ class LoraConfig(MethodConfig):
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
+    def unmatched_pattern_keys(self, targets: list[str]) -> dict[str, list[str]]:
+        """`rank_pattern`/`alpha_pattern` keys that match none of `targets` (so they change nothing)."""
+        unmatched = {
+            option: sorted(key for key in getattr(self, option) if not any(_matches(key, t) for t in targets))
+            for option in ("rank_pattern", "alpha_pattern")
+        }
+        return {option: keys for option, keys in unmatched.items() if keys}
+
+
+def _matches(key: str, module_name: str) -> bool:
+    """PEFT's rule for a pattern key: a regex matched against a whole trailing part of the path."""
+    return re.match(rf"(.*\.)?({key})$", module_name) is not None
+
 
 def _pattern_value(pattern: dict[str, float], module_name: str, default: float) -> float:
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
+    return next((value for key, value in pattern.items() if _matches(key, module_name)), default)
 
 
 class LoraLinear(Adapter):
@@ -223,6 +234,18 @@ class LoRA(AdapterMethod):
             modules_to_save=None,
         )
         return type(self).from_options(**options)
+
+    def attach(self, model: nn.Module, adapter_name: str) -> list[str]:
+        """Attach as every method does, warning (as PEFT does) about pattern keys that changed nothing."""
+        targets = super().attach(model, adapter_name)
+        for option, keys in self.config.unmatched_pattern_keys(targets).items():
+            warnings.warn(
+                f"adapter {adapter_name!r}: {option} keys {keys} match no targeted module and were ignored; "
+                f"targeted modules end in: {', '.join(sorted({t.rsplit('.', 1)[-1] for t in targets}))}.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return targets
 
     def create_adapter(self, base_layer: nn.Module, module_name: str) -> Adapter:
         r, alpha = self.config.rank_and_alpha(module_name)
