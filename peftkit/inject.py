@@ -8,8 +8,9 @@ name uses in `model.peftkit_methods`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
+import types
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "rename_adapter",
     "list_adapters",
     "mixed_batch",
+    "release_adapter_names",
     "trainable_parameters",
 ]
 
@@ -89,7 +91,70 @@ def adapt(
     methods[adapter_name] = method
     set_active_adapters(model, adapter_name)
     mark_trainable(model, adapter_name)
+    _accept_adapter_names(model)
     return model
+
+
+# PEFT's spelling of the base model among `adapter_names`.
+_PEFT_BASE = "__base__"
+_HOOKS = "peftkit_adapter_names_hooks"
+_CALL_BLOCK = "peftkit_call_mixed_batch"
+
+
+def _accept_adapter_names(model: nn.Module) -> None:
+    """Let `model(..., adapter_names=[...])` and `model.generate(..., adapter_names=[...])` route rows, as in PEFT.
+
+    Only this model instance changes: a forward pre-hook takes the keyword out of the
+    call and opens a `mixed_batch` for it (an always-called forward hook closes it, so an
+    error does not leave the rows routed), and the instance's `generate` takes it before
+    transformers validates its keywords. Hooks use the module they are called with, so
+    a deep copy of the model routes its own rows.
+    """
+    if _HOOKS in model.__dict__:
+        return
+    model.__dict__[_HOOKS] = [
+        model.register_forward_pre_hook(_open_call_block, with_kwargs=True),
+        model.register_forward_hook(_close_call_block, always_call=True),
+    ]
+    if callable(getattr(type(model), "generate", None)):
+        model.generate = types.MethodType(_generate, model)
+
+
+def release_adapter_names(model: nn.Module) -> None:
+    """Undo `_accept_adapter_names` (the model has no adapters left)."""
+    for handle in model.__dict__.pop(_HOOKS, []):
+        handle.remove()
+    if isinstance(model.__dict__.get("generate"), types.MethodType):
+        del model.__dict__["generate"]
+
+
+def _row_names(adapter_names: Sequence[str]) -> list[str]:
+    """PEFT's row names in peftkit's terms: `__base__` is `base`."""
+    return [RowRouting.BASE if name == _PEFT_BASE else name for name in adapter_names]
+
+
+def _open_call_block(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        return None
+    block = mixed_batch(module, _row_names(names))
+    block.__enter__()
+    module.__dict__[_CALL_BLOCK] = block
+    return args, kwargs
+
+
+def _close_call_block(module: nn.Module, args: tuple, output: Any) -> None:
+    block = module.__dict__.pop(_CALL_BLOCK, None)
+    if block is not None:
+        block.__exit__(None, None, None)
+
+
+def _generate(model: nn.Module, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    """The model class's `generate`, with PEFT's `adapter_names` keyword: row i of the prompts uses adapter i."""
+    with ExitStack() as stack:
+        if adapter_names is not None:
+            stack.enter_context(mixed_batch(model, _row_names(adapter_names)))
+        return type(model).generate(model, *args, **kwargs)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -212,6 +277,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if not host.adapters:
             model.set_submodule(path, host.wrapped)
     del adapter_methods(model)[adapter_name]
+    if not adapter_methods(model):
+        release_adapter_names(model)
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -236,22 +303,26 @@ def rename_adapter(model: nn.Module, old: str, new: str) -> None:
 
 
 @contextmanager
-def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Module]:
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
     """Within the block, batch row i goes through adapter `adapter_names[i]` ("base": none).
 
     Works for forward and `generate` (beam search repeats rows; that is followed).
-    Each row's output equals that of a batch run with its adapter alone.
+    Each row's output equals that of a batch run with its adapter alone. The same
+    routing is what PEFT's `adapter_names=[...]` keyword on `model(...)` and
+    `model.generate(...)` gives (see `_accept_adapter_names`).
     """
+    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names) or not adapter_names:
+        raise ConfigError(f"adapter_names must be a non-empty list of adapter names, one per row; got {adapter_names!r}.")
     _require_adapters(model, sorted({n for n in adapter_names if n != RowRouting.BASE}))
-    routing = RowRouting(adapter_names)
-    all_hosts = [host for _, host in hosts(model)]
-    for host in all_hosts:
+    routing = RowRouting(list(adapter_names))
+    previous = [(host, host.routing) for _, host in hosts(model)]
+    for host, _ in previous:
         host.routing = routing
     try:
         yield model
     finally:
-        for host in all_hosts:
-            host.routing = None
+        for host, routing_before in previous:
+            host.routing = routing_before
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

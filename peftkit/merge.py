@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import AdapterStateError, MergeError
-from peftkit.inject import adapter_methods, hosts, set_active_adapters
+from peftkit.inject import adapter_methods, hosts, release_adapter_names, set_active_adapters
 from peftkit.layer import Adapter, AdapterLayer, TrainableCopy, is_additive
 from peftkit.weights import read_weight, write_weight
 
@@ -113,6 +113,7 @@ def unload(model: nn.Module) -> nn.Module:
             replacement = host.wrapped
         model.set_submodule(path, replacement)
     model.__dict__.pop("peftkit_methods", None)
+    release_adapter_names(model)
     return model
 
 

@@ -77,6 +77,42 @@ def test_mixed_batch_generate_follows_beams_and_rejects_unknown_names() -> None:
             pass
 
 
+def test_peft_adapter_names_keyword_routes_rows_of_a_forward() -> None:
+    model = three_adapters()
+    peftkit.set_active_adapters(model, "math")
+    rows = ["sql", "__base__", "chat", "base"]  # PEFT's and peftkit's spelling of the base model
+    ids = torch.randint(0, VOCAB, (len(rows), 7), generator=torch.Generator().manual_seed(0))
+    keyword = model(input_ids=ids, adapter_names=rows).logits
+    with peftkit.mixed_batch(model, ["sql", "base", "chat", "base"]):
+        torch.testing.assert_close(keyword, model(input_ids=ids).logits, atol=0, rtol=0)
+    for i, name in enumerate(["sql", "base", "chat", "base"]):
+        torch.testing.assert_close(keyword[i], logits_with(model, name, ids)[i], atol=1e-5, rtol=0)
+    peftkit.set_active_adapters(model, "math")
+    torch.testing.assert_close(model(input_ids=ids).logits, logits_with(model, "math", ids))  # routing ended
+    with pytest.raises(peftkit.AdapterNotFoundError, match="'nope'.*adapters: sql, chat, math"):
+        model(input_ids=ids, adapter_names=["sql", "nope", "chat", "sql"])
+    assert all(host.routing is None for _, host in peftkit.inject.hosts(model))
+
+
+def test_peft_adapter_names_keyword_on_generate_follows_beams() -> None:
+    model = three_adapters()
+    prompt = torch.randint(1, VOCAB, (3, 4), generator=torch.Generator().manual_seed(3))
+    settings = {"max_new_tokens": 5, "do_sample": False, "num_beams": 2, "pad_token_id": 0}
+    mixed = model.generate(prompt, adapter_names=["chat", "base", "sql"], **settings)
+    for i, name in enumerate(["chat", "base", "sql"]):
+        if name == "base":
+            with peftkit.disable_adapters(model):
+                alone = model.generate(prompt[i : i + 1], **settings)
+        else:
+            peftkit.set_active_adapters(model, name)
+            alone = model.generate(prompt[i : i + 1], **settings)
+        assert torch.equal(mixed[i], alone[0])
+    with pytest.raises(peftkit.AdapterNotFoundError, match="'nope'"):
+        model.generate(prompt, adapter_names=["nope", "sql", "sql"], **settings)
+    merged = peftkit.merge_and_unload(model)  # a plain model again: the class's generate, no hooks
+    assert "generate" not in vars(merged) and not merged._forward_pre_hooks and not merged._forward_hooks
+
+
 def test_training_touches_only_the_active_adapter() -> None:
     model = three_adapters()
     peftkit.set_active_adapters(model, "chat")
