@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 DEFAULT_ADAPTER = "default"
+# The base model's name in a mixed batch: peftkit's, and PEFT's spelling.
+_BASE_NAMES = (RowRouting.BASE, "__base__")
 
 
 def adapter_methods(model: nn.Module) -> dict[str, AdapterMethod]:
@@ -72,10 +74,8 @@ def adapt(
     elif options:
         raise TypeError("pass options either in the method instance or as keywords, not both.")
     methods = adapter_methods(model)
-    if adapter_name == RowRouting.BASE:
-        raise ConfigError(
-            f"adapter name {RowRouting.BASE!r} is reserved: it stands for the base model in mixed batches."
-        )
+    if adapter_name in _BASE_NAMES:
+        raise ConfigError(f"adapter name {adapter_name!r} is reserved: it stands for the base model in mixed batches.")
     in_place = [f"{n!r} ({m.name})" for n, m in methods.items() if m.trains_in_place]
     if in_place:
         raise AdapterStateError(
@@ -95,8 +95,6 @@ def adapt(
     return model
 
 
-# PEFT's spelling of the base model among `adapter_names`.
-_PEFT_BASE = "__base__"
 _HOOKS = "peftkit_adapter_names_hooks"
 _CALL_BLOCK = "peftkit_call_mixed_batch"
 
@@ -128,16 +126,11 @@ def release_adapter_names(model: nn.Module) -> None:
         del model.__dict__["generate"]
 
 
-def _row_names(adapter_names: Sequence[str]) -> list[str]:
-    """PEFT's row names in peftkit's terms: `__base__` is `base`."""
-    return [RowRouting.BASE if name == _PEFT_BASE else name for name in adapter_names]
-
-
 def _open_call_block(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
     names = kwargs.pop("adapter_names", None)
     if names is None:
         return None
-    block = mixed_batch(module, _row_names(names))
+    block = mixed_batch(module, names)
     block.__enter__()
     module.__dict__[_CALL_BLOCK] = block
     return args, kwargs
@@ -153,8 +146,36 @@ def _generate(model: nn.Module, *args: Any, adapter_names: Sequence[str] | None 
     """The model class's `generate`, with PEFT's `adapter_names` keyword: row i of the prompts uses adapter i."""
     with ExitStack() as stack:
         if adapter_names is not None:
-            stack.enter_context(mixed_batch(model, _row_names(adapter_names)))
+            stack.enter_context(mixed_batch(model, adapter_names))
+        prompts = next((a for a in (*args[:1], *map(kwargs.get, _PROMPT_KEYWORDS)) if torch.is_tensor(a)), None)
+        stack.enter_context(_repeated_rows(model, None if prompts is None else prompts.shape[0]))
         return type(model).generate(model, *args, **kwargs)
+
+
+_PROMPT_KEYWORDS = ("inputs", "input_ids", "inputs_embeds")
+
+
+@contextmanager
+def _repeated_rows(model: nn.Module, prompt_rows: int | None) -> Iterator[None]:
+    """While `generate` runs, a mixed batch accepts each prompt row repeated (beams, num_return_sequences).
+
+    The names are checked against the prompt rows first: after the repetition a wrong
+    count can look like a right one (3 prompts x 2 beams are 6 rows, as 2 names x 3).
+    """
+    routings = list({id(host.routing): host.routing for _, host in hosts(model) if host.routing is not None}.values())
+    for routing in routings:
+        if prompt_rows is not None and routing.rows not in (1, prompt_rows):
+            raise ConfigError(
+                f"mixed batch has {routing.rows} adapter names for {prompt_rows} prompt rows; "
+                "give one name per row (or a single name for all rows)."
+            )
+    for routing in routings:
+        routing.rows_repeated = True
+    try:
+        yield
+    finally:
+        for routing in routings:
+            routing.rows_repeated = False
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -290,7 +311,7 @@ def rename_adapter(model: nn.Module, old: str, new: str) -> None:
     """Give an adapter a new name everywhere (its parameters are kept, not copied)."""
     _require_adapters(model, [old])
     methods = adapter_methods(model)
-    if new in methods or new == RowRouting.BASE:
+    if new in methods or new in _BASE_NAMES:
         raise AdapterExistsError(f"cannot rename {old!r} to {new!r}: that name is in use or reserved.")
     for _, host in hosts(model):
         if old in host.adapters:
@@ -304,7 +325,7 @@ def rename_adapter(model: nn.Module, old: str, new: str) -> None:
 
 @contextmanager
 def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
-    """Within the block, batch row i goes through adapter `adapter_names[i]` ("base": none).
+    """Within the block, batch row i goes through adapter `adapter_names[i]` ("base" or PEFT's "__base__": none).
 
     Works for forward and `generate` (beam search repeats rows; that is followed).
     Each row's output equals that of a batch run with its adapter alone. The same
@@ -312,9 +333,10 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
     `model.generate(...)` gives (see `_accept_adapter_names`).
     """
     if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names) or not adapter_names:
-        raise ConfigError(f"adapter_names must be a non-empty list of adapter names, one per row; got {adapter_names!r}.")
-    _require_adapters(model, sorted({n for n in adapter_names if n != RowRouting.BASE}))
-    routing = RowRouting(list(adapter_names))
+        raise ConfigError(f"adapter_names must be a non-empty list of names, one per row; got {adapter_names!r}.")
+    names = [RowRouting.BASE if name in _BASE_NAMES else name for name in adapter_names]
+    _require_adapters(model, sorted({n for n in names if n != RowRouting.BASE}))
+    routing = RowRouting(names)
     previous = [(host, host.routing) for _, host in hosts(model)]
     for host, _ in previous:
         host.routing = routing

@@ -113,6 +113,37 @@ def test_peft_adapter_names_keyword_on_generate_follows_beams() -> None:
     assert "generate" not in vars(merged) and not merged._forward_pre_hooks and not merged._forward_hooks
 
 
+def test_mixed_batch_needs_one_name_per_row_or_one_for_all() -> None:
+    model = three_adapters()
+    ids = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(0))
+    for names in (["sql", "chat"], ["sql", "chat", "math"]):
+        with pytest.raises(
+            ConfigError, match=rf"{len(names)} adapter names for a batch of 4 rows; give one name per row"
+        ):
+            with peftkit.mixed_batch(model, names):
+                model(input_ids=ids)
+        with pytest.raises(ConfigError, match=rf"{len(names)} adapter names for a batch of 4 rows"):
+            model(input_ids=ids, adapter_names=names)
+    with pytest.raises(ConfigError, match="list of names, one per row; got 'sql'"):
+        model(input_ids=ids, adapter_names="sql")
+    with peftkit.mixed_batch(model, ["chat"]):  # one name: every row
+        torch.testing.assert_close(model(input_ids=ids).logits, logits_with(model, "chat", ids), atol=1e-5, rtol=0)
+
+
+def test_generate_repeats_names_with_its_rows_and_still_checks_the_count() -> None:
+    model = three_adapters()
+    prompt = torch.randint(1, VOCAB, (2, 4), generator=torch.Generator().manual_seed(3))
+    settings = {"max_new_tokens": 3, "do_sample": False, "num_beams": 2, "num_return_sequences": 2, "pad_token_id": 0}
+    mixed = model.generate(prompt, adapter_names=["math", "sql"], **settings)  # 2 prompts -> 4 rows per step
+    for i, name in enumerate(["math", "sql"]):
+        peftkit.set_active_adapters(model, name)
+        alone = model.generate(prompt[i : i + 1], **settings)
+        assert torch.equal(mixed[2 * i : 2 * i + 2], alone)
+    three = torch.randint(1, VOCAB, (3, 4), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ConfigError, match="2 adapter names for 3 prompt rows; give one name per row"):
+        model.generate(three, adapter_names=["math", "sql"], max_new_tokens=2, num_beams=2, pad_token_id=0)
+
+
 def test_training_touches_only_the_active_adapter() -> None:
     model = three_adapters()
     peftkit.set_active_adapters(model, "chat")
