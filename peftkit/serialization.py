@@ -4,7 +4,9 @@ This is the one place that knows PEFT's names. Internally an adapter's tensor li
 at `<module>.adapters.<name>.<param>`; PEFT writes `base_model.model.<module>.<param>`.
 Config fields map through each option's `peft` metadata, so adapter_config.json is
 exactly what PEFT reads; peftkit's own full options ride along in the safetensors
-header metadata (which PEFT ignores), so a peftkit round trip is exact.
+header metadata (which PEFT ignores), so a peftkit round trip is exact. The JSON is
+the ecosystem's source of truth: where it was edited after saving, loading follows it
+(and warns), and only the options PEFT has no key for come from the metadata.
 Loading reads JSON and safetensors only: nothing is ever unpickled.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from peftkit.layer import AdapterLayer
 from peftkit.method import AdapterMethod
 from peftkit.registry import available_methods, get_method
 from peftkit.targets import portable_target_modules
+from peftkit.validation import option_names
 
 __all__ = [
     "CONFIG_NAME",
@@ -108,7 +112,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
     method = adapter_methods(model)[name]
     config = peft_config(model, name)
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in adapter_state_dict(model, name).items()}
-    metadata = {"format": "pt", METADATA_KEY: json.dumps({"method": method.name, "options": _options(method)})}
+    # The JSON as written, so loading can tell which of its fields were edited since.
+    record = {"method": method.name, "options": _options(method), "adapter_config": config}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(record)}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     atomic_write_json(directory / CONFIG_NAME, config)
     return directory
@@ -149,17 +155,58 @@ def _peft_method_class(config: dict[str, Any]) -> type[AdapterMethod]:
     return candidates[0]
 
 
-def method_from_config(config: dict[str, Any], metadata: dict[str, str] | None = None) -> AdapterMethod:
-    """Rebuild the method an adapter was saved with: from peftkit's metadata, else PEFT's config."""
+def _peft_fields(cls: type[AdapterMethod]) -> dict[str, str]:
+    """Option name -> its adapter_config.json key, for the options PEFT reads."""
+    return {f.name: f.metadata["peft"] for f in dataclasses.fields(cls.config_class) if "peft" in f.metadata}
+
+
+def _peft_identity(cls: type[AdapterMethod]) -> dict[str, Any]:
+    """The adapter_config.json fields that say which method a file is."""
+    return {"peft_type": cls.peft_type, **cls.peft_markers}
+
+
+def method_from_config(
+    config: dict[str, Any], metadata: dict[str, str] | None = None, source: str | os.PathLike[str] = CONFIG_NAME
+) -> AdapterMethod:
+    """Rebuild the method an adapter was saved with, as adapter_config.json says.
+
+    peftkit's record in the safetensors metadata supplies what PEFT's JSON has no key for
+    (`init`, `quantization`, `target_modules` as the user gave them) and the method's
+    name (`qlora` is a LoRA file). Fields of the JSON edited since saving win over the
+    record, with a warning naming them, so peftkit and PEFT build the same model.
+    """
     own = json.loads((metadata or {}).get(METADATA_KEY, "null"))
-    if isinstance(own, dict) and "method" in own:
-        return get_method(own["method"]).from_options(**own.get("options", {}))
-    cls = _peft_method_class(config)
-    options = {
-        f.name: config[f.metadata["peft"]]
-        for f in dataclasses.fields(cls.config_class)
-        if "peft" in f.metadata and config.get(f.metadata["peft"]) is not None
+    if not (isinstance(own, dict) and "method" in own):
+        cls = _peft_method_class(config)
+        return cls.from_options(
+            **{name: config[key] for name, key in _peft_fields(cls).items() if config.get(key) is not None}
+        )
+    cls = get_method(own["method"])
+    options: dict[str, Any] = own.get("options", {})
+    # Files of older versions lack the JSON as written; their options stand in for it.
+    written = own.get("adapter_config") or {
+        **_peft_identity(cls),
+        **{key: options.get(name) for name, key in _peft_fields(cls).items()},
     }
+    edited = sorted(key for key in written.keys() | config.keys() if written.get(key) != config.get(key))
+    if cls.peft_type is not None and any(config.get(k, False) != v for k, v in _peft_identity(cls).items()):
+        cls = _peft_method_class(config)
+    fields = _peft_fields(cls)
+    options = {name: value for name, value in options.items() if name in option_names(cls.config_class)}
+    for name, key in fields.items():
+        if key in edited:
+            options.pop(name, None)
+            if config.get(key) is not None:
+                options[name] = config[key]
+    followed = [key for key in edited if key in fields.values() or key in _peft_identity(cls)]
+    if followed:
+        differences = ", ".join(f"{key} (json {config.get(key)!r}, peftkit {written.get(key)!r})" for key in followed)
+        warnings.warn(
+            f"{source}: adapter_config.json was changed after peftkit saved it: {differences}; "
+            f"following adapter_config.json (as PEFT does): loading as {cls.name}.",
+            UserWarning,
+            stacklevel=3,
+        )
     return cls.from_options(**options)
 
 
@@ -197,9 +244,10 @@ def load_adapter(
     config = read_adapter_config(directory)
     tensors, metadata = _load_tensors(directory / WEIGHTS_NAME)
     if method is None:
-        method = method_from_config(config, metadata)
+        method = method_from_config(config, metadata, directory / CONFIG_NAME)
     elif isinstance(method, str):
-        method = get_method(method).from_options(**_options(method_from_config(config, metadata)))
+        saved = _options(method_from_config(config, metadata, directory / CONFIG_NAME))
+        method = get_method(method).from_options(**saved)
     adapt(model, method, name)
     try:
         _copy_tensors(model, name, tensors, directory)
@@ -263,7 +311,7 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike[str], name: 
         raise AdapterFileError(f"model has no adapter named {name!r} to hot-swap; load it first.")
     config = read_adapter_config(directory)
     tensors, metadata = _load_tensors(directory / WEIGHTS_NAME)
-    incoming = method_from_config(config, metadata)
+    incoming = method_from_config(config, metadata, directory / CONFIG_NAME)
     if incoming.name != current.name:
         raise AdapterFileError(f"cannot hot-swap a {incoming.name} adapter into {name!r}, which is {current.name}.")
     for path, host in hosts(model):
