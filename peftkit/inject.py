@@ -22,6 +22,7 @@ from peftkit.method import AdapterMethod
 from peftkit.registry import get_method
 from peftkit.routing import RowRouting
 from peftkit.targets import candidate_modules, find_targets, matches_pattern, task_heads
+from peftkit.undo import restore_on_failure
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -39,6 +40,7 @@ __all__ = [
     "list_adapters",
     "mixed_batch",
     "release_adapter_names",
+    "require_adapters",
     "trainable_parameters",
 ]
 
@@ -74,8 +76,7 @@ def adapt(
     elif options:
         raise TypeError("pass options either in the method instance or as keywords, not both.")
     methods = adapter_methods(model)
-    if adapter_name in _BASE_NAMES:
-        raise ConfigError(f"adapter name {adapter_name!r} is reserved: it stands for the base model in mixed batches.")
+    _check_adapter_name(adapter_name)
     in_place = [f"{n!r} ({m.name})" for n, m in methods.items() if m.trains_in_place]
     if in_place:
         raise AdapterStateError(
@@ -87,12 +88,21 @@ def adapt(
             f"model already has an adapter named {adapter_name!r} ({methods[adapter_name].name}); "
             f"pick another adapter_name. In use: {', '.join(methods)}."
         )
-    method.attach(model, adapter_name)
-    methods[adapter_name] = method
-    set_active_adapters(model, adapter_name)
-    mark_trainable(model, adapter_name)
+    with restore_on_failure(model):  # e.g. a target that cannot be adapted after others were wrapped
+        method.attach(model, adapter_name)
+        methods[adapter_name] = method
+        set_active_adapters(model, adapter_name)
+        mark_trainable(model, adapter_name)
     _accept_adapter_names(model)
     return model
+
+
+def _check_adapter_name(name: Any) -> None:
+    """Refuse a name that cannot key the adapters of a host (nn.ModuleDict) or stands for the base model."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(f"an adapter name must be a non-empty string without '.', got {name!r}.")
+    if name in _BASE_NAMES:
+        raise ConfigError(f"adapter name {name!r} is reserved: it stands for the base model in mixed batches.")
 
 
 _HOOKS = "peftkit_adapter_names_hooks"
@@ -214,7 +224,8 @@ def _wrap_modules_to_save(model: nn.Module, patterns: list[str] | None, adapter_
             model.set_submodule(name, host)
 
 
-def _require_adapters(model: nn.Module, names: list[str]) -> None:
+def require_adapters(model: nn.Module, names: list[str]) -> None:
+    """Raise AdapterNotFoundError for the first of `names` the model has no adapter under."""
     known = adapter_methods(model)
     for name in names:
         if name not in known:
@@ -226,7 +237,7 @@ def _require_adapters(model: nn.Module, names: list[str]) -> None:
 def set_active_adapters(model: nn.Module, names: str | list[str]) -> None:
     """Make `names` the adapters whose outputs are added in every forward."""
     names = [names] if isinstance(names, str) else list(names)
-    _require_adapters(model, names)
+    require_adapters(model, names)
     for _, host in hosts(model):
         host.active_adapters = [n for n in names if n in host.adapters]
 
@@ -276,7 +287,7 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
 
 def mark_trainable(model: nn.Module, adapter_name: str) -> None:
     """Freeze everything but the parameters `adapter_name` trains."""
-    _require_adapters(model, [adapter_name])
+    require_adapters(model, [adapter_name])
     for param in model.parameters():
         param.requires_grad_(False)
     for tensor in adapter_methods(model)[adapter_name].trainable_state(model, adapter_name).values():
@@ -286,7 +297,7 @@ def mark_trainable(model: nn.Module, adapter_name: str) -> None:
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove an adapter and free its parameters; hosts left empty give back their module."""
-    _require_adapters(model, [adapter_name])
+    require_adapters(model, [adapter_name])
     for path, host in hosts(model):
         if adapter_name in getattr(host, "merged_adapters", ()):
             raise AdapterStateError(f"adapter {adapter_name!r} is merged into {path!r}; unmerge it before deleting.")
@@ -309,10 +320,11 @@ def list_adapters(model: nn.Module) -> list[str]:
 
 def rename_adapter(model: nn.Module, old: str, new: str) -> None:
     """Give an adapter a new name everywhere (its parameters are kept, not copied)."""
-    _require_adapters(model, [old])
+    require_adapters(model, [old])
+    _check_adapter_name(new)
     methods = adapter_methods(model)
-    if new in methods or new in _BASE_NAMES:
-        raise AdapterExistsError(f"cannot rename {old!r} to {new!r}: that name is in use or reserved.")
+    if new in methods:
+        raise AdapterExistsError(f"cannot rename {old!r} to {new!r}: that name is in use ({', '.join(methods)}).")
     for _, host in hosts(model):
         if old in host.adapters:
             entries = [(new if name == old else name, module) for name, module in host.adapters.items()]
@@ -335,7 +347,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
     if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names) or not adapter_names:
         raise ConfigError(f"adapter_names must be a non-empty list of names, one per row; got {adapter_names!r}.")
     names = [RowRouting.BASE if name in _BASE_NAMES else name for name in adapter_names]
-    _require_adapters(model, sorted({n for n in names if n != RowRouting.BASE}))
+    require_adapters(model, sorted({n for n in names if n != RowRouting.BASE}))
     routing = RowRouting(names)
     previous = [(host, host.routing) for _, host in hosts(model)]
     for host, _ in previous:

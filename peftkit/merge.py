@@ -8,11 +8,13 @@ anything is written.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from peftkit.errors import AdapterStateError, MergeError
-from peftkit.inject import adapter_methods, hosts, release_adapter_names, set_active_adapters
+from peftkit.inject import adapter_methods, hosts, release_adapter_names, require_adapters, set_active_adapters
 from peftkit.layer import Adapter, AdapterLayer, TrainableCopy, is_additive
 from peftkit.weights import read_weight, write_weight
 
@@ -61,46 +63,95 @@ def _fold(weight: torch.Tensor, adapter: Adapter, sign: int, where: str) -> None
     weight.copy_(result)
 
 
-def _merge_layer(path: str, layer: AdapterLayer, names: list[str], tied: dict[int, list[str]]) -> None:
-    pending = [n for n in names if n not in layer.merged_adapters]
-    if not pending:
-        return
+def _check_foldable(path: str, layer: AdapterLayer, names: list[str], tied: dict[int, list[str]], verb: str) -> None:
+    """Raise what folding `names` into `layer` would raise, writing nothing (see `_plan`)."""
     shared = [n for n in tied.get(id(getattr(layer.base_layer, "weight", None)), []) if not n.startswith(path + ".")]
     if shared:
         raise MergeError(
             f"the weight of {path!r} is tied to {', '.join(shared)}; merging would change all of them. "
-            "Untie the weights (e.g. tie_word_embeddings=False) or do not target this module."
+            "Untie the weights (e.g. tie_word_embeddings=False) or do not target this module. Nothing was merged."
         )
+    read_weight(layer.base_layer)  # a layer peftkit cannot write into (8-bit) says so here
+    for name in names:
+        adapter = layer.adapters[name]
+        finite = torch.isfinite(adapter.delta_weight().detach().sum()) and all(
+            torch.isfinite(p.detach()).all() for p in adapter.parameters()
+        )
+        if not finite:
+            raise MergeError(f"{verb} adapter {name!r} at {path!r} would write NaN/Inf; nothing was changed.")
+
+
+def _plan(
+    model: nn.Module, chosen: Callable[[AdapterLayer], list[str]], verb: str
+) -> list[tuple[str, AdapterLayer, list[str]]]:
+    """Each layer with the adapters to fold into it, once every layer is known to take them.
+
+    A merge is all or nothing: a NaN in the last layer's adapter, a tied weight or a
+    method that is no weight delta is found before the first weight is written.
+    """
+    tied = _tied_weights(model)
+    plan = []
+    for path, host in hosts(model):
+        if isinstance(host, AdapterLayer) and (names := chosen(host)):
+            _check_foldable(path, host, names, tied, verb)
+            plan.append((path, host, names))
+    return plan
+
+
+def _fold_layer(path: str, layer: AdapterLayer, names: list[str], sign: int) -> None:
+    """Fold `names` into one layer (sign as in `_fold`): all of them or, on an error, none."""
     weight, in_place = _working_weight(layer.base_layer)
+    where = f"{'merging' if sign > 0 else 'unmerging'} adapters {names} at {path!r}"
+    applied: list[str] = []
     try:
-        for name in pending:
-            _fold(weight, layer.adapters[name], +1, f"merging adapter {name!r} into {path!r}")
-            layer.merged_adapters.append(name)
-    finally:
-        if not in_place:
-            write_weight(layer.base_layer, weight)
+        for name in names:
+            _fold(weight, layer.adapters[name], sign, where)
+            applied.append(name)
+    except Exception:
+        if in_place:  # a copy is simply not written back
+            for name in reversed(applied):
+                _fold(weight, layer.adapters[name], -sign, where)
+        raise
+    if not in_place:
+        write_weight(layer.base_layer, weight)
+    if sign > 0:
+        layer.merged_adapters.extend(names)
+    else:
+        layer.merged_adapters[:] = [n for n in layer.merged_adapters if n not in names]
+
+
+def _apply(plan: list[tuple[str, AdapterLayer, list[str]]], sign: int) -> None:
+    """Fold the plan in; should a layer still fail (a DoRA row of norm 0), the layers done are folded back."""
+    done: list[tuple[str, AdapterLayer, list[str]]] = []
+    try:
+        for path, layer, names in plan:
+            _fold_layer(path, layer, names, sign)
+            done.append((path, layer, names))
+    except Exception:
+        for path, layer, names in reversed(done):
+            _fold_layer(path, layer, names[::-1], -sign)
+        raise
 
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
-    """Add the adapters' deltas (default: the active ones) into the base weights, in place."""
-    tied = _tied_weights(model)
-    for path, host in hosts(model):
-        if isinstance(host, AdapterLayer):
-            names = host.active_adapters if adapter_names is None else [n for n in adapter_names if n in host.adapters]
-            _merge_layer(path, host, names, tied)
+    """Add the adapters' deltas (default: the active ones) into the base weights, in place.
+
+    All or nothing: every layer is checked before the first one is written.
+    """
+    if adapter_names is not None:
+        require_adapters(model, adapter_names)
+
+    def pending(host: AdapterLayer) -> list[str]:
+        names = host.active_adapters if adapter_names is None else adapter_names
+        return [n for n in names if n in host.adapters and n not in host.merged_adapters]
+
+    _apply(_plan(model, pending, "merging"), +1)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Take every merged adapter back out of the base weights (last merged first)."""
-    for path, host in hosts(model):
-        if isinstance(host, AdapterLayer) and host.merged_adapters:
-            weight, in_place = _working_weight(host.base_layer)
-            for name in reversed(host.merged_adapters):
-                _fold(weight, host.adapters[name], -1, f"unmerging adapter {name!r} from {path!r}")
-            if not in_place:
-                write_weight(host.base_layer, weight)
-            host.merged_adapters.clear()
+    """Take every merged adapter back out of the base weights (last merged first); all or nothing."""
+    _apply(_plan(model, lambda host: host.merged_adapters[::-1], "unmerging"), -1)
     return model
 
 
@@ -125,7 +176,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def switch_merged_adapter(model: nn.Module, adapter_names: str | list[str]) -> nn.Module:
-    """Serve another adapter at base-model speed: unmerge what is merged, merge `adapter_names`."""
+    """Serve another adapter at base-model speed: unmerge what is merged, merge `adapter_names`.
+
+    The new adapters are checked before anything is unmerged, so a bad name or adapter
+    leaves the model serving what it served.
+    """
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    require_adapters(model, names)
+    _plan(model, lambda host: [n for n in names if n in host.adapters], "merging")
     unmerge(model)
-    set_active_adapters(model, adapter_names)
+    set_active_adapters(model, names)
     return merge(model)

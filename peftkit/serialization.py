@@ -27,11 +27,12 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit.errors import AdapterFileError, AdapterStateError, ShapeMismatchError
 from peftkit.files import atomic_write, atomic_write_json
-from peftkit.inject import DEFAULT_ADAPTER, adapt, adapter_methods, delete_adapter, hosts, mark_trainable
+from peftkit.inject import DEFAULT_ADAPTER, adapt, adapter_methods, hosts, mark_trainable
 from peftkit.layer import AdapterLayer
 from peftkit.method import AdapterMethod
 from peftkit.registry import available_methods, get_method
 from peftkit.targets import portable_target_modules
+from peftkit.undo import restore_on_failure
 from peftkit.validation import option_names
 
 __all__ = [
@@ -248,12 +249,9 @@ def load_adapter(
     elif isinstance(method, str):
         saved = _options(method_from_config(config, metadata, directory / CONFIG_NAME))
         method = get_method(method).from_options(**saved)
-    adapt(model, method, name)
-    try:
+    with restore_on_failure(model):  # a file that does not fit leaves no adapter, and no quantized base
+        adapt(model, method, name)
         _copy_tensors(model, name, tensors, directory)
-    except Exception:
-        delete_adapter(model, name)
-        raise
     if trainable:
         mark_trainable(model, name)
     else:
