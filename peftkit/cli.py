@@ -14,7 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import DestinationError, PeftkitError
+from peftkit.files import atomic_directory, check_writable, destination_errors
 
 __all__ = ["main", "build_parser"]
 
@@ -45,11 +46,33 @@ def _merge(args: argparse.Namespace) -> None:
     base = args.base or read_adapter_config(args.adapter_dir).get("base_model_name_or_path")
     if not base:
         raise PeftkitError(f"{args.adapter_dir} does not name its base model; pass --base MODEL.")
+    out = Path(args.out)
+    _check_merge_destination(out, {"the base model": Path(base), "the adapter": Path(args.adapter_dir)}, args.force)
+    check_writable(out)  # before minutes of loading
     model = load_adapter(load_model(base), args.adapter_dir)
     merge_and_unload(model)
-    model.save_pretrained(args.out)
-    load_tokenizer(base).save_pretrained(args.out)
+    tokenizer = load_tokenizer(base)
+    with destination_errors(out), atomic_directory(out, replace=args.force) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     print(f"merged {args.adapter_dir} into {base}: {args.out}")
+
+
+def _check_merge_destination(out: Path, inputs: dict[str, Path], force: bool) -> None:
+    """Refuse an --out that is a file, holds an input, or is a directory in use (unless --force)."""
+    if out.exists() and not out.is_dir():
+        raise DestinationError(f"--out {str(out)!r} is an existing file; give a directory for the merged model.")
+    for what, path in inputs.items():
+        if path.exists() and path.resolve().is_relative_to(out.resolve()):
+            raise DestinationError(
+                f"--out {str(out)!r} holds {what} ({str(path)!r}), which writing there would overwrite; "
+                "choose another directory."
+            )
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise DestinationError(
+            f"--out {str(out)!r} already exists and is not empty; "
+            "pass --force to replace it, or choose another directory."
+        )
 
 
 def _methods(args: argparse.Namespace) -> None:
@@ -118,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("adapter_dir")
     merge.add_argument("--out", required=True, help="output directory")
     merge.add_argument("--base", help="base model (default: the one the adapter names)")
+    merge.add_argument("--force", action="store_true", help="replace --out if it is an existing directory")
     merge.set_defaults(run=_merge)
 
     methods = commands.add_parser("methods", help="list registered methods and their options")

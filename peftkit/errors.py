@@ -17,6 +17,7 @@ __all__ = [
     "ShapeMismatchError",
     "AdapterFileError",
     "MergeError",
+    "DestinationError",
     "closest_match",
     "did_you_mean",
 ]
@@ -91,3 +92,7 @@ class AdapterFileError(PeftkitError, OSError):
 
 class MergeError(PeftkitError, ArithmeticError):
     """A merge would write NaN/Inf, or the method has no weight delta."""
+
+
+class DestinationError(PeftkitError, OSError):
+    """An output cannot be written there: it is a file, an input, read-only, the disk is full..."""

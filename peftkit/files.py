@@ -1,22 +1,31 @@
-"""Atomic file writes: a reader never sees half a file, a crash never loses the old one."""
+"""Atomic writes of files and directories: a reader never sees half of one, a crash never loses the old one."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_json"]
+from peftkit.errors import DestinationError
+
+__all__ = ["atomic_write", "atomic_write_json", "atomic_directory", "check_writable", "destination_errors"]
+
+
+def _ordinary_mode(base: int) -> int:
+    """The mode a new file (0o666) or directory (0o777) gets under the current umask (mkstemp's is 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
 
 
 def _ordinary_file_mode() -> int:
-    """The mode `open()` would give a new file under the current umask (mkstemp's is 0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return _ordinary_mode(0o666)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
@@ -42,3 +51,57 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write `data` as indented, key-sorted JSON, atomically."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike[str], replace: bool = False) -> Iterator[Path]:
+    """`with atomic_directory(path) as tmp:` fill `tmp`; on success it becomes `path`, on error it is removed.
+
+    `tmp` is a sibling of `path`, so the final rename stays on one file system. An
+    existing `path` is replaced only when `replace` is true (FileExistsError otherwise),
+    by renaming it aside first: there is no moment at which neither version exists.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, _ordinary_mode(0o777))
+    try:
+        yield tmp
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        if not replace:
+            raise FileExistsError(f"{path} already exists")
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Raise DestinationError unless something can be created at `path`, before any work is spent on it.
+
+    Probed by creating (and removing) a directory beside it, in its nearest existing
+    parent: permission bits, read-only mounts and immutable directories all show.
+    """
+    path = Path(path)
+    parent = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not parent.is_dir():
+        raise DestinationError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a directory.")
+    with destination_errors(path):
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".probe", dir=parent))
+
+
+@contextmanager
+def destination_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An OSError inside the block (read-only, disk full, no permission) as a DestinationError naming `path`."""
+    try:
+        yield
+    except DestinationError:
+        raise
+    except OSError as error:
+        reason = error.strerror or str(error)
+        code = f" ({errno.errorcode[error.errno]})" if error.errno in errno.errorcode else ""
+        raise DestinationError(f"cannot write {str(path)!r}: {reason}{code}.") from error

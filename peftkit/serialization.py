@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftkit.errors import AdapterFileError, AdapterStateError, ShapeMismatchError
-from peftkit.files import atomic_write, atomic_write_json
+from peftkit.files import atomic_write, atomic_write_json, check_writable, destination_errors
 from peftkit.inject import DEFAULT_ADAPTER, adapt, adapter_methods, hosts, mark_trainable
 from peftkit.layer import AdapterLayer
 from peftkit.method import AdapterMethod
@@ -108,7 +109,11 @@ def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[s
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str = DEFAULT_ADAPTER) -> Path:
-    """Write one adapter to `directory` in PEFT's format (only adapter tensors); returns the path."""
+    """Write one adapter to `directory` in PEFT's format (only adapter tensors); returns the path.
+
+    A directory that cannot be written (read-only, a full disk) raises DestinationError
+    before or instead of a half-written adapter.
+    """
     directory = Path(directory)
     method = adapter_methods(model)[name]
     config = peft_config(model, name)
@@ -116,8 +121,22 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
     # The JSON as written, so loading can tell which of its fields were edited since.
     record = {"method": method.name, "options": _options(method), "adapter_config": config}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(record)}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    atomic_write_json(directory / CONFIG_NAME, config)
+
+    def write(tmp: Path) -> None:
+        # The config is renamed into place only once the weights are written, and the
+        # weights right after it: a full disk or a failed write leaves neither file new.
+        save_file(tensors, str(tmp), metadata=metadata)
+        atomic_write_json(directory / CONFIG_NAME, config)
+
+    check_writable(directory / CONFIG_NAME)
+    created = not directory.exists()
+    try:
+        with destination_errors(directory):
+            atomic_write(directory / WEIGHTS_NAME, write)
+    except BaseException:
+        if created:  # nothing of this save is left behind, not even its empty directory
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
     return directory
 
 

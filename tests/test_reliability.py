@@ -7,6 +7,7 @@ train, the adapters, and each host's active and merged adapters.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,13 @@ from conftest import randomize_adapters, tiny_llama
 from torch import nn
 
 import peftkit
+import peftkit.serialization
 from peftkit.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
     AdapterStateError,
     ConfigError,
+    DestinationError,
     MergeError,
     ShapeMismatchError,
     TargetNotFoundError,
@@ -255,3 +258,32 @@ def test_kbit_prep_refused_for_checkpointing_leaves_dtypes() -> None:
         prepare_for_kbit_training(model, gradient_checkpointing=True)
     assert_unchanged(model, before)
     assert model[0].weight.dtype == torch.float16
+
+
+def test_save_adapter_into_a_read_only_directory_is_a_clear_error(read_only_dir: Path) -> None:
+    model = two_adapters()
+    with pytest.raises(DestinationError, match=rf"cannot write '{read_only_dir}/adapter/adapter_config.json': "):
+        peftkit.save_adapter(model, read_only_dir / "adapter", "sql")
+    with pytest.raises(DestinationError, match=rf"cannot write '{read_only_dir}/adapter_config.json': "):
+        peftkit.save_adapter(model, read_only_dir, "sql")
+    assert list(read_only_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("writer", ["save_file", "atomic_write_json"])
+def test_save_adapter_onto_a_full_disk_leaves_the_old_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
+) -> None:
+    """Whether the weights or the config (written second) meet the full disk, no file is new."""
+    model = two_adapters()
+    kept = peftkit.save_adapter(model, tmp_path / "kept", "sql")
+    saved = {p.name: p.read_bytes() for p in kept.iterdir()}
+
+    def full_disk(path: str | Path, *_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(peftkit.serialization, writer, full_disk)
+    for directory in (kept, tmp_path / "fresh"):
+        with pytest.raises(DestinationError, match=rf"cannot write '{directory}': No space left on device \(ENOSPC\)"):
+            peftkit.save_adapter(model, directory, "chat")
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
