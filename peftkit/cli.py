@@ -13,9 +13,13 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from peftkit.errors import DestinationError, PeftkitError
+from peftkit.errors import DestinationError, MergeError, PeftkitError
 from peftkit.files import atomic_directory, check_writable, destination_errors
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["main", "build_parser"]
 
@@ -39,7 +43,6 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from peftkit.merge import merge_and_unload
     from peftkit.models import load_model, load_tokenizer
     from peftkit.serialization import load_adapter, read_adapter_config
 
@@ -49,13 +52,37 @@ def _merge(args: argparse.Namespace) -> None:
     out = Path(args.out)
     _check_merge_destination(out, {"the base model": Path(base), "the adapter": Path(args.adapter_dir)}, args.force)
     check_writable(out)  # before minutes of loading
-    model = load_adapter(load_model(base), args.adapter_dir)
-    merge_and_unload(model)
+    base_model = load_model(base)
+    dtype = base_model.dtype  # a 4-bit base comes back dense in the dtype it was loaded in
+    model = _merged(load_adapter(base_model, args.adapter_dir), dtype)
     tokenizer = load_tokenizer(base)
     with destination_errors(out), atomic_directory(out, replace=args.force) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     print(f"merged {args.adapter_dir} into {base}: {args.out}")
+
+
+def _merged(model: Any, dtype: torch.dtype) -> Any:
+    """The plain model transformers loads as it is: a 4-bit base (qlora, qdora) is merged dense.
+
+    `merge_and_unload` keeps 4-bit layers 4-bit, as PEFT does; written out, those are
+    packed tensors with no quantization config, which no loader reads.
+    """
+    from peftkit.merge import merge_and_unload
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        from peftkit.quantization import merge_and_dequantize
+
+        model = merge_and_dequantize(model, dtype)
+    else:
+        model = merge_and_unload(model)
+    packed = [name for name, param in model.named_parameters() if not param.is_floating_point()]
+    if packed:
+        raise MergeError(
+            f"the merged model still holds non-float (quantized) weights, e.g. {packed[:3]}, "
+            "which transformers cannot load without their quantization config; nothing was written."
+        )
+    return model
 
 
 def _check_merge_destination(out: Path, inputs: dict[str, Path], force: bool) -> None:
