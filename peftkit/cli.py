@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftkit.errors import DestinationError, MergeError, PeftkitError
+from peftkit.errors import ConfigError, DestinationError, MergeError, PeftkitError
 from peftkit.files import atomic_directory, check_writable, destination_errors
 
 if TYPE_CHECKING:
@@ -34,8 +33,12 @@ def _train(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from peftkit.models import generate_text, load_model, load_tokenizer
-    from peftkit.serialization import load_adapter
+    from peftkit.serialization import load_adapter, read_adapter_config
 
+    if args.max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}.")
+    if args.adapter:  # a wrong directory is named before the model loads
+        read_adapter_config(args.adapter)
     tokenizer, model = load_tokenizer(args.base), load_model(args.base)
     if args.adapter:
         load_adapter(model, args.adapter)
@@ -46,7 +49,8 @@ def _merge(args: argparse.Namespace) -> None:
     from peftkit.models import load_model, load_tokenizer
     from peftkit.serialization import load_adapter, read_adapter_config
 
-    base = args.base or read_adapter_config(args.adapter_dir).get("base_model_name_or_path")
+    config = read_adapter_config(args.adapter_dir)  # a wrong directory is named before anything loads
+    base = args.base or config.get("base_model_name_or_path")
     if not base:
         raise PeftkitError(f"{args.adapter_dir} does not name its base model; pass --base MODEL.")
     out = Path(args.out)
@@ -114,22 +118,24 @@ def _methods(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from safetensors import safe_open
-
-    from peftkit.serialization import WEIGHTS_NAME, method_from_config, read_adapter_config
+    from peftkit.serialization import (
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        method_from_config,
+        read_adapter_config,
+        read_adapter_tensors,
+    )
 
     directory = Path(args.adapter_dir)
-    config = read_adapter_config(directory)
     weights = directory / WEIGHTS_NAME
-    with safe_open(str(weights), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        count = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
-    method = method_from_config(config, metadata)
+    tensors, metadata = read_adapter_tensors(weights)  # first: a directory holding only a .bin is told so
+    config = read_adapter_config(directory)
+    method = method_from_config(config, metadata, directory / CONFIG_NAME)
     rank = getattr(method.config, "r", None)
     print(f"method:     {method.name}" + (f" (r={rank})" if rank is not None else ""))
     print(f"base model: {config.get('base_model_name_or_path')}")
     print(f"targets:    {json.dumps(config.get('target_modules'))}")
-    print(f"parameters: {count:,}")
+    print(f"parameters: {sum(t.numel() for t in tensors.values()):,}")
     print(f"size:       {weights.stat().st_size / 1e6:.2f} MB ({weights.name})")
 
 

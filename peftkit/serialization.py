@@ -44,6 +44,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_adapter_config",
+    "read_adapter_tensors",
     "method_from_config",
     "hot_swap_adapter",
 ]
@@ -230,7 +231,9 @@ def method_from_config(
     return cls.from_options(**options)
 
 
-def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_adapter_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header metadata of an adapter's safetensors file; AdapterFileError if unreadable."""
+    path = Path(path)
     if not path.is_file():
         pickled = path.with_name("adapter_model.bin")
         hint = (
@@ -262,7 +265,7 @@ def load_adapter(
     """
     directory = Path(directory)
     config = read_adapter_config(directory)
-    tensors, metadata = _load_tensors(directory / WEIGHTS_NAME)
+    tensors, metadata = read_adapter_tensors(directory / WEIGHTS_NAME)
     if method is None:
         method = method_from_config(config, metadata, directory / CONFIG_NAME)
     elif isinstance(method, str):
@@ -327,7 +330,7 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike[str], name: 
     if current is None:
         raise AdapterFileError(f"model has no adapter named {name!r} to hot-swap; load it first.")
     config = read_adapter_config(directory)
-    tensors, metadata = _load_tensors(directory / WEIGHTS_NAME)
+    tensors, metadata = read_adapter_tensors(directory / WEIGHTS_NAME)
     incoming = method_from_config(config, metadata, directory / CONFIG_NAME)
     if incoming.name != current.name:
         raise AdapterFileError(f"cannot hot-swap a {incoming.name} adapter into {name!r}, which is {current.name}.")

@@ -136,3 +136,37 @@ def test_merged_4bit_adapter_is_a_plain_float_model_transformers_loads(
         got = merged(input_ids=ids).logits
     assert (expected - base).abs().max() > 1e-2  # the adapter shows
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)  # measured: 1.5e-7
+
+
+@pytest.mark.parametrize("tokens", ["0", "-3"])
+def test_generate_needs_a_positive_max_new_tokens(model_dir: Path, tokens: str, capsys, no_model_loads) -> None:
+    argv = ["generate", "--base", str(model_dir), "--prompt", "n=07:", "--max-new-tokens", tokens]
+    fails(capsys, argv, f"--max-new-tokens must be a positive integer, got {tokens}.")
+
+
+def test_generate_and_merge_name_a_wrong_adapter_directory_before_the_model_loads(
+    tmp_path: Path, model_dir: Path, capsys, no_model_loads
+) -> None:
+    argv = ["generate", "--base", str(model_dir), "--adapter", str(tmp_path), "--prompt", "n=07:"]
+    fails(capsys, argv, f"no adapter_config.json in '{tmp_path}'")
+    argv = ["merge", str(tmp_path), "--base", str(model_dir), "--out", str(tmp_path / "merged")]
+    fails(capsys, argv, f"no adapter_config.json in '{tmp_path}'")
+
+
+def test_inspect_a_truncated_weights_file_names_it(tmp_path: Path, adapter: Path, capsys) -> None:
+    copy = tmp_path / "adapter"
+    copy.mkdir()
+    (copy / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    (copy / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])
+    fails(
+        capsys,
+        ["inspect", str(copy)],
+        f"{copy}/adapter_model.safetensors is not a readable safetensors file",
+        "file not fully covered",
+    )
+
+
+def test_inspect_a_directory_holding_only_a_pickled_adapter_says_so(tmp_path: Path, capsys) -> None:
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    fails(capsys, ["inspect", str(tmp_path)], "adapter_model.bin exists, but peftkit never unpickles files")
