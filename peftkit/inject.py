@@ -8,7 +8,6 @@ name uses in `model.peftkit_methods`.
 from __future__ import annotations
 
 import copy
-import types
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -125,14 +124,14 @@ def _accept_adapter_names(model: nn.Module) -> None:
         model.register_forward_hook(_close_call_block, always_call=True),
     ]
     if callable(getattr(type(model), "generate", None)):
-        model.generate = types.MethodType(_generate, model)
+        model.generate = _GenerateWithAdapterNames(model)
 
 
 def release_adapter_names(model: nn.Module) -> None:
     """Undo `_accept_adapter_names` (the model has no adapters left)."""
     for handle in model.__dict__.pop(_HOOKS, []):
         handle.remove()
-    if isinstance(model.__dict__.get("generate"), types.MethodType):
+    if isinstance(model.__dict__.get("generate"), _GenerateWithAdapterNames):
         del model.__dict__["generate"]
 
 
@@ -140,6 +139,13 @@ def _open_call_block(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
     names = kwargs.pop("adapter_names", None)
     if names is None:
         return None
+    if module.training and torch.is_grad_enabled() and getattr(module, "is_gradient_checkpointing", False):
+        # The backward recomputes checkpointed layers after this call has ended, unrouted.
+        raise ConfigError(
+            "adapter_names cannot route a training forward with gradient checkpointing: the backward pass "
+            "recomputes layers after the call. Wrap forward and backward in peftkit.mixed_batch, or disable "
+            "gradient checkpointing."
+        )
     block = mixed_batch(module, names)
     block.__enter__()
     module.__dict__[_CALL_BLOCK] = block
@@ -152,14 +158,24 @@ def _close_call_block(module: nn.Module, args: tuple, output: Any) -> None:
         block.__exit__(None, None, None)
 
 
-def _generate(model: nn.Module, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-    """The model class's `generate`, with PEFT's `adapter_names` keyword: row i of the prompts uses adapter i."""
-    with ExitStack() as stack:
-        if adapter_names is not None:
-            stack.enter_context(mixed_batch(model, adapter_names))
-        prompts = next((a for a in (*args[:1], *map(kwargs.get, _PROMPT_KEYWORDS)) if torch.is_tensor(a)), None)
-        stack.enter_context(_repeated_rows(model, None if prompts is None else prompts.shape[0]))
-        return type(model).generate(model, *args, **kwargs)
+class _GenerateWithAdapterNames:
+    """The model instance's `generate`: its class's, plus PEFT's `adapter_names` (row i of the prompts uses adapter i).
+
+    An object rather than a bound function, so a pickled or deep-copied model keeps it,
+    bound to the copy.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        model = self.model
+        with ExitStack() as stack:
+            if adapter_names is not None:
+                stack.enter_context(mixed_batch(model, adapter_names))
+            prompts = next((a for a in (*args[:1], *map(kwargs.get, _PROMPT_KEYWORDS)) if torch.is_tensor(a)), None)
+            stack.enter_context(_repeated_rows(model, None if prompts is None else prompts.shape[0]))
+            return type(model).generate(model, *args, **kwargs)
 
 
 _PROMPT_KEYWORDS = ("inputs", "input_ids", "inputs_embeds")

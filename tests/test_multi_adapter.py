@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
 import weakref
 from pathlib import Path
 
@@ -111,6 +113,19 @@ def test_peft_adapter_names_keyword_on_generate_follows_beams() -> None:
         model.generate(prompt, adapter_names=["nope", "sql", "sql"], **settings)
     merged = peftkit.merge_and_unload(model)  # a plain model again: the class's generate, no hooks
     assert "generate" not in vars(merged) and not merged._forward_pre_hooks and not merged._forward_hooks
+
+
+def test_adapter_names_keyword_survives_copies_and_refuses_checkpointed_training() -> None:
+    model = three_adapters()
+    prompt = torch.randint(1, VOCAB, (2, 4), generator=torch.Generator().manual_seed(3))
+    settings = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0, "adapter_names": ["sql", "math"]}
+    expected = model.generate(prompt, **settings)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert copied.generate.model is copied and torch.equal(copied.generate(prompt, **settings), expected)
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(ConfigError, match="gradient checkpointing: the backward pass recomputes layers"):
+        model(input_ids=prompt, adapter_names=["sql", "math"])
 
 
 def test_mixed_batch_needs_one_name_per_row_or_one_for_all() -> None:
