@@ -133,12 +133,13 @@ def _apply(plan: list[tuple[str, AdapterLayer, list[str]]], sign: int) -> None:
         raise
 
 
-def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+def merge(model: nn.Module, adapter_names: str | list[str] | None = None) -> nn.Module:
     """Add the adapters' deltas (default: the active ones) into the base weights, in place.
 
     All or nothing: every layer is checked before the first one is written.
     """
     if adapter_names is not None:
+        adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         require_adapters(model, adapter_names)
 
     def pending(host: AdapterLayer) -> list[str]:

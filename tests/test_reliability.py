@@ -287,3 +287,9 @@ def test_save_adapter_onto_a_full_disk_leaves_the_old_files(
             peftkit.save_adapter(model, directory, "chat")
     assert {p.name: p.read_bytes() for p in kept.iterdir()} == saved
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+
+def test_merge_takes_one_name_as_a_string_like_set_active_adapters() -> None:
+    model = two_adapters()
+    peftkit.merge(model, "chat")
+    assert {tuple(h.merged_adapters) for _, h in hosts(model)} == {("chat",)}
