@@ -91,11 +91,7 @@ def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[s
         for path, host in hosts(model)
         if isinstance(host, AdapterLayer) and adapter_name in host.adapters
     }
-    config: dict[str, Any] = {
-        f.metadata["peft"]: getattr(method.config, f.name)
-        for f in dataclasses.fields(method.config)
-        if "peft" in f.metadata
-    }
+    config: dict[str, Any] = {key: getattr(method.config, name) for name, key in _peft_fields(type(method)).items()}
     config.update(method.peft_markers)
     if method.peft_type is not None:  # PEFT warns and corrects it on load when the targets store [in, out]
         config["fan_in_fan_out"] = any(isinstance(base, Conv1D) for base in targeted.values())
@@ -155,15 +151,27 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
+def _peft_fields(cls: type[AdapterMethod]) -> dict[str, str]:
+    """Option name -> its adapter_config.json key, for the options PEFT reads."""
+    return {f.name: f.metadata["peft"] for f in dataclasses.fields(cls.config_class) if "peft" in f.metadata}
+
+
+def _peft_identity(cls: type[AdapterMethod]) -> dict[str, Any]:
+    """The adapter_config.json fields that say which method a file is."""
+    return {"peft_type": cls.peft_type, **cls.peft_markers}
+
+
+def _is_file_of(cls: type[AdapterMethod], config: dict[str, Any]) -> bool:
+    """Whether adapter_config.json `config` is, for PEFT, a file of method `cls` (or of its base-storage variants)."""
+    return all(config.get(key, False) == value for key, value in _peft_identity(cls).items())
+
+
 def _peft_method_class(config: dict[str, Any]) -> type[AdapterMethod]:
     peft_type = config.get("peft_type")
     candidates = [
         cls
         for cls in map(get_method, available_methods())
-        if cls.reads_peft_files
-        and cls.peft_type is not None
-        and cls.peft_type == peft_type
-        and all(config.get(key, False) == value for key, value in cls.peft_markers.items())
+        if cls.reads_peft_files and cls.peft_type is not None and _is_file_of(cls, config)
     ]
     if len(candidates) != 1:
         readable = sorted({cls.peft_type for cls in map(get_method, available_methods()) if cls.peft_type})
@@ -174,16 +182,6 @@ def _peft_method_class(config: dict[str, Any]) -> type[AdapterMethod]:
             f"registered methods: {', '.join(available_methods())}."
         )
     return candidates[0]
-
-
-def _peft_fields(cls: type[AdapterMethod]) -> dict[str, str]:
-    """Option name -> its adapter_config.json key, for the options PEFT reads."""
-    return {f.name: f.metadata["peft"] for f in dataclasses.fields(cls.config_class) if "peft" in f.metadata}
-
-
-def _peft_identity(cls: type[AdapterMethod]) -> dict[str, Any]:
-    """The adapter_config.json fields that say which method a file is."""
-    return {"peft_type": cls.peft_type, **cls.peft_markers}
 
 
 def method_from_config(
@@ -210,7 +208,7 @@ def method_from_config(
         **{key: options.get(name) for name, key in _peft_fields(cls).items()},
     }
     edited = sorted(key for key in written.keys() | config.keys() if written.get(key) != config.get(key))
-    if cls.peft_type is not None and any(config.get(k, False) != v for k, v in _peft_identity(cls).items()):
+    if cls.peft_type is not None and not _is_file_of(cls, config):
         cls = _peft_method_class(config)
     fields = _peft_fields(cls)
     options = {name: value for name, value in options.items() if name in option_names(cls.config_class)}
