@@ -39,7 +39,10 @@ def _generate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}.")
     if args.adapter:  # a wrong directory is named before the model loads
         read_adapter_config(args.adapter)
-    tokenizer, model = load_tokenizer(args.base), load_model(args.base)
+    tokenizer = load_tokenizer(args.base)
+    if not tokenizer(args.prompt)["input_ids"]:
+        raise ConfigError(f"--prompt {args.prompt!r} gives no tokens to continue; give some text.")
+    model = load_model(args.base)
     if args.adapter:
         load_adapter(model, args.adapter)
     print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens))

@@ -194,7 +194,13 @@ def method_from_config(
     name (`qlora` is a LoRA file). Fields of the JSON edited since saving win over the
     record, with a warning naming them, so peftkit and PEFT build the same model.
     """
-    own = json.loads((metadata or {}).get(METADATA_KEY, "null"))
+    try:
+        own = json.loads((metadata or {}).get(METADATA_KEY, "null"))
+    except json.JSONDecodeError as error:
+        raise AdapterFileError(
+            f"{Path(source).with_name(WEIGHTS_NAME)}: peftkit's record in its metadata is not valid JSON ({error}); "
+            "re-save the adapter, or remove the record to load it as PEFT would."
+        ) from error
     if not (isinstance(own, dict) and "method" in own):
         cls = _peft_method_class(config)
         return cls.from_options(

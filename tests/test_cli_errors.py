@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers.modeling_utils
 from conftest import randomize_adapters
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_run import make_model_dir
 from transformers import AutoModelForCausalLM
 
@@ -24,8 +24,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def save_trained(model_dir: Path, directory: Path, method: str = "lora") -> Path:
-    model = peftkit.adapt(AutoModelForCausalLM.from_pretrained(model_dir), method, r=4, target_modules="all-linear")
+LOW_RANK = {"r": 4, "target_modules": "all-linear"}
+
+
+def save_trained(model_dir: Path, directory: Path, method: str = "lora", options: dict = LOW_RANK) -> Path:
+    model = peftkit.adapt(AutoModelForCausalLM.from_pretrained(model_dir), method, **options)
     randomize_adapters(model)
     return peftkit.save_adapter(model, directory)
 
@@ -170,3 +173,24 @@ def test_inspect_a_truncated_weights_file_names_it(tmp_path: Path, adapter: Path
 def test_inspect_a_directory_holding_only_a_pickled_adapter_says_so(tmp_path: Path, capsys) -> None:
     (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
     fails(capsys, ["inspect", str(tmp_path)], "adapter_model.bin exists, but peftkit never unpickles files")
+
+
+def test_generate_refuses_a_prompt_without_tokens_before_the_model_loads(
+    model_dir: Path, capsys, no_model_loads
+) -> None:
+    fails(capsys, ["generate", "--base", str(model_dir), "--prompt", ""], "--prompt '' gives no tokens to continue")
+
+
+def test_inspect_a_corrupt_peftkit_record_names_the_file(tmp_path: Path, adapter: Path, capsys) -> None:
+    copy = tmp_path / "adapter"
+    copy.mkdir()
+    (copy / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
+    save_file(load_file(adapter / "adapter_model.safetensors"), copy / "adapter_model.safetensors", {"peftkit": "{"})
+    fails(capsys, ["inspect", str(copy)], f"{copy}/adapter_model.safetensors: peftkit's record in its metadata")
+
+
+def test_merge_of_a_method_without_a_weight_delta_writes_nothing(tmp_path: Path, model_dir: Path, capsys) -> None:
+    adapter = save_trained(model_dir, tmp_path / "bottleneck", "bottleneck", {})
+    out = tmp_path / "merged"
+    fails(capsys, ["merge", str(adapter), "--out", str(out)], "a bottleneck adapter", "cannot be merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bottleneck"]
