@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from peftkit.errors import AdapterStateError
+from peftkit.errors import ConfigError
 from peftkit.layer import AdapterLayer, LowRankAdapter
 
 __all__ = ["RowRouting"]
@@ -31,16 +31,22 @@ class RowRouting:
     def __init__(self, adapter_names: list[str]) -> None:
         self.rows = len(adapter_names)
         self.names = list(adapter_names)
+        # Set while `generate` runs: it repeats each prompt row per beam / returned sequence.
+        self.rows_repeated = False
         self._groups: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
         self._stacks: dict[
             tuple[int, int, torch.device], tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor]
         ] = {}
 
     def _per_row(self, batch: int) -> list[str]:
-        if batch % self.rows:
-            raise AdapterStateError(f"mixed batch names an adapter for {self.rows} rows, but a layer got {batch} rows.")
-        repeat = batch // self.rows  # generate() repeats each row per beam
-        return [name for name in self.names for _ in range(repeat)]
+        """Each row's adapter: one name per row, one for all rows, or (in `generate`) one per copy of a row."""
+        if self.rows == 1 or batch == self.rows or (self.rows_repeated and batch % self.rows == 0):
+            return [name for name in self.names for _ in range(batch // self.rows)]
+        repeated = f"; generate repeats each prompt row, but {batch} is not a multiple of {self.rows}"
+        raise ConfigError(
+            f"mixed batch has {self.rows} adapter names for a batch of {batch} rows; give one name per row "
+            f"(or a single name for all rows){repeated if self.rows_repeated else ''}."
+        )
 
     def groups(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Row indices per adapter (base rows left out) for a batch of `batch` rows."""

@@ -4,7 +4,9 @@ This is the one place that knows PEFT's names. Internally an adapter's tensor li
 at `<module>.adapters.<name>.<param>`; PEFT writes `base_model.model.<module>.<param>`.
 Config fields map through each option's `peft` metadata, so adapter_config.json is
 exactly what PEFT reads; peftkit's own full options ride along in the safetensors
-header metadata (which PEFT ignores), so a peftkit round trip is exact.
+header metadata (which PEFT ignores), so a peftkit round trip is exact. The JSON is
+the ecosystem's source of truth: where it was edited after saving, loading follows it
+(and warns), and only the options PEFT has no key for come from the metadata.
 Loading reads JSON and safetensors only: nothing is ever unpickled.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,13 +28,15 @@ from torch import nn
 
 from peftkit.anatomy import task_type
 from peftkit.errors import AdapterFileError, AdapterStateError, ShapeMismatchError
-from peftkit.files import atomic_write, atomic_write_json, read_json
+from peftkit.files import atomic_write, atomic_write_json, check_writable, destination_errors, read_json
 from peftkit.hosts import hosts
-from peftkit.inject import DEFAULT_ADAPTER, adapt, adapted_model, adapter_methods, delete_adapter, mark_trainable
+from peftkit.inject import DEFAULT_ADAPTER, adapt, adapted_model, adapter_methods, mark_trainable
 from peftkit.layer import AdapterLayer
 from peftkit.method import AdapterMethod
 from peftkit.registry import available_methods, get_method, method_reference
 from peftkit.targets import portable_target_modules
+from peftkit.undo import restore_on_failure
+from peftkit.validation import option_names
 from peftkit.weights import fan_in_fan_out
 
 __all__ = [
@@ -42,6 +48,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_adapter_config",
+    "read_adapter_tensors",
     "method_from_config",
     "hot_swap_adapter",
     "copy_adapter_tensors",
@@ -80,11 +87,7 @@ def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[s
         and adapter_name in host.adapters
         and host.adapters[adapter_name].selected_by_target_modules
     }
-    config: dict[str, Any] = {
-        f.metadata["peft"]: getattr(method.config, f.name)
-        for f in dataclasses.fields(method.config)
-        if "peft" in f.metadata
-    }
+    config: dict[str, Any] = {key: getattr(method.config, name) for name, key in _peft_fields(type(method)).items()}
     config.update(method.peft_markers)
     if method.peft_type is not None:  # PEFT warns and corrects it on load when the targets store [in, out]
         config["fan_in_fan_out"] = any(fan_in_fan_out(base) for base in targeted.values())
@@ -109,6 +112,8 @@ def save_adapter(
 
     `state_dict` (model path -> tensor, e.g. gathered from FSDP or DeepSpeed shards, whose
     live tensors are partial) supplies the values to write; paths it lacks use the live tensor.
+    A directory that cannot be written (read-only, a full disk) raises DestinationError
+    before or instead of a half-written adapter.
     """
     model = adapted_model(model)
     directory = Path(directory)
@@ -116,10 +121,25 @@ def save_adapter(
     config = peft_config(model, name)
     values = {path: (state_dict or {}).get(path, t) for path, t in method.trainable_state(model, name).items()}
     tensors = {_peft_key(path, name): t.detach().to("cpu").clone().contiguous() for path, t in values.items()}
-    own = {"method": method_reference(type(method)), "options": _options(method)}
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(own)}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    atomic_write_json(directory / CONFIG_NAME, config)
+    # The JSON as written, so loading can tell which of its fields were edited since.
+    record = {"method": method_reference(type(method)), "options": _options(method), "adapter_config": config}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(record)}
+
+    def write(tmp: Path) -> None:
+        # The config is renamed into place only once the weights are written, and the
+        # weights right after it: a full disk or a failed write leaves neither file new.
+        save_file(tensors, str(tmp), metadata=metadata)
+        atomic_write_json(directory / CONFIG_NAME, config)
+
+    check_writable(directory / CONFIG_NAME)
+    created = not directory.exists()
+    try:
+        with destination_errors(directory):
+            atomic_write(directory / WEIGHTS_NAME, write)
+    except BaseException:
+        if created:  # nothing of this save is left behind, not even its empty directory
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
     return directory
 
 
@@ -134,15 +154,27 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
+def _peft_fields(cls: type[AdapterMethod]) -> dict[str, str]:
+    """Option name -> its adapter_config.json key, for the options PEFT reads."""
+    return {f.name: f.metadata["peft"] for f in dataclasses.fields(cls.config_class) if "peft" in f.metadata}
+
+
+def _peft_identity(cls: type[AdapterMethod]) -> dict[str, Any]:
+    """The adapter_config.json fields that say which method a file is."""
+    return {"peft_type": cls.peft_type, **cls.peft_markers}
+
+
+def _is_file_of(cls: type[AdapterMethod], config: dict[str, Any]) -> bool:
+    """Whether adapter_config.json `config` is, for PEFT, a file of method `cls` (or of its base-storage variants)."""
+    return all(config.get(key, False) == value for key, value in _peft_identity(cls).items())
+
+
 def _peft_method_class(config: dict[str, Any]) -> type[AdapterMethod]:
     peft_type = config.get("peft_type")
     candidates = [
         cls
         for cls in map(get_method, available_methods())
-        if cls.reads_peft_files
-        and cls.peft_type is not None
-        and cls.peft_type == peft_type
-        and all(config.get(key, False) == value for key, value in cls.peft_markers.items())
+        if cls.reads_peft_files and cls.peft_type is not None and _is_file_of(cls, config)
     ]
     if len(candidates) != 1:
         readable = sorted({cls.peft_type for cls in map(get_method, available_methods()) if cls.peft_type})
@@ -155,21 +187,60 @@ def _peft_method_class(config: dict[str, Any]) -> type[AdapterMethod]:
     return candidates[0]
 
 
-def method_from_config(config: dict[str, Any], metadata: dict[str, str] | None = None) -> AdapterMethod:
-    """Rebuild the method an adapter was saved with: from peftkit's metadata, else PEFT's config."""
-    own = json.loads((metadata or {}).get(METADATA_KEY, "null"))
-    if isinstance(own, dict) and "method" in own:
-        return get_method(own["method"]).from_options(**own.get("options", {}))
-    cls = _peft_method_class(config)
-    options = {
-        f.name: config[f.metadata["peft"]]
-        for f in dataclasses.fields(cls.config_class)
-        if "peft" in f.metadata and config.get(f.metadata["peft"]) is not None
+def method_from_config(
+    config: dict[str, Any], metadata: dict[str, str] | None = None, source: str | os.PathLike[str] = CONFIG_NAME
+) -> AdapterMethod:
+    """Rebuild the method an adapter was saved with, as adapter_config.json says.
+
+    peftkit's record in the safetensors metadata supplies what PEFT's JSON has no key for
+    (`init`, `quantization`, `target_modules` as the user gave them) and the method's
+    name (`qlora` is a LoRA file). Fields of the JSON edited since saving win over the
+    record, with a warning naming them, so peftkit and PEFT build the same model.
+    """
+    try:
+        own = json.loads((metadata or {}).get(METADATA_KEY, "null"))
+    except json.JSONDecodeError as error:
+        raise AdapterFileError(
+            f"{Path(source).with_name(WEIGHTS_NAME)}: peftkit's record in its metadata is not valid JSON ({error}); "
+            "re-save the adapter, or remove the record to load it as PEFT would."
+        ) from error
+    if not (isinstance(own, dict) and "method" in own):
+        cls = _peft_method_class(config)
+        return cls.from_options(
+            **{name: config[key] for name, key in _peft_fields(cls).items() if config.get(key) is not None}
+        )
+    cls = get_method(own["method"])
+    options: dict[str, Any] = own.get("options", {})
+    # Files of older versions lack the JSON as written; their options stand in for it.
+    written = own.get("adapter_config") or {
+        **_peft_identity(cls),
+        **{key: options.get(name) for name, key in _peft_fields(cls).items()},
     }
+    edited = sorted(key for key in written.keys() | config.keys() if written.get(key) != config.get(key))
+    if cls.peft_type is not None and not _is_file_of(cls, config):
+        cls = _peft_method_class(config)
+    fields = _peft_fields(cls)
+    options = {name: value for name, value in options.items() if name in option_names(cls.config_class)}
+    for name, key in fields.items():
+        if key in edited:
+            options.pop(name, None)
+            if config.get(key) is not None:
+                options[name] = config[key]
+    followed = [key for key in edited if key in fields.values() or key in _peft_identity(cls)]
+    if followed:
+        differences = ", ".join(f"{key} (json {config.get(key)!r}, peftkit {written.get(key)!r})" for key in followed)
+        warnings.warn(
+            f"{source}: adapter_config.json was changed after peftkit saved it: {differences}; "
+            f"following adapter_config.json (as PEFT does): loading as {cls.name}.",
+            UserWarning,
+            stacklevel=3,
+        )
     return cls.from_options(**options)
 
 
-def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_adapter_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header metadata of an adapter's safetensors file; AdapterFileError if unreadable."""
+    path = Path(path)
     if not path.is_file():
         pickled = path.with_name("adapter_model.bin")
         hint = (
@@ -201,17 +272,15 @@ def load_adapter(
     """
     directory = Path(directory)
     config = read_adapter_config(directory)
-    tensors, metadata = _load_tensors(directory / WEIGHTS_NAME)
+    tensors, metadata = read_adapter_tensors(directory / WEIGHTS_NAME)
     if method is None:
-        method = method_from_config(config, metadata)
+        method = method_from_config(config, metadata, directory / CONFIG_NAME)
     elif isinstance(method, str):
-        method = get_method(method).from_options(**_options(method_from_config(config, metadata)))
-    adapt(model, method, name)
-    try:
+        saved = _options(method_from_config(config, metadata, directory / CONFIG_NAME))
+        method = get_method(method).from_options(**saved)
+    with restore_on_failure(model):  # a file that does not fit leaves no adapter, and no quantized base
+        adapt(model, method, name)
         copy_adapter_tensors(model, name, tensors, directory)
-    except Exception:
-        delete_adapter(model, name)
-        raise
     if trainable:
         mark_trainable(model, name)
     else:
@@ -275,8 +344,8 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike[str], name: 
     if current is None:
         raise AdapterFileError(f"model has no adapter named {name!r} to hot-swap; load it first.")
     config = read_adapter_config(directory)
-    tensors, metadata = _load_tensors(directory / WEIGHTS_NAME)
-    incoming = method_from_config(config, metadata)
+    tensors, metadata = read_adapter_tensors(directory / WEIGHTS_NAME)
+    incoming = method_from_config(config, metadata, directory / CONFIG_NAME)
     if incoming.name != current.name:
         raise AdapterFileError(f"cannot hot-swap a {incoming.name} adapter into {name!r}, which is {current.name}.")
     for path, host in hosts(model):

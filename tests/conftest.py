@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -102,3 +106,26 @@ def ids() -> torch.Tensor:
 @pytest.fixture(params=sorted(MODEL_BUILDERS))
 def model_name(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory nothing can be created in: mode 0o555, and immutable too when running as root."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    path.chmod(0o555)
+    immutable = False
+    try:
+        (path / "probe").mkdir()
+    except OSError:
+        pass
+    else:  # root ignores the mode bits
+        (path / "probe").rmdir()
+        immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+        if not immutable:
+            path.chmod(0o755)
+            pytest.skip("cannot make a read-only directory here (root, and chattr +i is refused)")
+    yield path
+    if immutable:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    path.chmod(0o755)
