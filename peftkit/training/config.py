@@ -114,6 +114,7 @@ class TrainingConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     log_every: int = 1
+    loss_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,6 +123,10 @@ class TrainingConfig(_Section):
                 raise ConfigError(f"training.{key} must be at least 1, got {getattr(self, key)}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"training.max_steps must be at least 1, got {self.max_steps}.")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
+            raise ConfigError(
+                f"training.loss_chunk_size must be None (auto), 0 (off) or a positive count, got {self.loss_chunk_size}."
+            )
 
 
 @dataclasses.dataclass

@@ -32,6 +32,7 @@ from peftkit.serialization import save_adapter
 from peftkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig
 from peftkit.training.data import IGNORE_INDEX, Example, collate, epoch_order, generation_prompt, load_datasets
+from peftkit.training.loss import head_cross_entropy, loss_chunk_size
 from peftkit.training.models import generate_text, load_model, load_tokenizer
 
 __all__ = ["CausalLMLoss", "TrainResult", "train", "find_resume_checkpoint"]
@@ -54,9 +55,9 @@ class CausalLMLoss(nn.Module):
     hooks on the call that does the work.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int = 0) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.chunk_size = model, chunk_size  # chunk_size: see peftkit.training.loss
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = labels[:, 1:]
@@ -66,10 +67,8 @@ class CausalLMLoss(nn.Module):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
         else:
             hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            logits = head(hidden[:, :-1][keep])
             cap = getattr(self.model.config, "final_logit_softcapping", None)
-            if cap:  # Gemma's soft cap, as its own forward applies it
-                logits = torch.tanh(logits / cap) * cap
+            return head_cross_entropy(head, hidden[:, :-1][keep], targets[keep], cap, self.chunk_size)
         return F.cross_entropy(logits.float(), targets[keep])
 
 
@@ -279,7 +278,8 @@ def _train(run: _Run, resume: str | bool | None) -> TrainResult:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = trainable_parameters(model)
     optimizer, scheduler = _optimizer(model, tc, total_steps)
-    wrapper, optimizer = acc.prepare(CausalLMLoss(model), optimizer)
+    chunk_size = loss_chunk_size(tc.loss_chunk_size, getattr(model.config, "vocab_size", 0))
+    wrapper, optimizer = acc.prepare(CausalLMLoss(model, chunk_size), optimizer)
     unwrapped = acc.unwrap_model(wrapper).model
 
     start = load_checkpoint(resume_from, unwrapped, optimizer, scheduler)["step"] if resume_from else 0

@@ -1,0 +1,164 @@
+"""Memory-saving training options give the same loss and gradients for fewer counted tensor bytes.
+
+Bytes are counted by `LiveBytes`, not read from the process RSS. torch's own
+`torch.distributed._tools.mem_tracker.MemTracker` counts the same thing, but (torch
+2.13) it puts a gradient hook on every parameter of every module it sees and
+raises on frozen ones, which every adapted model has.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from conftest import randomize_adapters, tiny_llama
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+import peftkit
+from peftkit.errors import ConfigError
+from peftkit.quant import QuantizationConfig, quantize_model
+from peftkit.quant.codec import is_quantized
+from peftkit.training.config import TrainingConfig
+from peftkit.training.loop import CausalLMLoss
+from peftkit.training.loss import loss_chunk_size
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages that ops inside the mode allocated and that are still alive; and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def _free(self, pointer: int) -> None:
+        self.live -= self._sizes.pop(pointer)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            pointer = storage.data_ptr()
+            if pointer in inputs or pointer in self._sizes or not storage.nbytes():  # a view, in place, or empty
+                continue
+            self._sizes[pointer] = storage.nbytes()
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self._free, pointer)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def test_live_bytes_counts_what_is_alive() -> None:
+    x = torch.randn(1000, 1000)
+    with LiveBytes() as counter:
+        y = (x * 2).exp()  # a 4 MB temporary, then a 4 MB result
+        alive = counter.live
+        del y
+    assert (alive, counter.live, counter.peak) == (4_000_000, 0, 8_000_000)
+
+
+# ---- chunked cross-entropy over the head -------------------------------------------------
+
+VOCAB = 32768  # the automatic rule's threshold: chunks of 2**25 // 32768 = 1024 positions
+
+
+def big_vocab_llama(**overrides: Any) -> nn.Module:
+    return tiny_llama(
+        0, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, tie_word_embeddings=False, **overrides
+    ).train()
+
+
+def gemma_softcapped() -> nn.Module:
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        final_logit_softcapping=30.0,  # Gemma 2's value; Gemma 3 ships None, so set it to test the path
+        sliding_window=8,
+    )
+    return Gemma3ForCausalLM(config).train()
+
+
+def four_bit_head() -> nn.Module:
+    model = quantize_model(big_vocab_llama(), QuantizationConfig(skip_modules=[]))
+    assert is_quantized(model.lm_head)  # the head is 4-bit too
+    return model
+
+
+# name -> (model builder, method options): every kind of head the loss must call as a module.
+HEADS: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
+    "lora_on_head": (big_vocab_llama, {"name": "lora", "target_modules": ["q_proj", "lm_head"], "r": 4}),
+    "dropout_on_head": (big_vocab_llama, {"name": "lora", "target_modules": ["lm_head"], "dropout": 0.5}),
+    "trainable_copy": (big_vocab_llama, {"name": "lora", "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}),
+    "tied_full": (lambda: tiny_llama(0, vocab_size=VOCAB, hidden_size=64, intermediate_size=128).train(), {"name": "full"}),
+    "softcap": (gemma_softcapped, {"name": "lora", "target_modules": ["q_proj", "lm_head"], "r": 4}),
+    "four_bit": (four_bit_head, {"name": "lora", "target_modules": ["q_proj", "lm_head"], "r": 4}),
+}
+
+
+def batch(seed: int = 0, rows: int = 2, length: int = 24) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt: no logits there
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def loss_and_grads(model: nn.Module, chunk_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same dropout masks in both runs: the recompute must replay them
+    loss = CausalLMLoss(model, chunk_size)(**batch())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", sorted(HEADS))
+def test_chunked_loss_has_the_same_loss_and_gradients(kind: str) -> None:
+    build, options = HEADS[kind]
+    model = build()
+    peftkit.adapt(model, options["name"], **{k: v for k, v in options.items() if k != "name"})
+    randomize_adapters(model)
+    loss, grads = loss_and_grads(model, 0)
+    chunked_loss, chunked_grads = loss_and_grads(model, 7)  # 7 does not divide the 42 labelled positions
+    assert abs(chunked_loss.item() - loss.item()) <= 1e-5
+    assert grads.keys() == chunked_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_chunked_loss_lowers_the_peak_bytes_of_forward_and_backward() -> None:
+    """The unchunked loss holds 3 N V float32 at its peak (logits, log-softmax, its gradient); chunks hold 3 C V."""
+    model = big_vocab_llama()
+    peftkit.adapt(model, "lora", target_modules=["q_proj", "lm_head"], r=4)
+    inputs = batch(rows=4, length=64)  # 251 labelled positions: logits of 251 x 32768 float32 are 32.9 MB
+
+    def peak(chunk_size: int) -> int:
+        with LiveBytes() as counter:
+            CausalLMLoss(model, chunk_size)(**inputs).backward()
+        return counter.peak
+
+    unchunked, chunked = peak(0), peak(32)
+    # measured: 99.3 MB -> 14.8 MB (a chunk's logits are 32 x 32768 x 4 = 4.2 MB)
+    assert unchunked > 3 * 32.9e6 and chunked < 0.2 * unchunked, (unchunked, chunked)
+
+
+def test_loss_chunk_size_rule() -> None:
+    assert loss_chunk_size(None, 32767) == 0  # small vocabularies: off
+    assert loss_chunk_size(None, 32768) == 1024 and loss_chunk_size(None, 262144) == 128  # 2**25 logits a chunk
+    assert loss_chunk_size(0, 262144) == 0 and loss_chunk_size(100, 128) == 100  # as configured
+    with pytest.raises(ConfigError, match=r"training.loss_chunk_size must be None \(auto\), 0 \(off\).*got -1"):
+        TrainingConfig(loss_chunk_size=-1)
