@@ -19,6 +19,7 @@ import yaml
 
 from peftkit.errors import ConfigError, did_you_mean
 from peftkit.registry import get_method
+from peftkit.training.optim import check_optimizer
 from peftkit.validation import check_types, from_options
 
 __all__ = [
@@ -114,6 +115,7 @@ class TrainingConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     log_every: int = 1
+    optimizer: str = "adamw"
     loss_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -127,6 +129,7 @@ class TrainingConfig(_Section):
             raise ConfigError(
                 f"training.loss_chunk_size must be None (auto), 0 (off) or a positive count, got {self.loss_chunk_size}."
             )
+        check_optimizer(self.optimizer)
 
 
 @dataclasses.dataclass

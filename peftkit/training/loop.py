@@ -34,6 +34,7 @@ from peftkit.training.config import RunConfig, TrainingConfig
 from peftkit.training.data import IGNORE_INDEX, Example, collate, epoch_order, generation_prompt, load_datasets
 from peftkit.training.loss import head_cross_entropy, loss_chunk_size
 from peftkit.training.models import generate_text, load_model, load_tokenizer
+from peftkit.training.optim import build_optimizer
 
 __all__ = ["CausalLMLoss", "TrainResult", "train", "find_resume_checkpoint"]
 
@@ -192,11 +193,11 @@ def _total_steps(tc: TrainingConfig, n_train: int, world: int) -> int:
 
 
 def _optimizer(model: nn.Module, tc: TrainingConfig, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the trainable parameters, with warmup then the configured schedule."""
+    """`training.optimizer` over the trainable parameters, with warmup then the configured schedule."""
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(params, tc.optimizer, tc.learning_rate, tc.weight_decay)
     schedule = "constant_with_warmup" if tc.schedule == "constant" else tc.schedule
     return optimizer, get_scheduler(
         schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total_steps
