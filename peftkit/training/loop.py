@@ -29,6 +29,7 @@ from peftkit.anatomy import output_head
 from peftkit.errors import ConfigError
 from peftkit.inject import adapt, trainable_parameters
 from peftkit.serialization import save_adapter
+from peftkit.training.activations import enable_gradient_checkpointing
 from peftkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig
 from peftkit.training.data import IGNORE_INDEX, Example, collate, epoch_order, generation_prompt, load_datasets
@@ -276,7 +277,7 @@ def _train(run: _Run, resume: str | bool | None) -> TrainResult:
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     adapt(model, config.method.name, **config.method.options)
     if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     trainable, total = trainable_parameters(model)
     optimizer, scheduler = _optimizer(model, tc, total_steps)
     chunk_size = loss_chunk_size(tc.loss_chunk_size, getattr(model.config, "vocab_size", 0))
