@@ -3,7 +3,8 @@
 The only users of YAML and accelerate: `config` (checked in full before any model
 loads), `data` (files to tokenized examples), `models` (a model and tokenizer by
 name, the embedded Gemma-3-270M), `loop` (the accelerate loop), `checkpoint`
-(atomic checkpoints and exact resume).
+(atomic checkpoints and exact resume); the memory savers `optim` (8-bit and paged
+optimizers), `loss` (chunked cross-entropy) and `activations` (gradient checkpointing).
 """
 
 from peftkit.training.config import RunConfig, load_config

@@ -100,7 +100,8 @@ class DataConfig(_Section):
 
 @dataclasses.dataclass
 class TrainingConfig(_Section):
-    """Optimisation: AdamW with a warmup then a `schedule`; `batch_size` is per process."""
+    """Optimisation: `optimizer` (see peftkit.training.optim) with a warmup then a `schedule`; `batch_size` is
+    per process; `loss_chunk_size` positions per loss chunk (None: automatic, 0: off; see peftkit.training.loss)."""
 
     section = "training"
     learning_rate: float = 2.0e-4
@@ -127,7 +128,7 @@ class TrainingConfig(_Section):
             raise ConfigError(f"training.max_steps must be at least 1, got {self.max_steps}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
             raise ConfigError(
-                f"training.loss_chunk_size must be None (auto), 0 (off) or a positive count, got {self.loss_chunk_size}."
+                f"training.loss_chunk_size must be None (auto), 0 (off) or positive, got {self.loss_chunk_size}."
             )
         check_optimizer(self.optimizer)
 

@@ -69,7 +69,5 @@ def head_cross_entropy(
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
         stop = start + chunk_size
-        total = total + checkpoint(
-            _chunk_loss, head, hidden[start:stop], targets[start:stop], cap, use_reentrant=False
-        )
+        total = total + checkpoint(_chunk_loss, head, hidden[start:stop], targets[start:stop], cap, use_reentrant=False)
     return total / targets.numel()

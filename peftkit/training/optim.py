@@ -1,11 +1,11 @@
 """`training.optimizer`: torch's AdamW, or bitsandbytes' 8-bit and paged AdamW.
 
-| name               | class                        | state per trained element   |
-| ------------------ | ---------------------------- | --------------------------- |
-| `adamw` (default)  | torch.optim.AdamW            | 8 bytes (two float32)       |
-| `adamw_8bit`       | bitsandbytes AdamW8bit       | ~2 bytes (two blockwise uint8) |
-| `paged_adamw_8bit` | bitsandbytes PagedAdamW8bit  | ~2 bytes, in paged memory   |
-| `paged_adamw`      | bitsandbytes PagedAdamW      | 8 bytes, in paged memory    |
+| name               | class                       | state per trained element      |
+| ------------------ | --------------------------- | ------------------------------ |
+| `adamw` (default)  | torch.optim.AdamW           | 8 bytes (two float32)          |
+| `adamw_8bit`       | bitsandbytes AdamW8bit      | ~2 bytes (two blockwise uint8) |
+| `paged_adamw_8bit` | bitsandbytes PagedAdamW8bit | ~2 bytes, in paged memory      |
+| `paged_adamw`      | bitsandbytes PagedAdamW     | 8 bytes, in paged memory       |
 
 8-bit Adam (Dettmers et al., 2021, https://arxiv.org/abs/2110.02861) stores both
 moments as uint8 codes with one float32 scale per 256 elements; bitsandbytes keeps
@@ -49,7 +49,7 @@ def _run_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _failure(name: str, device: torch.device) -> str | None:
     """Why `name` cannot take a step on `device` (on a tensor large enough for 8-bit state), or None."""
     try:
@@ -85,4 +85,3 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer `name` over `params`; every one is AdamW with decoupled weight decay."""
     return _optimizer_class(name)(list(params), lr=lr, weight_decay=weight_decay)
-

@@ -110,7 +110,10 @@ HEADS: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
     "lora_on_head": (big_vocab_llama, {"name": "lora", "target_modules": ["q_proj", "lm_head"], "r": 4}),
     "dropout_on_head": (big_vocab_llama, {"name": "lora", "target_modules": ["lm_head"], "dropout": 0.5}),
     "trainable_copy": (big_vocab_llama, {"name": "lora", "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}),
-    "tied_full": (lambda: tiny_llama(0, vocab_size=VOCAB, hidden_size=64, intermediate_size=128).train(), {"name": "full"}),
+    "tied_full": (
+        lambda: tiny_llama(0, vocab_size=VOCAB, hidden_size=64, intermediate_size=128).train(),
+        {"name": "full"},
+    ),
     "softcap": (gemma_softcapped, {"name": "lora", "target_modules": ["q_proj", "lm_head"], "r": 4}),
     "four_bit": (four_bit_head, {"name": "lora", "target_modules": ["q_proj", "lm_head"], "r": 4}),
 }
@@ -235,7 +238,7 @@ def test_gradient_checkpointing_same_gradients_fewer_activation_bytes(method: st
 
 
 def test_non_reentrant_checkpointing_keeps_the_frozen_body_out_of_backward() -> None:
-    """transformers >= 5 makes the embeddings' output require grad; for `head` that costs a backward through the body."""
+    """transformers >= 5 makes the embeddings' output require grad: for `head`, a backward through the whole body."""
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
     outputs = []
     for switch in (lambda m: m.gradient_checkpointing_enable(), enable_gradient_checkpointing):

@@ -11,8 +11,8 @@ import torch
 import yaml
 from conftest import tiny_llama
 from safetensors.torch import load_file
-from torch.utils._pytree import tree_leaves
 from tiny_run import make_model_dir, write_run
+from torch.utils._pytree import tree_leaves
 
 import peftkit
 import peftkit.training.loop
@@ -60,7 +60,7 @@ def test_bitsandbytes_optimizers_track_adamw(name: str) -> None:
     assert reference[-1] < reference[0] - 0.1  # it learns: 4.85 -> 4.23 in 5 steps
     # measured: the 8-bit ones stay within 1.5e-5 of AdamW's losses over 5 steps, paged (32-bit) within 5e-7
     tolerance = 1e-4 if "8bit" in name else 2e-6
-    assert max(abs(a - b) for a, b in zip(losses, reference)) < tolerance, (losses, reference)
+    assert max(abs(a - b) for a, b in zip(losses, reference, strict=True)) < tolerance, (losses, reference)
     # 8-bit state per element: two uint8 codes, a float32 scale per 256, two 256-entry code maps per tensor;
     # bitsandbytes keeps tensors under 4096 elements (norms, the 32 x 64 k/v projections) in float32.
     large = [i for i, p in enumerate(adamw.param_groups[0]["params"]) if p.numel() >= 4096]
@@ -114,7 +114,9 @@ def full_run(root: Path, model_dir: Path, **sections: dict) -> Path:
 
 
 @pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit"])
-def test_resume_with_an_8bit_optimizer_is_bit_identical(tmp_path: Path, model_dir: Path, name: str, monkeypatch) -> None:
+def test_resume_with_an_8bit_optimizer_is_bit_identical(
+    tmp_path: Path, model_dir: Path, name: str, monkeypatch
+) -> None:
     """Full fine-tuning, so the 259 x 32 embedding and head have 8-bit state; stop after step 2 of 4, resume."""
     sections = dict(training={"max_steps": 4, "optimizer": name, "learning_rate": 1e-3}, output={"save_every": 2})
     train(load_config(full_run(tmp_path / "whole", model_dir, **sections)), quiet=True)
