@@ -76,10 +76,10 @@ def test_live_bytes_counts_what_is_alive() -> None:
 VOCAB = 32768  # the automatic rule's threshold: chunks of 2**25 // 32768 = 1024 positions
 
 
-def big_vocab_llama(**overrides: Any) -> nn.Module:
-    return tiny_llama(
-        0, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, tie_word_embeddings=False, **overrides
-    ).train()
+def big_vocab_llama(tied: bool = False) -> nn.Module:
+    model = tiny_llama(0, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, tie_word_embeddings=tied).train()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    return model
 
 
 def gemma_softcapped() -> nn.Module:
@@ -110,10 +110,7 @@ HEADS: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
     "lora_on_head": (big_vocab_llama, {"name": "lora", "target_modules": ["q_proj", "lm_head"], "r": 4}),
     "dropout_on_head": (big_vocab_llama, {"name": "lora", "target_modules": ["lm_head"], "dropout": 0.5}),
     "trainable_copy": (big_vocab_llama, {"name": "lora", "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}),
-    "tied_full": (
-        lambda: tiny_llama(0, vocab_size=VOCAB, hidden_size=64, intermediate_size=128).train(),
-        {"name": "full"},
-    ),
+    "tied_full": (lambda: big_vocab_llama(tied=True), {"name": "full"}),
     "softcap": (gemma_softcapped, {"name": "lora", "target_modules": ["q_proj", "lm_head"], "r": 4}),
     "four_bit": (four_bit_head, {"name": "lora", "target_modules": ["q_proj", "lm_head"], "r": 4}),
 }
