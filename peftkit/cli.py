@@ -32,7 +32,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from peftkit.serialization import load_adapter, read_adapter_config
+    from peftkit.peft_format import read_adapter_config
+    from peftkit.serialization import load_adapter
     from peftkit.training.models import generate_text, load_model, load_tokenizer
 
     if args.max_new_tokens <= 0:
@@ -49,7 +50,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from peftkit.serialization import load_adapter, read_adapter_config
+    from peftkit.peft_format import read_adapter_config
+    from peftkit.serialization import load_adapter
     from peftkit.training.models import load_model, load_tokenizer
 
     config = read_adapter_config(args.adapter_dir)  # a wrong directory is named before anything loads
@@ -121,7 +123,7 @@ def _methods(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from peftkit.serialization import (
+    from peftkit.peft_format import (
         CONFIG_NAME,
         WEIGHTS_NAME,
         method_from_config,

@@ -21,9 +21,10 @@ from torch import nn
 
 from peftkit.errors import ConfigError
 from peftkit.hosts import hosts
-from peftkit.inject import adapt, adapter_methods, require_adapters
+from peftkit.inject import adapt
 from peftkit.layer import Adapter, AdapterLayer, LowRankAdapter, ParameterAdapter
 from peftkit.method import AdapterMethod
+from peftkit.record import adapter_methods, require_adapters
 from peftkit.undo import restore_on_failure
 
 __all__ = ["LowRankMethod", "combine_adapters"]

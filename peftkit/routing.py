@@ -15,12 +15,18 @@ Two ways to compute a layer's per-row adapter output:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 
 from peftkit.errors import ConfigError
+from peftkit.hosts import hosts
 from peftkit.layer import AdapterLayer, LowRankAdapter
+from peftkit.record import require_adapters
 
-__all__ = ["RowRouting"]
+__all__ = ["BASE_NAMES", "RowRouting", "mixed_batch"]
 
 
 class RowRouting:
@@ -106,3 +112,31 @@ class RowRouting:
         flat = base_output.view(-1, base_output.shape[-1])
         flat.addmm_(hidden.reshape(-1, hidden.shape[-1]).to(flat.dtype), up.T.to(flat.dtype))
         return base_output
+
+
+# The base model's name in a mixed batch: peftkit's, and PEFT's spelling.
+BASE_NAMES = (RowRouting.BASE, "__base__")
+
+
+@contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
+    """Within the block, batch row i goes through adapter `adapter_names[i]` ("base" or PEFT's "__base__": none).
+
+    Works for forward and `generate` (beam search repeats rows; that is followed).
+    Each row's output equals that of a batch run with its adapter alone. The same
+    routing is what PEFT's `adapter_names=[...]` keyword on `model(...)` and
+    `model.generate(...)` gives (see `peftkit.adapter_names`).
+    """
+    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names) or not adapter_names:
+        raise ConfigError(f"adapter_names must be a non-empty list of names, one per row; got {adapter_names!r}.")
+    names = [RowRouting.BASE if name in BASE_NAMES else name for name in adapter_names]
+    require_adapters(model, sorted({n for n in names if n != RowRouting.BASE}))
+    routing = RowRouting(names)
+    previous = [(host, host.routing) for _, host in hosts(model)]
+    for host, _ in previous:
+        host.routing = routing
+    try:
+        yield model
+    finally:
+        for host, routing_before in previous:
+            host.routing = routing_before

@@ -17,7 +17,7 @@ from conftest import randomize_adapters, tiny_llama
 from torch import nn
 
 import peftkit
-import peftkit.serialization
+import peftkit.peft_format
 from peftkit.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -281,7 +281,7 @@ def test_save_adapter_onto_a_full_disk_leaves_the_old_files(
     def full_disk(path: str | Path, *_: object, **__: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(peftkit.serialization, writer, full_disk)
+    monkeypatch.setattr(peftkit.peft_format, writer, full_disk)
     for directory in (kept, tmp_path / "fresh"):
         with pytest.raises(DestinationError, match=rf"cannot write '{directory}': No space left on device \(ENOSPC\)"):
             peftkit.save_adapter(model, directory, "chat")

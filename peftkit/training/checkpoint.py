@@ -27,8 +27,9 @@ from torch import nn
 
 from peftkit.errors import CheckpointError, ConfigError, UntrustedCheckpointError
 from peftkit.files import atomic_directory, read_json
-from peftkit.inject import DEFAULT_ADAPTER
-from peftkit.serialization import WEIGHTS_NAME, copy_adapter_tensors, save_adapter
+from peftkit.peft_format import WEIGHTS_NAME, save_adapter
+from peftkit.record import DEFAULT_ADAPTER
+from peftkit.serialization import copy_adapter_tensors
 
 __all__ = [
     "Checkpoint",

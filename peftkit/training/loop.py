@@ -28,8 +28,8 @@ from peftkit.anatomy import output_head
 from peftkit.errors import ConfigError
 from peftkit.files import atomic_directory
 from peftkit.inject import adapt, trainable_parameters
+from peftkit.peft_format import save_adapter
 from peftkit.registry import get_method
-from peftkit.serialization import save_adapter
 from peftkit.training.activations import enable_gradient_checkpointing
 from peftkit.training.checkpoint import Checkpoint, find_resume_checkpoint, restore_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig

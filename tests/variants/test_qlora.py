@@ -19,6 +19,8 @@ from conftest import model_output, randomize_adapters, tiny_llama, train_steps
 from torch import nn
 
 import peftkit
+import peftkit.hosts
+import peftkit.peft_format
 from peftkit.errors import ConfigError
 from peftkit.quant import (
     QuantizationConfig,
@@ -152,7 +154,7 @@ def test_merge_and_dequantize_is_exact_in_the_compute_dtype(method: str, ids: to
     model = adapted(method)
     expected = model_output(model, ids)
     merged = merge_and_dequantize(model)
-    assert four_bit_paths(merged) == [] and not list(peftkit.inject.hosts(merged)) and not merged.is_loaded_in_4bit
+    assert four_bit_paths(merged) == [] and not list(peftkit.hosts.hosts(merged)) and not merged.is_loaded_in_4bit
     assert {p.dtype for p in merged.parameters()} == {torch.float32}
     torch.testing.assert_close(model_output(merged, ids), expected, atol=ATOL, rtol=0)
 
@@ -184,7 +186,7 @@ def test_merge_onto_4bit_requantizes_and_reports_the_error(method: str, ids: tor
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         unloaded = peftkit.merge_and_unload(model)
-    assert four_bit_paths(unloaded) == sorted(PATHS) and not list(peftkit.inject.hosts(unloaded))
+    assert four_bit_paths(unloaded) == sorted(PATHS) and not list(peftkit.hosts.hosts(unloaded))
     torch.testing.assert_close(model_output(unloaded, ids), model_output(model, ids))
 
 
