@@ -31,6 +31,30 @@ def _train(args: argparse.Namespace) -> None:
     train(config, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
 
 
+QUANTIZATION_HELP = "load the base straight into 4 bits: nf4, fp4, or a YAML mapping of model.quantization's fields"
+
+
+def _quantization(text: str | None) -> Any | None:
+    """`--quantization`: a quant_type (nf4, fp4) or a YAML mapping of `model.quantization`'s fields."""
+    if text is None:
+        return None
+    import yaml
+
+    from peftkit.training.quantized import quantization_from_options
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--quantization {text!r} is not YAML: {error}") from None
+    options = {"quant_type": value} if isinstance(value, str) else value
+    if not isinstance(options, dict):
+        raise ConfigError(
+            f"--quantization takes nf4, fp4 or a mapping such as '{{quant_type: nf4, compute_dtype: bfloat16}}', "
+            f"got {text!r}."
+        )
+    return quantization_from_options(options, "--quantization")
+
+
 def _generate(args: argparse.Namespace) -> None:
     from peftkit.peft_format import read_adapter_config
     from peftkit.serialization import load_adapter
@@ -38,12 +62,13 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}.")
+    quantization = _quantization(args.quantization)
     if args.adapter:  # a wrong directory is named before the model loads
         read_adapter_config(args.adapter)
     tokenizer = load_tokenizer(args.base)
     if not tokenizer(args.prompt)["input_ids"]:
         raise ConfigError(f"--prompt {args.prompt!r} gives no tokens to continue; give some text.")
-    model = load_model(args.base)
+    model = load_model(args.base, quantization=quantization)
     if args.adapter:
         load_adapter(model, args.adapter)
     print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens))
@@ -54,6 +79,7 @@ def _merge(args: argparse.Namespace) -> None:
     from peftkit.serialization import load_adapter
     from peftkit.training.models import load_model, load_tokenizer
 
+    quantization = _quantization(args.quantization)
     config = read_adapter_config(args.adapter_dir)  # a wrong directory is named before anything loads
     base = args.base or config.get("base_model_name_or_path")
     if not base:
@@ -61,7 +87,7 @@ def _merge(args: argparse.Namespace) -> None:
     out = Path(args.out)
     _check_merge_destination(out, {"the base model": Path(base), "the adapter": Path(args.adapter_dir)}, args.force)
     check_writable(out)  # before minutes of loading
-    base_model = load_model(base)
+    base_model = load_model(base, quantization=quantization)
     dtype = base_model.dtype  # a 4-bit base comes back dense in the dtype it was loaded in
     model = _merged(load_adapter(base_model, args.adapter_dir), dtype)
     tokenizer = load_tokenizer(base)
@@ -176,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--adapter", help="an adapter directory")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--quantization", metavar="SPEC", help=QUANTIZATION_HELP)
     generate.set_defaults(run=_generate)
 
     merge = commands.add_parser("merge", help="write base + adapter as one plain transformers model")
@@ -183,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="output directory")
     merge.add_argument("--base", help="base model (default: the one the adapter names)")
     merge.add_argument("--force", action="store_true", help="replace --out if it is an existing directory")
+    merge.add_argument("--quantization", metavar="SPEC", help=QUANTIZATION_HELP + " (merged, then written dense)")
     merge.set_defaults(run=_merge)
 
     methods = commands.add_parser("methods", help="list registered methods and their options")

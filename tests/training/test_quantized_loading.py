@@ -224,3 +224,46 @@ def test_a_4bit_load_without_bitsandbytes_says_so(
     path = write_run(tmp_path, model_dir, model={"quantization": {}})
     with pytest.raises(ConfigError, match=r"model\.quantization loads the model in 4 bits, which needs bitsandbytes"):
         load_config(path)
+
+
+def test_cli_generate_and_merge_load_the_base_in_4bit(model_dir: Path, tmp_path: Path, capsys) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.cli import main
+    from peftkit.training.models import generate_text, load_tokenizer
+
+    model = load_model(str(model_dir), "float32", QuantizationConfig())
+    peftkit.adapt(model, "lora", target_modules="all-linear", r=4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    expected_logits = _logits(model)
+    peftkit.save_adapter(model, tmp_path / "adapter")
+    expected_text = generate_text(model, load_tokenizer(str(model_dir)), "n=42:", 8)
+
+    argv = ["--base", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", "n=42:"]
+    assert main(["generate", *argv, "--max-new-tokens", "8", "--quantization", "nf4"]) == 0
+    assert capsys.readouterr().out == expected_text + "\n"
+
+    out = tmp_path / "merged"
+    command = ["merge", str(tmp_path / "adapter"), "--out", str(out), "--base", str(model_dir)]
+    assert main([*command, "--quantization", "{quant_type: nf4, double_quant: true}"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not hasattr(merged.config, "quantization_config")
+    torch.testing.assert_close(_logits(merged), expected_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nf3", "--quantization: QuantizationConfig.quant_type must be 'nf4' | 'fp4', got 'nf3'"),
+        ("[nf4]", "--quantization takes nf4, fp4 or a mapping"),
+        ("{bits: 8}", "--quantization: QuantizationConfig.bits must be 4"),
+    ],
+)
+def test_cli_quantization_errors(model_dir: Path, spec: str, message: str, capsys) -> None:
+    from peftkit.cli import main
+
+    assert main(["generate", "--base", str(model_dir), "--prompt", "x", "--quantization", spec]) == 2
+    assert message in capsys.readouterr().err.splitlines()[-1]
