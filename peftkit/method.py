@@ -148,13 +148,3 @@ def _concrete_methods(base: type[AdapterMethod]) -> list[type[AdapterMethod]]:
             found.append(sub)
         found.extend(_concrete_methods(sub))
     return list(dict.fromkeys(found))
-
-
-def _concrete_methods(base: type[AdapterMethod]) -> list[type[AdapterMethod]]:
-    """Loaded subclasses of `base` that have a name (the registry imports this module, not the reverse)."""
-    found = []
-    for sub in base.__subclasses__():
-        if isinstance(sub.__dict__.get("name"), str):
-            found.append(sub)
-        found.extend(_concrete_methods(sub))
-    return list(dict.fromkeys(found))
