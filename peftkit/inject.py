@@ -52,7 +52,7 @@ def adapt(
         method = get_method(method).from_options(**options)
     elif options:
         raise TypeError("pass options either in the method instance or as keywords, not both.")
-    methods = record_for_update(model)
+    methods = adapter_methods(model)
     _check_adapter_name(adapter_name)
     in_place = [f"{n!r} ({m.name})" for n, m in methods.items() if m.trains_in_place]
     if in_place:
@@ -67,7 +67,7 @@ def adapt(
         )
     with restore_on_failure(model):  # e.g. a target that cannot be adapted after others were wrapped
         method.attach(model, adapter_name)
-        methods[adapter_name] = method
+        record_for_update(model)[adapter_name] = method
         set_active_adapters(model, adapter_name)
         mark_trainable(model, adapter_name)
     accept_adapter_names(model)

@@ -293,3 +293,11 @@ def test_merge_takes_one_name_as_a_string_like_set_active_adapters() -> None:
     model = two_adapters()
     peftkit.merge(model, "chat")
     assert {tuple(h.merged_adapters) for _, h in hosts(model)} == {("chat",)}
+
+
+def test_a_refused_adapter_name_leaves_no_record_on_the_model() -> None:
+    model = tiny_llama()
+    before = set(vars(model))
+    with pytest.raises(peftkit.ConfigError, match="adapter name 'base' is reserved"):
+        peftkit.adapt(model, "lora", "base", target_modules=["q_proj"])
+    assert set(vars(model)) == before and peftkit.list_adapters(model) == []
