@@ -32,6 +32,8 @@ import argparse
 import datetime
 import gc
 import json
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -48,8 +50,14 @@ import transformers
 import yaml
 from common import AnonPeak, machine, spawn
 from scale_model import SHAPES, ensure_model
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from peftkit.quant import weight_nbytes
+from peftkit.training import train
+from peftkit.training.config import apply_overrides, load_config
 
 RANK, ALPHA, LR, SEED = 16, 32, 2e-4, 0
 # In order of preference: the first that runs on this machine is used by both sides.
@@ -103,7 +111,9 @@ class LiveTensors(TorchDispatchMode):
     def sweep(self, *roots: Any) -> None:
         """Count every tensor the garbage collector knows, and those in `roots` (optimizer states...)."""
         for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor):
+            if issubclass(
+                type(obj), torch.Tensor
+            ):  # not isinstance: that reads `__class__`, which some proxies warn on
                 self.add(obj)
         for root in roots:
             for state in getattr(root, "state", {}).values():
@@ -158,8 +168,6 @@ class StepClock:
         self.live.reset_peak()
 
     def __enter__(self) -> StepClock:
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
         self._handles = [
             torch.nn.modules.module.register_module_forward_pre_hook(self._first_forward),
             register_optimizer_step_pre_hook(self._pre_step),
@@ -203,8 +211,6 @@ def _batch(spec: dict[str, Any], tokenizer: Any) -> list[int]:
 
 def _peft_side(spec: dict[str, Any]) -> tuple[list[float], torch.nn.Module]:
     """HF PEFT's documented QLoRA recipe over transformers' 4-bit load, and a plain loop."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
     torch.manual_seed(SEED)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -258,12 +264,10 @@ def peftkit_config(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _peftkit_side(spec: dict[str, Any]) -> tuple[list[float], torch.nn.Module]:
     """`peftkit train CONFIG.yaml`, called in this process so that the instruments see it."""
-    from peftkit.training import train
-    from peftkit.training.config import load_config
-
     config = Path(spec["output"]) / "run.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(yaml.safe_dump(peftkit_config(spec), sort_keys=False), encoding="utf-8")
+    raw = apply_overrides(peftkit_config(spec), spec["overrides"])
+    config.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     result = train(load_config(config), quiet=True)
     records = [json.loads(line) for line in (Path(spec["output"]) / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r], result.model
@@ -271,8 +275,6 @@ def _peftkit_side(spec: dict[str, Any]) -> tuple[list[float], torch.nn.Module]:
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     """One side, measured: what the parent reports."""
-    from peftkit.quant import weight_nbytes
-
     with AnonPeak("load") as anon, LiveTensors() as live, StepClock(live, anon) as clock:
         side = _peftkit_side if spec["side"] == "peftkit" else _peft_side
         losses, model = side(spec)
@@ -305,23 +307,43 @@ def _write_data(workdir: Path, shape: dict[str, Any], seq: int) -> tuple[str, li
     return str(path), ids + [1]  # EOS, appended by the data path
 
 
+def _previous(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The side results kept in `path` by a run with the same settings (so each side can run on its own)."""
+    if not path.is_file():
+        return {}
+    kept = json.loads(path.read_text(encoding="utf-8"))
+    return kept["results"] if all(kept.get(k) == v for k, v in settings.items()) else {}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Each side in its own process; the results of both and what the report needs."""
+    """Each side in its own process; the results of both (a side not run now: as last run with these settings)."""
     checkpoint, record = ensure_model(args.shape)
     optimizer, note = (args.optimizer, "") if args.optimizer else pick_optimizer()
+    settings = {"shape": args.shape, "seq": args.seq, "steps": args.steps, "optimizer": optimizer}
     workdir = Path(args.out)
     workdir.mkdir(parents=True, exist_ok=True)
     data, ids = _write_data(workdir, SHAPES[args.shape], args.seq)
-    results: dict[str, Any] = {}
+    results = _previous(workdir / "results.json", settings)
     for side in args.sides:
-        print(f"# {side}: {args.shape} shape, seq {args.seq}, {optimizer} ...", file=sys.stderr, flush=True)
+        overrides = args.set if side == "peftkit" else []
+        label = side + "".join(f" {item}" for item in overrides)  # a variant is a column of its own
+        print(f"# {label}: {args.shape} shape, seq {args.seq}, {optimizer} ...", file=sys.stderr, flush=True)
+        output = workdir / f"{side}-run"
+        shutil.rmtree(output, ignore_errors=True)  # a run directory holds one run
         spec = dict(
-            side=side, checkpoint=str(checkpoint), data=data, ids=ids, seq=args.seq, steps=args.steps,
-            optimizer=optimizer, output=str(workdir / f"{side}-run"),
+            side=side, checkpoint=str(checkpoint), data=data, ids=ids, optimizer=optimizer, output=str(output),
+            seq=args.seq, steps=args.steps, overrides=overrides,
         )  # fmt: skip
-        started = time.perf_counter()
-        results[side] = {**spawn(__file__, spec, stream_stderr=True), "wall_s": time.perf_counter() - started}
+        started, load_before = time.perf_counter(), os.getloadavg()[0]
+        result = spawn(__file__, spec, stream_stderr=True)
+        results[label] = {
+            **result,
+            "wall_s": time.perf_counter() - started,
+            "date": f"{datetime.datetime.now():%Y-%m-%d %H:%M}",
+            "load_average": [load_before, os.getloadavg()[0]],  # other users of the machine, at start and end
+        }
     summary = {
+        **settings,
         "date": f"{datetime.datetime.now():%Y-%m-%d %H:%M}",
         "machine": machine(),
         "versions": {
@@ -329,10 +351,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "peft": peft.__version__,
             "bitsandbytes": bitsandbytes.__version__,
         },
-        "shape": args.shape,
-        "seq": args.seq,
-        "steps": args.steps,
-        "optimizer": optimizer,
         "optimizer_note": note,
         "checkpoint": {k: record[k] for k in ("total_bytes", "largest_shard_bytes")},
         "results": results,
@@ -364,6 +382,10 @@ def report(summary: dict[str, Any]) -> list[str]:
         ("4-bit base bytes / the same weights in fp16", lambda r: f"{r['base_4bit_bytes'] / r['base_fp16_bytes']:.3f}"),
         ("trainable parameters", lambda r: f"{r['trainable']:,}"),
         ("child wall time (s)", lambda r: f"{r['wall_s']:.0f}"),
+        (
+            "run at; 1-min load average at start, end",
+            lambda r: f"{r['date']}; {r['load_average'][0]:.1f}, {r['load_average'][1]:.1f}",
+        ),
     ]
     sides = list(results)
     lines = [
@@ -382,29 +404,33 @@ def report(summary: dict[str, Any]) -> list[str]:
 
 
 def _targets(summary: dict[str, Any], ok: dict[str, Any]) -> list[str]:
-    ours, theirs = ok.get("peftkit"), ok.get("peft")
+    """The issue's targets, for each peftkit column (the default settings and any `--set` variant)."""
+    theirs, shard = ok.get("peft"), summary["checkpoint"]["largest_shard_bytes"]
     lines = []
-    if ours:
+    for label, ours in ok.items():
+        if not label.startswith("peftkit"):
+            continue
         peak = ours["peak_tensor_bytes"]
-        held = _verdict(peak <= PEAK_TARGET_BYTES)
-        lines.append(f"- peftkit peak tensor memory {peak / GB:.2f} GB <= {PEAK_TARGET_BYTES / GB} GB: {held}")
-        bound = LOAD_FACTOR * ours["tensor_bytes_at_start"] + summary["checkpoint"]["largest_shard_bytes"]
-        load, total = ours["load_peak_anon_bytes"] - ours["anon_baseline_bytes"], ours["load_peak_anon_bytes"]
         lines.append(
-            f"- peftkit peak anonymous memory while loading, over the interpreter's before it, {load / GB:.2f} GB "
-            f"({total / GB:.2f} GB in all) <= 1.2 x the loaded model's {ours['tensor_bytes_at_start'] / GB:.2f} GB "
-            f"+ one shard's {summary['checkpoint']['largest_shard_bytes'] / GB:.2f} GB = {bound / GB:.2f} GB: "
-            f"{_verdict(load <= bound)} ({_verdict(total <= bound)} in all)"
+            f"- {label}: peak tensor memory {peak / GB:.2f} GB <= {PEAK_TARGET_BYTES / GB} GB: "
+            f"{_verdict(peak <= PEAK_TARGET_BYTES)} (by {(peak - PEAK_TARGET_BYTES) / GB:+.2f} GB)"
         )
-    if ours and theirs:
-        memory = ours["peak_tensor_bytes"] / theirs["peak_tensor_bytes"]
-        time_ratio = ours["median_step_s"] / theirs["median_step_s"]
-        diffs = [abs(a - b) for a, b in zip(ours["losses"], theirs["losses"], strict=True)]
-        lines += [
-            f"- peak tensor memory peftkit / PEFT {memory:.2f} <= 1.0: {_verdict(memory <= 1.0)}",
-            f"- median step peftkit / PEFT {time_ratio:.2f} <= 1.0: {_verdict(time_ratio <= 1.0)}",
-            f"- loss abs diff per step: {', '.join(f'{d:.1e}' for d in diffs)}",
-        ]
+        model, total = ours["tensor_bytes_at_start"], ours["load_peak_anon_bytes"]
+        bound, load = LOAD_FACTOR * model + shard, total - ours["anon_baseline_bytes"]
+        lines.append(
+            f"- {label}: peak anonymous memory while loading, over the interpreter's before it, {load / GB:.2f} GB "
+            f"({total / GB:.2f} GB in all) <= 1.2 x the loaded model's {model / GB:.2f} GB + one shard's "
+            f"{shard / GB:.2f} GB = {bound / GB:.2f} GB: {_verdict(load <= bound)} ({_verdict(total <= bound)} in all)"
+        )
+        if theirs:
+            memory = peak / theirs["peak_tensor_bytes"]
+            time_ratio = ours["median_step_s"] / theirs["median_step_s"]
+            diffs = [abs(a - b) for a, b in zip(ours["losses"], theirs["losses"], strict=True)]
+            lines += [
+                f"- {label}: peak tensor memory / PEFT's {memory:.2f} <= 1.0: {_verdict(memory <= 1.0)}",
+                f"- {label}: median step / PEFT's {time_ratio:.2f} <= 1.0: {_verdict(time_ratio <= 1.0)}",
+                f"- {label}: loss abs diff from PEFT's, per step: {', '.join(f'{d:.1e}' for d in diffs)}",
+            ]
     return lines
 
 
@@ -419,6 +445,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS), help="default: the first that runs here")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="an option of the peftkit side's YAML (as `peftkit train --set`); the run is a column of its own",
+    )
     parser.add_argument("--out", default="runs/bench-scale", help="where the configs, runs and results.json go")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
