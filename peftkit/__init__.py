@@ -34,7 +34,7 @@ from peftkit.inject import (
     set_adapters_enabled,
     trainable_parameters,
 )
-from peftkit.layer import Adapter, AdapterHost, AdapterLayer, LowRankAdapter, TrainableCopy
+from peftkit.layer import Adapter, AdapterHost, AdapterLayer, LowRankAdapter, ParameterAdapter, TrainableCopy
 from peftkit.merge import merge, merge_and_unload, switch_merged_adapter, unload, unmerge
 from peftkit.method import AdapterMethod
 from peftkit.options import MethodConfig, peft_option
@@ -57,6 +57,7 @@ __all__ = [
     "LowRankAdapter",
     "MergeError",
     "MethodConfig",
+    "ParameterAdapter",
     "PeftkitError",
     "RowRouting",
     "ShapeMismatchError",

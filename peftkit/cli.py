@@ -24,7 +24,7 @@ def _train(args: argparse.Namespace) -> None:
     from peftkit.training.loop import train
 
     config = load_config(args.config, args.set)  # all validation happens here, before any model loads
-    train(config, resume=args.resume, quiet=args.quiet)
+    train(config, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="continue from the newest checkpoint (of the run, or under DIR)",
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="delete the run already in output.dir (refused otherwise)"
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     train.set_defaults(run=_train)

@@ -22,7 +22,7 @@ from torch import nn
 from peftkit.errors import ConfigError
 from peftkit.hosts import hosts
 from peftkit.inject import adapt, adapter_methods
-from peftkit.layer import Adapter, AdapterLayer, LowRankAdapter
+from peftkit.layer import Adapter, AdapterLayer, LowRankAdapter, ParameterAdapter
 from peftkit.method import AdapterMethod
 
 __all__ = ["LowRankMethod", "combine_adapters"]
@@ -38,7 +38,11 @@ class LowRankMethod(Protocol):
 
 
 def _factors(path: str, name: str, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (isinstance(adapter, LowRankAdapter) and adapter.additive_merge):
+    if (
+        not (isinstance(adapter, LowRankAdapter) and adapter.additive_merge)
+        or isinstance(adapter, ParameterAdapter)
+        or adapter.delta_bias() is not None
+    ):
         raise ConfigError(
             f"adapter {name!r} at {path!r} ({type(adapter).__name__}) is not a pure low-rank delta; "
             "combining supports LoRA-style adapters only."

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_directory"]
+__all__ = ["atomic_write", "atomic_write_json", "atomic_directory", "read_json"]
 
 
 def _ordinary_mode(base: int) -> int:
@@ -42,6 +42,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def read_json(path: Path, error: type[Exception], invalid: str = "is not valid JSON") -> Any:
+    """The JSON in the file at `path`; `error` says "`path` `invalid`: why" when it is not JSON (or not UTF-8)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as cause:
+        raise error(f"{path} {invalid}: {cause}") from None
 
 
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:

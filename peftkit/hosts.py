@@ -18,7 +18,7 @@ from peftkit.layer import Adapter, AdapterHost, AdapterLayer, TrainableCopy
 from peftkit.options import MethodConfig
 from peftkit.targets import candidate_modules, find_targets, matches_pattern
 
-__all__ = ["hosts", "inject_adapters", "adapter_tensors"]
+__all__ = ["hosts", "inject_adapters", "add_adapter", "adapter_tensors"]
 
 AdapterFactory = Callable[[nn.Module, str], Adapter]
 
@@ -56,14 +56,9 @@ def inject_adapters(
     adapters = {}
     for name in targets:
         module = model.get_submodule(name)
-        base = module.base_layer if isinstance(module, AdapterLayer) else module
-        adapters[name] = create(base, name).to(_device_of(base))
+        adapters[name] = create(module.base_layer if isinstance(module, AdapterLayer) else module, name)
     for name, adapter in adapters.items():
-        module = model.get_submodule(name)
-        host = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
-        host.adapters[adapter_name] = adapter
-        if host is not module:
-            model.set_submodule(name, host)
+        add_adapter(model, name, adapter_name, adapter)
     for name in to_save:
         module = model.get_submodule(name)
         host = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
@@ -71,6 +66,19 @@ def inject_adapters(
         if host is not module:
             model.set_submodule(name, host)
     return targets
+
+
+def add_adapter(model: nn.Module, path: str, adapter_name: str, adapter: Adapter) -> AdapterLayer:
+    """Wrap the module at `path` in an `AdapterLayer` (once) and add `adapter` to it, on its base's device.
+
+    For methods that place adapters by options of their own (LoRA's `target_parameters`).
+    """
+    module = model.get_submodule(path)
+    host = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
+    host.adapters[adapter_name] = adapter.to(_device_of(host.base_layer))
+    if host is not module:
+        model.set_submodule(path, host)
+    return host
 
 
 def _modules_to_save(model: nn.Module, patterns: list[str]) -> list[str]:

@@ -8,7 +8,7 @@ put around it later (DDP, accelerate, a loss module).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,6 +23,7 @@ from peftkit.routing import RowRouting
 
 __all__ = [
     "DEFAULT_ADAPTER",
+    "ON_ADAPT",
     "adapt",
     "adapted_model",
     "adapter_methods",
@@ -39,6 +40,10 @@ __all__ = [
 ]
 
 DEFAULT_ADAPTER = "default"
+
+# Called with the model at the end of every `adapt`: how a layer built on this one joins in
+# (peftkit.pretrained gives the model PEFT-format save_pretrained) without inject importing it.
+ON_ADAPT: list[Callable[[nn.Module], None]] = []
 
 
 _STATE = "peftkit_methods"
@@ -110,6 +115,8 @@ def adapt(
     methods[adapter_name] = method
     set_active_adapters(model, adapter_name)
     mark_trainable(model, adapter_name)
+    for hook in ON_ADAPT:
+        hook(model)
     return model
 
 

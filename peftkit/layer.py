@@ -22,7 +22,15 @@ from torch import nn
 
 from peftkit.errors import AdapterStateError, MergeError
 
-__all__ = ["Adapter", "AdapterHost", "AdapterLayer", "LowRankAdapter", "Routing", "TrainableCopy"]
+__all__ = [
+    "Adapter",
+    "AdapterHost",
+    "AdapterLayer",
+    "LowRankAdapter",
+    "ParameterAdapter",
+    "Routing",
+    "TrainableCopy",
+]
 
 
 class Adapter(nn.Module, ABC):
@@ -33,12 +41,16 @@ class Adapter(nn.Module, ABC):
     `merged_weight`/`unmerged_weight` and set `additive_merge = False`.
 
     Class attributes (capabilities, declared by the class that has them):
+        selected_by_target_modules: False for adapters a method places by an option of its
+            own (on bare parameters, on embedding rows), so their layers are left out of
+            the saved `target_modules`.
         mergeable: the adapter is a change of the base weight, so it can be folded in
             (a bottleneck adapter, a function of the layer's output, is not).
         additive_merge: merging is `W + delta_weight()` and unmerging its inverse, so a
             merge can check the delta before writing anything.
     """
 
+    selected_by_target_modules: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
     additive_merge: ClassVar[bool] = True
 
@@ -59,6 +71,10 @@ class Adapter(nn.Module, ABC):
         """The dense `[out, in, ...]` change this adapter makes to the base weight."""
         raise MergeError(f"{type(self).__name__} is not a weight delta and cannot be merged.")
 
+    def delta_bias(self) -> torch.Tensor | None:
+        """The change this adapter makes to the base layer's bias when merged (LoRA's `lora_bias`), if any."""
+        return None
+
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The base weight with this adapter folded in."""
         return weight + self.delta_weight().to(weight.dtype)
@@ -66,6 +82,30 @@ class Adapter(nn.Module, ABC):
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """Inverse of `merged_weight`."""
         return weight - self.delta_weight().to(weight.dtype)
+
+
+class ParameterAdapter(Adapter):
+    """An adapter that changes named parameters of its base layer for the call, adding nothing to its output.
+
+    For layers that read their weights directly instead of calling submodules
+    (`nn.MultiheadAttention` uses `out_proj.weight` without calling `out_proj`), or
+    weights that are bare parameters (the fused expert tensors of MoE layers). The
+    host runs the base layer with `P + delta` in place of each named parameter `P`
+    (`torch.func.functional_call`): nothing is written to the base, and autograd
+    reaches the adapter through the substituted tensors. Merging adds the deltas in.
+    """
+
+    stackable: ClassVar[bool] = False  # its changes act on parameters, not on an output to add
+
+    @abstractmethod
+    def parameter_deltas(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        """Parameter path inside `base_layer` -> the change to it, in that parameter's own layout."""
+
+    def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        raise AdapterStateError(
+            f"{type(self).__name__} changes its layer's parameters and has no output of its own to add, "
+            "so its rows cannot be routed apart in a mixed batch."
+        )
 
 
 class LowRankAdapter(Adapter):
@@ -144,22 +184,41 @@ class AdapterLayer(AdapterHost):
                 f"adapters {self.merged_adapters} are merged into the base weights; "
                 "unmerge them before disabling adapters."
             )
-        base_output = self.base_layer(x, *args, **kwargs)
         if not self.adapters_enabled:
-            return base_output
+            return self.base_layer(x, *args, **kwargs)
         if self.routing is not None:
-            return self._routed(x, base_output, self.routing)
+            return self._routed(x, self.base_layer(x, *args, **kwargs), self.routing)
         unmerged = [name for name in self.active_adapters if name not in self.merged_adapters]
-        if not unmerged:
+        substituting = [name for name in unmerged if isinstance(self.adapters[name], ParameterAdapter)]
+        base_output = self._base_output(substituting, x, args, kwargs)
+        adding = [name for name in unmerged if name not in substituting]
+        if not adding:
             return base_output
-        result = self.adapters[unmerged[0]].output(x, base_output, self.base_layer)
-        for name in unmerged[1:]:
+        result = self.adapters[adding[0]].output(x, base_output, self.base_layer)
+        for name in adding[1:]:
             result = result + self.adapters[name](x, base_output, self.base_layer)
         return result
+
+    def _base_output(self, names: list[str], x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The base layer's output, with the parameter changes of the `ParameterAdapter`s `names` applied."""
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        parameters: dict[str, torch.Tensor] = {}
+        for name in names:
+            for path, delta in self.adapters[name].parameter_deltas(self.base_layer).items():
+                current = parameters.get(path, self.base_layer.get_parameter(path))
+                parameters[path] = current + delta.to(current.dtype)
+        return torch.func.functional_call(self.base_layer, parameters, (x, *args), kwargs)
 
     def _routed(self, x: torch.Tensor, base_output: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.merged_adapters:
             raise AdapterStateError(f"adapters {self.merged_adapters} are merged; unmerge them before a mixed batch.")
+        substituting = [n for n, a in self.adapters.items() if isinstance(a, ParameterAdapter)]
+        if substituting:
+            raise AdapterStateError(
+                f"adapter {substituting[0]!r} changes this layer's parameters and has no output of its own, "
+                "so its rows cannot be routed apart in a mixed batch."
+            )
         return routing.layer_output(self, x, base_output)
 
 

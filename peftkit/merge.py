@@ -15,7 +15,8 @@ from peftkit.anatomy import tied_parameters
 from peftkit.errors import AdapterStateError, MergeError
 from peftkit.hosts import hosts
 from peftkit.inject import adapter_methods, forget_adapters, set_active_adapters
-from peftkit.layer import Adapter, AdapterLayer, TrainableCopy
+from peftkit.layer import Adapter, AdapterLayer, ParameterAdapter, TrainableCopy
+from peftkit.pretrained import uninstall
 from peftkit.weights import read_weight, write_weight
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "unload", "switch_merged_adapter"]
@@ -55,10 +56,39 @@ def _fold(weight: torch.Tensor, adapter: Adapter, sign: int, where: str) -> None
     weight.copy_(result)
 
 
+def _fold_bias(layer: nn.Module, adapter: Adapter, sign: int) -> None:
+    """Add (sign=+1) or take out (sign=-1) the adapter's bias change, if it has one (LoRA's `lora_bias`)."""
+    delta = adapter.delta_bias()
+    if delta is not None:
+        with torch.no_grad():
+            layer.bias.add_(delta.detach().to(layer.bias.dtype), alpha=sign)
+
+
+def _fold_parameters(base_layer: nn.Module, adapter: ParameterAdapter, sign: int, where: str) -> None:
+    """Add (sign=+1) or take out (sign=-1) a `ParameterAdapter`'s changes to the parameters it names."""
+    deltas = {path: delta.detach() for path, delta in adapter.parameter_deltas(base_layer).items()}
+    if not all(torch.isfinite(delta.sum()) for delta in deltas.values()):
+        raise MergeError(f"{where} would write NaN/Inf; nothing was changed there.")
+    with torch.no_grad():
+        for path, delta in deltas.items():
+            param = base_layer.get_parameter(path)
+            param.add_(delta.to(param.dtype), alpha=sign)
+
+
 def _merge_layer(path: str, layer: AdapterLayer, names: list[str], tied: dict[int, list[str]]) -> None:
     pending = [n for n in names if n not in layer.merged_adapters]
+    for name in [n for n in pending if isinstance(layer.adapters[n], ParameterAdapter)]:
+        _fold_parameters(layer.base_layer, layer.adapters[name], +1, f"merging adapter {name!r} into {path!r}")
+        layer.merged_adapters.append(name)
+        pending.remove(name)
     if not pending:
         return
+    biased = [n for n in pending if layer.adapters[n].delta_bias() is not None]
+    if biased and getattr(layer.base_layer, "bias", None) is None:
+        raise MergeError(
+            f"adapter {biased[0]!r} trains a bias (lora_bias) but {path!r} has none to merge it into; "
+            "keep it unmerged, or adapt with lora_bias=False."
+        )
     shared = [n for n in tied.get(id(getattr(layer.base_layer, "weight", None)), []) if not n.startswith(path + ".")]
     if shared:
         raise MergeError(
@@ -69,6 +99,7 @@ def _merge_layer(path: str, layer: AdapterLayer, names: list[str], tied: dict[in
     try:
         for name in pending:
             _fold(weight, layer.adapters[name], +1, f"merging adapter {name!r} into {path!r}")
+            _fold_bias(layer.base_layer, layer.adapters[name], +1)
             layer.merged_adapters.append(name)
     finally:
         if not in_place:
@@ -88,13 +119,20 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
 def unmerge(model: nn.Module) -> nn.Module:
     """Take every merged adapter back out of the base weights (last merged first)."""
     for path, host in hosts(model):
-        if isinstance(host, AdapterLayer) and host.merged_adapters:
+        if not (isinstance(host, AdapterLayer) and host.merged_adapters):
+            continue
+        last_first = list(reversed(host.merged_adapters))
+        for name in [n for n in last_first if isinstance(host.adapters[n], ParameterAdapter)]:
+            _fold_parameters(host.base_layer, host.adapters[name], -1, f"unmerging adapter {name!r} from {path!r}")
+        by_weight = [n for n in last_first if not isinstance(host.adapters[n], ParameterAdapter)]
+        if by_weight:
             weight, in_place = _working_weight(host.base_layer)
-            for name in reversed(host.merged_adapters):
+            for name in by_weight:
                 _fold(weight, host.adapters[name], -1, f"unmerging adapter {name!r} from {path!r}")
+                _fold_bias(host.base_layer, host.adapters[name], -1)
             if not in_place:
                 write_weight(host.base_layer, weight)
-            host.merged_adapters.clear()
+        host.merged_adapters.clear()
     return model
 
 
@@ -107,6 +145,7 @@ def unload(model: nn.Module) -> nn.Module:
             replacement = host.wrapped
         model.set_submodule(path, replacement)
     forget_adapters(model)
+    uninstall(model)
     return model
 
 

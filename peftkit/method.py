@@ -91,6 +91,14 @@ class AdapterMethod(ABC):
             return self.config
         return dataclasses.replace(self.config, target_modules=self.default_target_modules(model))
 
+    def base_quantization(self) -> Any | None:
+        """How this method wants the frozen base stored when it loads the model itself (`peftkit train`).
+
+        None (the default) keeps the base as loaded; a `peftkit.quant.QuantizationConfig`
+        asks for it straight in 4 bits (QLoRA's and QDoRA's default base).
+        """
+        return None
+
     def attach(self, model: nn.Module, adapter_name: str) -> list[str]:
         """Add this method to `model` under `adapter_name`; returns the adapted module names."""
         return inject_adapters(

@@ -61,7 +61,8 @@ class RowRouting:
             return base_output
         adapters = [layer.adapters[name] for name in groups]
         stackable = not torch.is_grad_enabled() and all(
-            isinstance(a, LowRankAdapter) and a.stackable and not a.training for a in adapters
+            isinstance(a, LowRankAdapter) and a.stackable and a.delta_bias() is None and not a.training
+            for a in adapters
         )
         if stackable:
             return self._add_stacked_delta(layer, list(groups), x, base_output)

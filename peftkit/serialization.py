@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from peftkit.anatomy import task_type
 from peftkit.errors import AdapterFileError, AdapterStateError, ShapeMismatchError
-from peftkit.files import atomic_write, atomic_write_json
+from peftkit.files import atomic_write, atomic_write_json, read_json
 from peftkit.hosts import hosts
 from peftkit.inject import DEFAULT_ADAPTER, adapt, adapted_model, adapter_methods, delete_adapter, mark_trainable
 from peftkit.layer import AdapterLayer
@@ -35,6 +36,7 @@ from peftkit.weights import fan_in_fan_out
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "PEFT_PREFIX",
     "adapter_state_dict",
     "peft_config",
     "save_adapter",
@@ -42,6 +44,7 @@ __all__ = [
     "read_adapter_config",
     "method_from_config",
     "hot_swap_adapter",
+    "copy_adapter_tensors",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -73,7 +76,9 @@ def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[s
     targeted = {
         path: host.base_layer
         for path, host in hosts(model)
-        if isinstance(host, AdapterLayer) and adapter_name in host.adapters
+        if isinstance(host, AdapterLayer)
+        and adapter_name in host.adapters
+        and host.adapters[adapter_name].selected_by_target_modules
     }
     config: dict[str, Any] = {
         f.metadata["peft"]: getattr(method.config, f.name)
@@ -93,12 +98,24 @@ def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[s
     return config
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str = DEFAULT_ADAPTER) -> Path:
-    """Write one adapter to `directory` in PEFT's format (only adapter tensors); returns the path."""
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    name: str = DEFAULT_ADAPTER,
+    *,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write one adapter to `directory` in PEFT's format (only adapter tensors); returns the path.
+
+    `state_dict` (model path -> tensor, e.g. gathered from FSDP or DeepSpeed shards, whose
+    live tensors are partial) supplies the values to write; paths it lacks use the live tensor.
+    """
+    model = adapted_model(model)
     directory = Path(directory)
     method = adapter_methods(model)[name]
     config = peft_config(model, name)
-    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in adapter_state_dict(model, name).items()}
+    values = {path: (state_dict or {}).get(path, t) for path, t in method.trainable_state(model, name).items()}
+    tensors = {_peft_key(path, name): t.detach().to("cpu").clone().contiguous() for path, t in values.items()}
     own = {"method": method_reference(type(method)), "options": _options(method)}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(own)}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -111,10 +128,7 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise AdapterFileError(f"no {CONFIG_NAME} in {str(directory)!r}; is this an adapter directory?")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterFileError(f"{path} is not valid JSON: {error}") from error
+    config = read_json(path, AdapterFileError)
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path} must hold a JSON object, got {type(config).__name__}.")
     return config
@@ -194,7 +208,7 @@ def load_adapter(
         method = get_method(method).from_options(**_options(method_from_config(config, metadata)))
     adapt(model, method, name)
     try:
-        _copy_tensors(model, name, tensors, directory)
+        copy_adapter_tensors(model, name, tensors, directory)
     except Exception:
         delete_adapter(model, name)
         raise
@@ -206,13 +220,20 @@ def load_adapter(
     return model
 
 
-def _copy_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+def copy_adapter_tensors(
+    model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], source: str | os.PathLike[str]
+) -> None:
+    """Copy saved tensors (PEFT key names) into the live adapter, after checking names and shapes.
+
+    Nothing is copied unless every tensor fits, so a mismatch leaves the adapter as it was;
+    `source` (a directory or file) is named in the error.
+    """
     expected = adapter_state_dict(model, adapter_name)
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
     if missing or unexpected:
         raise ShapeMismatchError(
-            f"adapter in {str(directory)!r} does not fit this model: "
+            f"adapter in {str(source)!r} does not fit this model: "
             + (f"{len(missing)} tensor(s) missing (e.g. {missing[:3]})" if missing else "")
             + ("; " if missing and unexpected else "")
             + (
@@ -260,6 +281,8 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike[str], name: 
         raise AdapterFileError(f"cannot hot-swap a {incoming.name} adapter into {name!r}, which is {current.name}.")
     for path, host in hosts(model):
         if isinstance(host, AdapterLayer) and name in host.adapters:
+            if not host.adapters[name].selected_by_target_modules:
+                continue  # placed by another option; its shapes are checked when its tensors are copied
             if name in host.merged_adapters:
                 raise AdapterStateError(f"adapter {name!r} is merged into {path!r}; unmerge it before hot-swapping.")
             live, fresh = (
@@ -273,5 +296,5 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike[str], name: 
                 raise ShapeMismatchError(
                     f"module {path!r}: hot-swap needs equal settings; (live, saved) differ in {differing}."
                 )
-    _copy_tensors(model, name, tensors, directory)
+    copy_adapter_tensors(model, name, tensors, directory)
     return model

@@ -92,7 +92,11 @@ def find_targets(model: nn.Module, config: MethodConfig, adaptable: tuple[type[n
 
     `config.target_modules` must be given: a None (the method's default) is resolved by
     the method (`AdapterMethod.resolved_config`), which alone knows its defaults.
+    `target_modules=[]` selects nothing on purpose (PEFT's spelling for "only the
+    parameters or tokens a method's own options name").
     """
+    if config.target_modules == []:
+        return []
     if config.target_modules is None:
         raise ConfigError(
             f"target_modules is None for {type(model).__name__}; resolve the method's default first "

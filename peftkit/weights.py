@@ -11,6 +11,7 @@ types of their own (peftkit's 4-bit codec over bitsandbytes, or a third party)
 declare their layouts in the `peftkit.weight_layouts` entry-point group: a callable
 returning `{layer type: WeightAccess}`, loaded the first time a layer of an
 unregistered type is met.
+Convolutions keep their `[out, in / groups, *kernel]` kernel as it is.
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ _transposed = WeightAccess(
 )
 
 register_weight_access(nn.Linear, _direct)
+register_weight_access(nn.Conv1d, _direct)  # [out, in / groups, *kernel]
 register_weight_access(nn.Conv2d, _direct)
+register_weight_access(nn.Conv3d, _direct)
 register_weight_access(_CONV1D, _transposed)
 register_weight_access(nn.Embedding, _transposed)

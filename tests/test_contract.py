@@ -63,8 +63,6 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], list[str], Callable[[], Any], C
 UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
     ("bottleneck", "convnet"): (peftkit.UnsupportedModuleError, "Conv2d"),
     ("bottleneck", "embedding"): (peftkit.UnsupportedModuleError, "Embedding"),
-    ("dora", "convnet"): (peftkit.UnsupportedModuleError, "Conv2d"),
-    ("qdora", "convnet"): (peftkit.UnsupportedModuleError, "Conv2d"),
     ("head", "mlp"): (peftkit.TargetNotFoundError, "no output head"),
     ("head", "convnet"): (peftkit.TargetNotFoundError, "no output head"),
     ("head", "embedding"): (peftkit.TargetNotFoundError, "no output head"),

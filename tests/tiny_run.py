@@ -37,19 +37,22 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_model_dir(path: Path, seed: int = 0) -> Path:
-    """Save a tiny random Llama (hidden 32, 2 layers) and its tokenizer under `path`."""
+def make_model_dir(path: Path, seed: int = 0, max_shard_size: str | None = None, **overrides: Any) -> Path:
+    """Save a tiny random Llama (hidden 32, 2 layers; `overrides` change its config) and its tokenizer."""
     tokenizer = tiny_tokenizer()
     model = tiny_llama(
         seed,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+        **{
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 128,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "tie_word_embeddings": False,
+            **overrides,
+        },
     )
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(path)
     return path
 

@@ -9,6 +9,10 @@
 `s = alpha / r`, or `alpha / sqrt(r)` with rsLoRA (Kalajdzievski, 2023). A starts
 Kaiming-uniform (or Gaussian), B at zero, so the adapted model starts equal to the
 base. Embeddings swap the roles (A zero, B Gaussian) as loralib and PEFT do.
+
+Besides layers picked by `target_modules`, LoRA can adapt bare parameters
+(`target_parameters`, e.g. fused MoE expert tensors) and train chosen embedding rows
+(`trainable_token_indices`), both under the same adapter name and file, as PEFT does.
 """
 
 from __future__ import annotations
@@ -18,23 +22,34 @@ import math
 import re
 from typing import ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftkit import (
     Adapter,
+    AdapterLayer,
     AdapterMethod,
     ConfigError,
-    LowRankAdapter,
     MethodConfig,
+    TargetNotFoundError,
     UnsupportedModuleError,
     peft_option,
 )
-from peftkit.weights import layer_features
+from peftkit.hosts import add_adapter
+from peftkit.targets import candidate_modules, find_targets
+from variants.lora_layers import LoraConv, LoraEmbedding, LoraLinear, LoraMultiheadAttention, LoraParameter
+from variants.trainable_tokens import trainable_tokens
 
-__all__ = ["DEFAULT_TARGETS", "LoraConfig", "LoraLinear", "LoraConv2d", "LoraEmbedding", "LoRA"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "LoraConfig",
+    "LoraLinear",
+    "LoraConv",
+    "LoraEmbedding",
+    "LoraMultiheadAttention",
+    "LoraParameter",
+    "LoRA",
+]
 
 # `target_modules: None` per model type, as PEFT's table: the attention query and value.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -63,6 +78,13 @@ class LoraConfig(MethodConfig):
         init: `kaiming` (uniform, as nn.Linear) or `gaussian` (std 1/r) for A.
         rank_pattern: per-module rank, `{regex or name suffix: r}`.
         alpha_pattern: per-module alpha, likewise.
+        lora_bias: give B a trained bias (zero at the start) that merges into the base
+            layer's bias; for LoRA extracted from a full fine-tune, whose biases moved too.
+        trainable_token_indices: embedding rows to train in full (new tokens), as ids
+            of the input embedding, or `{embedding module name: ids}`.
+        target_parameters: parameters to adapt where there is no layer to wrap (MoE
+            experts as bare 2-D/3-D tensors), by full path or `.`-suffix, e.g.
+            `["experts.gate_up_proj"]`. Pass `target_modules=[]` to adapt only these.
     """
 
     r: int = peft_option(8, "r")
@@ -72,6 +94,9 @@ class LoraConfig(MethodConfig):
     init: Literal["kaiming", "gaussian"] = peft_option("kaiming")
     rank_pattern: dict[str, int] = peft_option({}, "rank_pattern")
     alpha_pattern: dict[str, float] = peft_option({}, "alpha_pattern")
+    lora_bias: bool = peft_option(False, "lora_bias")
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = peft_option(None, "trainable_token_indices")
+    target_parameters: list[str] | None = peft_option(None, "target_parameters")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,121 +125,8 @@ def _pattern_value(pattern: dict[str, float], module_name: str, default: float) 
     return default
 
 
-class LoraLinear(LowRankAdapter):
-    """The low-rank path for any layer that acts as `x @ W.T` (Linear, Conv1D, 4-bit Linear)."""
-
-    stackable = True
-
-    def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float, init: str) -> None:
-        super().__init__()
-        self.r = r
-        self.scaling = scaling
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.build(base_layer, r)
-        self.reset_parameters(init)
-
-    def build(self, base_layer: nn.Module, r: int) -> None:
-        in_features, out_features = layer_features(base_layer)
-        self.lora_A = nn.Linear(in_features, r, bias=False)
-        self.lora_B = nn.Linear(r, out_features, bias=False)
-
-    def reset_parameters(self, init: str) -> None:
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-
-    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
-        """`s * B A x` for an input that has already been through dropout.
-
-        `s` scales the rank-r activations, not the full-width output: one pass over
-        `tokens x r` values instead of `tokens x out` in the forward and the backward.
-        """
-        return self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)) * self.scaling)
-
-    def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return self.low_rank(self.dropout(x)).to(base_output.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-
-    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(up, down) with the delta `up @ down` (kernels flattened), for combining adapters."""
-        return self.lora_B.weight.reshape(-1, self.r), self.lora_A.weight.reshape(self.r, -1) * self.scaling
-
-    def set_low_rank_factors(self, up: torch.Tensor, down: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.lora_B.weight.copy_(up.reshape(self.lora_B.weight.shape) / self.scaling)
-            self.lora_A.weight.copy_(down.reshape(self.lora_A.weight.shape))
-
-
-class LoraConv2d(LoraLinear):
-    """LoRA for `nn.Conv2d`: A is a conv with the base kernel, B a 1x1 conv (as PEFT)."""
-
-    stackable = False  # its delta acts through a convolution, not `x @ (up @ down).T`
-
-    def build(self, base_layer: nn.Module, r: int) -> None:
-        if base_layer.groups != 1:
-            raise UnsupportedModuleError(f"LoRA supports Conv2d with groups=1 only, got groups={base_layer.groups}.")
-        self.lora_A = nn.Conv2d(
-            base_layer.in_channels,
-            r,
-            base_layer.kernel_size,
-            base_layer.stride,
-            base_layer.padding,
-            base_layer.dilation,
-            bias=False,
-        )
-        self.lora_B = nn.Conv2d(r, base_layer.out_channels, 1, bias=False)
-
-    def delta_weight(self) -> torch.Tensor:
-        a, b = self.lora_A.weight, self.lora_B.weight
-        # Composing conv A with the 1x1 conv B is one conv whose kernel mixes A's channels by B.
-        return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a) * self.scaling
-
-
-class LoraEmbedding(LowRankAdapter):
-    """LoRA for `nn.Embedding`: a low-rank lookup table `A[:, ids]` mapped up by B."""
-
-    def __init__(self, base_layer: nn.Embedding, r: int, scaling: float, dropout: float, init: str) -> None:
-        super().__init__()
-        self.r = r
-        self.scaling = scaling
-        self.lora_embedding_A = nn.Parameter(torch.zeros(r, base_layer.num_embeddings))
-        self.lora_embedding_B = nn.Parameter(torch.empty(base_layer.embedding_dim, r))
-        nn.init.normal_(self.lora_embedding_B)
-
-    def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        rows = F.embedding(
-            x,
-            self.lora_embedding_A.T,
-            base_layer.padding_idx,
-            base_layer.max_norm,
-            base_layer.norm_type,
-            base_layer.scale_grad_by_freq,
-            base_layer.sparse,
-        )
-        # Scaled embeddings (Gemma's) multiply the looked-up rows, so a merged delta is scaled too.
-        # Both factors are scalars: applied once, to the rank-r rows rather than the full width.
-        embed_scale = getattr(base_layer, "embed_scale", None)
-        factor = self.scaling if embed_scale is None else self.scaling * embed_scale.to(rows.dtype)
-        return ((rows * factor) @ self.lora_embedding_B.T).to(base_output.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_embedding_B @ self.lora_embedding_A) * self.scaling
-
-    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_embedding_B, self.lora_embedding_A * self.scaling
-
-    def set_low_rank_factors(self, up: torch.Tensor, down: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.lora_embedding_B.copy_(up / self.scaling)
-            self.lora_embedding_A.copy_(down)
-
-
 class LoRA(AdapterMethod):
-    """Low-rank adaptation of linear, GPT-2 Conv1D, embedding and Conv2d layers."""
+    """Low-rank adaptation of linear, GPT-2 Conv1D, embedding, Conv1d/2d/3d and multi-head attention layers."""
 
     name = "lora"
     description = "Low-rank update W0 + (alpha/r) B A; B starts at zero (Hu et al., 2021)."
@@ -227,7 +139,10 @@ class LoRA(AdapterMethod):
     # Most specific type first: a 4-bit linear is also an nn.Linear.
     adapter_classes: ClassVar[dict[type[nn.Module], type[Adapter]]] = {
         nn.Embedding: LoraEmbedding,
-        nn.Conv2d: LoraConv2d,
+        nn.MultiheadAttention: LoraMultiheadAttention,
+        nn.Conv1d: LoraConv,
+        nn.Conv2d: LoraConv,
+        nn.Conv3d: LoraConv,
         Conv1D: LoraLinear,
         nn.Linear: LoraLinear,
     }
@@ -248,12 +163,71 @@ class LoRA(AdapterMethod):
             exclude_modules=None,
             layers_to_transform=None,
             modules_to_save=None,
+            trainable_token_indices=None,
+            target_parameters=None,
         )
         return type(self).from_options(**options)
+
+    def attach(self, model: nn.Module, adapter_name: str) -> list[str]:
+        """The layers of `target_modules`, the modules holding `target_parameters`, the embeddings of tokens.
+
+        Everything is selected and built before the first module is wrapped, so a bad
+        option leaves the model as it was.
+        """
+        layers = find_targets(model, self.resolved_config(model), self.adaptable_types())
+        extra = self._parameter_adapters(model, layers) if self.config.target_parameters else {}
+        if not layers and not extra:  # PEFT reads no LoRA file without a low-rank target, tokens or not
+            raise TargetNotFoundError(
+                "target_modules=[] selects no layer and no target_parameters were given; LoRA needs at least one "
+                "(trainable_token_indices alone is PEFT's separate TRAINABLE_TOKENS method)."
+            )
+        if self.config.trainable_token_indices is not None:
+            extra.update(trainable_tokens(model, self.config.trainable_token_indices, layers))
+        targets = super().attach(model, adapter_name)
+        for path, adapter in extra.items():
+            add_adapter(model, path, adapter_name, adapter)
+        return targets + list(extra)
+
+    def _parameter_adapters(self, model: nn.Module, layers: list[str]) -> dict[str, LoraParameter]:
+        """A `LoraParameter` chain per module with parameters matching `target_parameters` (PEFT's rule)."""
+        names = self.config.target_parameters
+        if self.config.dropout or self.config.lora_bias:
+            raise UnsupportedModuleError(
+                "target_parameters adapts a tensor, not a layer's input: it takes dropout=0 and lora_bias=False "
+                f"(as PEFT), got dropout={self.config.dropout}, lora_bias={self.config.lora_bias}."
+            )
+        found: dict[str, tuple[nn.Module, list[str]]] = {}
+        for path, module in candidate_modules(model):
+            if path in layers:
+                continue  # a layer of target_modules: its own parameters are adapted already
+            owner = module.base_layer if isinstance(module, AdapterLayer) else module
+            for name, _ in owner.named_parameters(recurse=False):
+                key = f"{path}.{name}"
+                if any(key == target or key.endswith("." + target) for target in names):
+                    found.setdefault(path, (owner, []))[1].append(name)
+        if not found:
+            raise TargetNotFoundError(
+                f"target_parameters={names!r} matched no parameter of {type(model).__name__}; give a parameter's "
+                "path or its ending, e.g. 'experts.gate_up_proj'."
+            )
+        return {path: self._chain(owner, path, parameters) for path, (owner, parameters) in found.items()}
+
+    def _chain(self, owner: nn.Module, path: str, parameter_names: list[str]) -> LoraParameter:
+        """One adapter per parameter, each later one holding the earlier (PEFT's nesting and keys)."""
+        adapter = None
+        for name in parameter_names:
+            r, alpha = self.config.rank_and_alpha(f"{path}.{name}")
+            adapter = LoraParameter(owner, name, r, self.config.scaling(r, alpha), self.config.init, inner=adapter)
+        return adapter
 
     def create_adapter(self, base_layer: nn.Module, module_name: str) -> Adapter:
         r, alpha = self.config.rank_and_alpha(module_name)
         adapter_class = next(cls for kind, cls in self.adapter_classes.items() if isinstance(base_layer, kind))
         return adapter_class(
-            base_layer, r=r, scaling=self.config.scaling(r, alpha), dropout=self.config.dropout, init=self.config.init
+            base_layer,
+            r=r,
+            scaling=self.config.scaling(r, alpha),
+            dropout=self.config.dropout,
+            init=self.config.init,
+            bias=self.config.lora_bias,
         )

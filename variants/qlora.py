@@ -72,22 +72,31 @@ class QuantizedBase(AdapterMethod):
 
     Only targeted layers are quantized; target `"all-linear"` for the QLoRA paper's
     setup (every linear layer but the head in 4-bit), or quantize the whole model
-    first with `peftkit.quant.codec.quantize_model` (or load it with transformers'
-    `BitsAndBytesConfig`): layers that are already 4-bit are adapted as they are.
-    The model is then prepared with `prepare_for_kbit_training` (non-4-bit
-    half-precision parameters in float32).
+    first with `peftkit.quant.quantize_model` (or load it with transformers'
+    `BitsAndBytesConfig`, or `model.quantization` under `peftkit train`, which is
+    where `base_quantization` sends this method's default): layers that are already
+    4-bit are adapted as they are. When it quantizes layers itself, the model is then
+    prepared with `prepare_for_kbit_training` (non-4-bit half-precision parameters in
+    float32); a base loaded in 4 bits keeps the dtype it was loaded in.
     """
 
     config: Any  # a QuantizedConfig mixed into the method's own config
     reads_peft_files = False
 
+    def base_quantization(self) -> Any:
+        return self.config.quantization_config
+
     def attach(self, model: nn.Module, adapter_name: str) -> list[str]:
-        from peftkit.quant import prepare_for_kbit_training, quantize_model
+        from peftkit.quant import is_quantized, prepare_for_kbit_training, quantize_model
+        from peftkit.quant.codec import keep_one_kernel
 
         targets = find_targets(model, self.resolved_config(model), self.adaptable_types())
-        paths = [_linear_path(model, target) for target in targets]
-        quantize_model(model, self.config.quantization_config, targets=[p for p in paths if p is not None])
-        prepare_for_kbit_training(model)
+        paths = [p for p in (_linear_path(model, target) for target in targets) if p is not None]
+        dense = [p for p in paths if not is_quantized(model.get_submodule(p))]
+        quantize_model(model, self.config.quantization_config, targets=dense)
+        keep_one_kernel(model)
+        if dense:  # a base loaded in 4 bits keeps the dtype it was loaded in
+            prepare_for_kbit_training(model)
         return super().attach(model, adapter_name)
 
 

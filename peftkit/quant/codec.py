@@ -49,6 +49,7 @@ __all__ = [
     "supported_compute_dtypes",
     "resolve_compute_dtype",
     "to_4bit",
+    "keep_one_kernel",
     "dequantize",
     "requantize",
     "dequantized_copy",
@@ -77,6 +78,9 @@ class QuantizationConfig:
             bfloat16 on a CUDA device with native support, else float32.
         skip_modules: modules left in full precision, as names or a regex (matched
             like `target_modules`). None keeps the model's output head.
+        storage_dtype: the dtype the packed 4-bit codes are stored in (bitsandbytes'
+            `quant_storage`): None is its packed uint8; a float dtype lets FSDP shard the
+            4-bit weights together with the model's other float tensors.
     """
 
     bits: int = 4
@@ -85,6 +89,7 @@ class QuantizationConfig:
     blocksize: int | None = None
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     skip_modules: list[str] | str | None = None
+    storage_dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
     def __post_init__(self) -> None:
         check_types(self, "QuantizationConfig")
@@ -97,6 +102,10 @@ class QuantizationConfig:
                 f"QuantizationConfig.blocksize must be one of {', '.join(map(str, BLOCKSIZES))} "
                 f"(what bitsandbytes accepts), got {self.blocksize}."
             )
+
+    def storage(self) -> torch.dtype:
+        """The torch dtype the packed codes are stored in."""
+        return DTYPES[self.storage_dtype] if self.storage_dtype else torch.uint8
 
 
 def supported_compute_dtypes(device: torch.device) -> list[str]:
@@ -175,12 +184,21 @@ def to_4bit(module: nn.Module, path: str, config: QuantizationConfig, compute_dt
     )
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
-    _store(layer, weight, blocksize, config.double_quant, config.quant_type, torch.uint8)
-    # bitsandbytes repacks CPU weights for a bfloat16 kernel on the first eval-mode
-    # forward without grad: outputs then differ from training mode (about 5e-3 on the
-    # test model) and unpacking re-quantizes the scales. Keep one numeric path.
-    layer.support_avx512bf16_for_cpu = False
+    _store(layer, weight, blocksize, config.double_quant, config.quant_type, config.storage())
+    keep_one_kernel(layer)
     return layer
+
+
+def keep_one_kernel(module: nn.Module) -> None:
+    """Make every 4-bit layer in `module` compute in eval mode as in training mode.
+
+    bitsandbytes repacks CPU weights for a bfloat16 kernel on the first eval-mode
+    forward without grad: outputs then differ from training mode (about 5e-3 on the
+    test model) and unpacking re-quantizes the scales. Keep one numeric path.
+    """
+    for layer in module.modules():
+        if isinstance(layer, Linear4bit):
+            layer.support_avx512bf16_for_cpu = False
 
 
 def _store(

@@ -18,6 +18,7 @@ from peftkit.quant.codec import (
     dequantized_copy,
     is_bitsandbytes,
     is_quantized,
+    keep_one_kernel,
     resolve_compute_dtype,
     to_4bit,
 )
@@ -90,10 +91,10 @@ def prepare_for_kbit_training(
     gradients reach the adapters through checkpointed blocks whose own inputs and
     weights are all frozen, and checkpointing is switched on.
     """
+    keep_one_kernel(model)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, Linear4bit):
-                module.support_avx512bf16_for_cpu = False
                 continue
             for param in module.parameters(recurse=False):
                 if param.dtype in _HALF:

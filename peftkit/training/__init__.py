@@ -3,7 +3,8 @@
 The only users of YAML and accelerate: `config` (checked in full before any model
 loads), `data` (files to tokenized examples), `models` (a model and tokenizer by
 name, the embedded Gemma-3-270M), `loop` (the accelerate loop), `checkpoint`
-(atomic checkpoints and exact resume).
+(atomic checkpoints and exact resume), `rundir` (an output directory holds one run;
+what a resume may change).
 """
 
 from peftkit.training.config import RunConfig, load_config

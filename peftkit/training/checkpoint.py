@@ -9,23 +9,40 @@ previous checkpoint as the newest whole one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from peftkit.errors import AdapterFileError
-from peftkit.files import atomic_directory
-from peftkit.serialization import WEIGHTS_NAME, adapter_state_dict, save_adapter
+from peftkit.errors import AdapterFileError, ConfigError
+from peftkit.files import atomic_directory, read_json
+from peftkit.inject import DEFAULT_ADAPTER
+from peftkit.serialization import WEIGHTS_NAME, copy_adapter_tensors, save_adapter
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "UntrustedCheckpointError",
+    "save_checkpoint",
+    "read_checkpoint",
+    "restore_checkpoint",
+    "load_checkpoint",
+    "find_resume_checkpoint",
+    "latest_checkpoint",
+    "checkpoint_step",
+    "list_checkpoints",
+]
 
 _NAME = re.compile(r"^step-(\d+)$")
 STATE_NAME = "state.json"
@@ -38,7 +55,15 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / STATE_NAME).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint directory `step-000120` was saved at."""
+    match = _NAME.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not named like a checkpoint (step-NNNNNN)")
+    return int(match.group(1))
 
 
 def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
@@ -86,29 +111,102 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+class CheckpointError(AdapterFileError):
+    """A checkpoint is unreadable: a file is missing, truncated or corrupt."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """trainer_state.pt holds more than tensors and plain containers, so it is never unpickled."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint read whole into memory and checked, not yet applied to a model."""
+
+    path: Path
+    state: dict[str, Any]  # state.json: step, data position, resolved config, Python's RNG
+    adapter: dict[str, torch.Tensor]
+    trainer: dict[str, Any]  # optimizer, scheduler, torch RNG states
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read every file of the checkpoint at `path`; CheckpointError says which one is bad.
+
+    Everything is read before anything is applied, so a bad file leaves the model as it was.
+    """
+    path = Path(path)
+    state_path, trainer_path = path / STATE_NAME, path / TRAINER_NAME
+    if not state_path.is_file():
+        raise CheckpointError(f"{str(path)!r} is not a whole checkpoint (no {STATE_NAME}).")
+    state = read_json(state_path, CheckpointError, "is truncated or corrupt")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "python_rng" not in state:
+        raise CheckpointError(f"{state_path} lacks the step and RNG state a checkpoint records.")
+    weights = path / "adapter" / WEIGHTS_NAME
+    try:
+        adapter = load_file(str(weights))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{weights} is missing, truncated or corrupt ({error}).") from None
+    try:
+        trainer = torch.load(trainer_path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise UntrustedCheckpointError(
+            f"{trainer_path} is not trusted: it holds objects that torch.load(weights_only=True) refuses "
+            f"({reason}), and peftkit never loads it otherwise. Delete {path.name} to resume from an earlier "
+            "checkpoint, or start again."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{trainer_path} is missing, truncated or corrupt ({error}).") from None
+    if not isinstance(trainer, dict) or not {"optimizer", "scheduler", "rng"} <= trainer.keys():
+        raise CheckpointError(f"{trainer_path} lacks the optimizer, scheduler and RNG states a checkpoint records.")
+    return Checkpoint(path, state, adapter, trainer)
+
+
+def restore_checkpoint(
+    checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> None:
+    """Put the checkpoint's adapter tensors (shape-checked), optimizer, scheduler and RNGs in place."""
+    copy_adapter_tensors(model, DEFAULT_ADAPTER, checkpoint.adapter, checkpoint.path / "adapter")
+    optimizer.load_state_dict(checkpoint.trainer["optimizer"])
+    scheduler.load_state_dict(checkpoint.trainer["scheduler"])
+    torch.set_rng_state(checkpoint.trainer["rng"]["torch"])
+    if checkpoint.trainer["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(checkpoint.trainer["rng"]["cuda"])
+    random.setstate(_tuples(checkpoint.state["python_rng"]))
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:
-    """Restore adapter tensors, optimizer, scheduler and RNGs from `path`; returns its state.json."""
-    path = Path(path)
-    if not (path / STATE_NAME).is_file():
-        raise AdapterFileError(f"{str(path)!r} is not a whole checkpoint (no {STATE_NAME}).")
-    saved = load_file(str(path / "adapter" / WEIGHTS_NAME))
-    live = adapter_state_dict(model)
-    if saved.keys() != live.keys():
-        raise AdapterFileError(
-            f"checkpoint {str(path)!r} does not fit this model's adapter "
-            f"({len(saved.keys() ^ live.keys())} tensor names differ); was the config changed?"
-        )
-    with torch.no_grad():
-        for key, tensor in live.items():
-            tensor.copy_(saved[key])
-    trainer = torch.load(path / TRAINER_NAME, weights_only=True)
-    optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
-    torch.set_rng_state(trainer["rng"]["torch"])
-    if trainer["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(trainer["rng"]["cuda"])
-    state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
-    random.setstate(_tuples(state.pop("python_rng")))
-    return state
+    """Read and restore the checkpoint at `path`; returns its state.json (less the RNG state)."""
+    checkpoint = read_checkpoint(path)
+    restore_checkpoint(checkpoint, model, optimizer, scheduler)
+    return {k: v for k, v in checkpoint.state.items() if k != "python_rng"}
+
+
+def find_resume_checkpoint(
+    resume: str | bool, output_dir: Path, say: Callable[[str], None]
+) -> tuple[Checkpoint, list[str]]:
+    """The checkpoint `--resume [DIR]` means, read: DIR itself, else the newest readable one under
+    DIR (or the run's own); an unreadable newer one is skipped, said through `say` and returned
+    among the skipped. A checkpoint that is not trusted stops the resume: it is never stepped over."""
+    base = output_dir if resume is True else Path(str(resume))
+    if (base / STATE_NAME).is_file():
+        return read_checkpoint(base), []
+    found = list_checkpoints(base) or list_checkpoints(base / "checkpoints")
+    if not found:
+        raise ConfigError(f"--resume: no whole checkpoint in {str(base)!r}.")
+    skipped: list[str] = []
+    for path in reversed(found):
+        try:
+            return read_checkpoint(path), skipped
+        except UntrustedCheckpointError:
+            raise
+        except CheckpointError as error:
+            skipped.append(f"skipped checkpoint {path.name}: {error}")
+            say(f"--resume: {skipped[-1]} Falling back to the checkpoint before it.")
+    raise CheckpointError(f"--resume: no checkpoint in {str(base)!r} is readable: {'; '.join(skipped)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ import yaml
 
 from peftkit.errors import ConfigError, did_you_mean
 from peftkit.registry import get_method
+from peftkit.training.models import model_skeleton
+from peftkit.training.quantized import quantization_from_options, resolve_compute_dtype_here, skipped_modules
 from peftkit.validation import check_types, from_options
 
 __all__ = [
@@ -29,40 +32,97 @@ __all__ = [
     "EvalConfig",
     "OutputConfig",
     "RunConfig",
+    "read_text",
     "read_yaml",
     "load_config",
     "apply_overrides",
     "build_config",
+    "yaml_numbers",
 ]
 
 
-def _as_float(value: Any) -> Any:
-    """YAML 1.1 reads `1e-4` as a string; take it as the float a person meant."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
+def _yaml_number(value: Any, hint: Any) -> Any:
+    """`value` as the number `hint` asks for where YAML 1.1 left a string (`1e-4`, `1e2`).
+
+    A float option gets the float; an int option gets the int when the number is whole
+    (`1e2` -> 100); containers (`rank_pattern: {q_proj: 1e1}`) are converted inside.
+    """
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = typing.get_args(hint) if union else (hint,)
+    if isinstance(value, (dict, list)):
+        kind = dict if isinstance(value, dict) else list
+        inner = next((typing.get_args(h) for h in options if typing.get_origin(h) is kind), None)
+        if not inner:
             return value
-    return value
+        if kind is dict:
+            return {k: _yaml_number(v, inner[-1]) for k, v in value.items()}
+        return [_yaml_number(v, inner[0]) for v in value]
+    if not isinstance(value, str) or str in options:
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if float in options:
+        return number
+    return int(number) if int in options and number.is_integer() else value
+
+
+def yaml_numbers(cls: type, options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` for the dataclass `cls` with YAML's numeric strings read as its fields' number types.
+
+    The one conversion for every section, the method's options included; unknown keys pass
+    through for `from_options` to name.
+    """
+    hints = typing.get_type_hints(cls)
+    return {key: _yaml_number(value, hints[key]) if key in hints else value for key, value in options.items()}
 
 
 @dataclasses.dataclass
 class _Section:
+    """A YAML section: type-checked, then range-checked (`positive` and `non_negative` keys; None passes)."""
+
+    section: typing.ClassVar[str]
+    positive: typing.ClassVar[tuple[str, ...]] = ()
+    non_negative: typing.ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
-        for name, hint in typing.get_type_hints(type(self)).items():
-            if float in typing.get_args(hint) or hint is float:
-                setattr(self, name, _as_float(getattr(self, name)))
-        check_types(self, type(self).section)  # type: ignore[attr-defined]
+        hints = typing.get_type_hints(type(self))
+        check_types(self, self.section)
+        for key in self.positive + self.non_negative:
+            value = getattr(self, key)
+            if value is None or value > 0 or (value == 0 and key in self.non_negative):
+                continue
+            whole = int in (hints[key], *typing.get_args(hints[key]))
+            valid = "0 or more" if key in self.non_negative else "at least 1" if whole else "above 0"
+            optional = " (or null)" if type(None) in typing.get_args(hints[key]) else ""
+            raise ConfigError(f"{self.section}.{key} must be {valid}{optional}, got {value!r}.")
 
 
 @dataclasses.dataclass
 class ModelConfig(_Section):
-    """`name`: a hub id, a local path, or `gemma-3-270m` (the embedded default)."""
+    """`name`: a hub id, a local path, or `gemma-3-270m` (the embedded default).
+
+    `quantization` (the fields of `peftkit.quant.QuantizationConfig`) loads the linear
+    layers straight into 4 bits; the layers it leaves dense stay in `dtype`.
+    """
 
     section = "model"
     name: str = "gemma-3-270m"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
+    quantization: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.quantization is not None:
+            config = self.quantization_config()
+            resolve_compute_dtype_here(config)
+            self.quantization = dataclasses.asdict(config)  # complete, so config.yaml records every setting
+
+    def quantization_config(self) -> Any | None:
+        """The `quantization` section as a `QuantizationConfig`, or None for a full-precision base."""
+        return None if self.quantization is None else quantization_from_options(self.quantization, "model.quantization")
 
 
 @dataclasses.dataclass
@@ -102,6 +162,16 @@ class TrainingConfig(_Section):
     """Optimisation: AdamW with a warmup then a `schedule`; `batch_size` is per process."""
 
     section = "training"
+    positive = (
+        "learning_rate",
+        "epochs",
+        "max_steps",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "max_grad_norm",
+        "log_every",
+    )
+    non_negative = ("warmup_steps", "weight_decay", "seed")
     learning_rate: float = 2.0e-4
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = 0
@@ -115,20 +185,14 @@ class TrainingConfig(_Section):
     seed: int = 0
     log_every: int = 1
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key in ("epochs", "batch_size", "gradient_accumulation_steps", "log_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"training.{key} must be at least 1, got {getattr(self, key)}.")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"training.max_steps must be at least 1, got {self.max_steps}.")
-
 
 @dataclasses.dataclass
 class EvalConfig(_Section):
     """Validation loss every `every` steps (and at start and end); `generations` greedy samples."""
 
     section = "eval"
+    positive = ("every", "max_new_tokens", "batch_size")
+    non_negative = ("generations",)
     every: int | None = None
     generations: int = 0
     max_new_tokens: int = 48
@@ -140,6 +204,7 @@ class OutputConfig(_Section):
     """Where the run writes; a checkpoint every `save_every` steps, the last `keep_last` kept."""
 
     section = "output"
+    positive = ("save_every", "keep_last")
     dir: str = "runs/peftkit"
     save_every: int | None = None
     keep_last: int = 2
@@ -206,8 +271,8 @@ def _resolve_file(path: str, base: Path | None, key: str) -> str:
 def _method_section(raw: Any) -> MethodSection:
     if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str):
         raise ConfigError("method.name is required: a registered method such as 'lora'.")
-    options = {k: v for k, v in raw.items() if k != "name"}
     method = get_method(raw["name"])  # raises on an unknown method, naming the close ones
+    options = yaml_numbers(method.config_class, {k: v for k, v in raw.items() if k != "name"})
     try:
         method.from_options(**options)
     except ConfigError as error:
@@ -231,12 +296,25 @@ def build_config(raw: Mapping[str, Any], base: Path | None = None) -> RunConfig:
         values = raw.get(name) or {}
         if not isinstance(values, Mapping):
             raise ConfigError(f"{name} must be a mapping of options, got {values!r}.")
-        sections[name] = from_options(cls, values, where=name)
+        sections[name] = from_options(cls, yaml_numbers(cls, values), where=name)
     data = sections["data"]
     data.train = _resolve_file(data.train, base, "data.train")
     if data.validation:
         data.validation = _resolve_file(data.validation, base, "data.validation")
+    quantization = sections["model"].quantization_config()
+    if quantization is not None:  # which layers stay dense, checked on the model's skeleton: no weights read
+        skipped_modules(model_skeleton(sections["model"].name), quantization, "model.quantization")
     return RunConfig(method=_method_section(raw.get("method")), **sections)
+
+
+def read_text(path: str | os.PathLike[str], what: str) -> str:
+    """A file's text; ConfigError names `what` and the file when it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{what} {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8."
+        ) from None
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -245,7 +323,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(read_text(path, "config file")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from peftkit.errors import ConfigError
-from peftkit.training.config import DataConfig
+from peftkit.training.config import DataConfig, read_text
 
 __all__ = [
     "IGNORE_INDEX",
@@ -32,6 +32,9 @@ __all__ = [
     "epoch_order",
     "generation_prompt",
     "load_datasets",
+    "DataReport",
+    "Datasets",
+    "DROP_REASONS",
 ]
 
 IGNORE_INDEX = -100
@@ -46,25 +49,62 @@ class Example:
     labels: list[int]
 
 
+def _check_record(record: Any, where: str) -> None:
+    """Raise ConfigError at `where` (file:line) unless the record's known fields have the shape they need."""
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__} {_short(record)}.")
+    for key in ("text", "prompt", "completion"):
+        if key in record and not isinstance(record[key], str):
+            raise ConfigError(
+                f"{where}: {key!r} must be a string, got {type(record[key]).__name__} {_short(record[key])}."
+            )
+    messages = record.get("messages", [])
+    if not isinstance(messages, list):
+        raise ConfigError(
+            f"{where}: 'messages' must be a list of {{'role', 'content'}} objects, got {_short(messages)}."
+        )
+    for number, message in enumerate(messages, 1):
+        if not (isinstance(message, dict) and all(isinstance(message.get(k), str) for k in ("role", "content"))):
+            raise ConfigError(
+                f"{where}: message {number} must be an object with string 'role' and 'content', got {_short(message)}."
+            )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a .jsonl/.json file, or of a text file (one `text` record per paragraph)."""
+    """Records of a .jsonl/.json file, or of a text file (one `text` record per paragraph).
+
+    Every record is checked here, where its line is known, so a bad one is named by file:line.
+    """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "data file")
     if path.suffix == ".json":
-        records = json.loads(text)
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(loaded, list):
+            raise ConfigError(f"{path} must hold a JSON list of records, got {type(loaded).__name__}.")
+        numbered = [(f"{path} record {i}", r) for i, r in enumerate(loaded, 1)]
     elif path.suffix == ".jsonl":
-        records = []
+        numbered = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    numbered.append((f"{path}:{number}", json.loads(line)))
                 except json.JSONDecodeError as error:
                     raise ConfigError(f"{path}:{number} is not valid JSON: {error}") from None
     else:
-        records = [{"text": part.strip()} for part in text.split("\n\n") if part.strip()]
-    if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+        numbered = [(str(path), {"text": part.strip()}) for part in text.split("\n\n") if part.strip()]
+    if not numbered:
         raise ConfigError(f"{path} holds no records; expected JSON objects, one per line.")
-    return records
+    for where, record in numbered:
+        _check_record(record, where)
+    return [record for _, record in numbered]
 
 
 def record_format(record: dict[str, Any], where: str) -> str:
@@ -156,25 +196,91 @@ def generation_prompt(record: dict[str, Any], tokenizer: Any) -> tuple[str, str]
     return None
 
 
-def _encode_file(records: list[dict[str, Any]], tokenizer: Any, config: DataConfig, where: str) -> list[Example]:
+# Why a row gave no example, as metrics.jsonl records it -> as a sentence says it.
+DROP_REASONS = {
+    "no_assistant_turn": "chat record(s) without an assistant turn (the loss is on assistant turns only)",
+    "prompt_fills_max_length": "record(s) whose prompt fills data.max_length {max_length}, leaving no token to learn",
+    "empty_text": "record(s) with empty text",
+}
+
+
+@dataclasses.dataclass
+class DataReport:
+    """What one split's records became: examples kept, rows dropped by reason, what packing and batching cut off."""
+
+    records: int
+    examples: int
+    dropped: dict[str, int]
+    packing_remainder_tokens: int = 0
+    left_out_per_epoch: int = 0  # set by the loop: examples past the last whole global batch of an epoch
+
+    def describe(self, max_length: int) -> str:
+        """The drops in words ("" when nothing was dropped)."""
+        parts = [f"{n} {DROP_REASONS[why].format(max_length=max_length)}" for why, n in self.dropped.items()]
+        if self.packing_remainder_tokens:
+            parts.append(f"the last {self.packing_remainder_tokens} tokens, short of a {max_length}-token block")
+        if self.left_out_per_epoch:
+            parts.append(
+                f"{self.left_out_per_epoch} example(s) of each epoch, short of a whole global batch (others each epoch)"
+            )
+        return "; ".join(parts)
+
+
+@dataclasses.dataclass
+class Datasets:
+    """The examples to train and validate on, the validation records (for generations), and the reports."""
+
+    train: list[Example]
+    validation: list[Example]
+    validation_records: list[dict[str, Any]]
+    reports: dict[str, DataReport]
+
+
+def _drop_reason(record: dict[str, Any], example: Example, fmt: str) -> str | None:
+    """Why `example` has no token to learn from (None when it has one)."""
+    if any(t != IGNORE_INDEX for t in example.labels[1:]):  # the first token is never predicted
+        return None
+    if fmt == "messages" and not any(m["role"] == "assistant" for m in record["messages"]):
+        return "no_assistant_turn"
+    return "empty_text" if fmt == "text" else "prompt_fills_max_length"
+
+
+def _encode_file(
+    records: list[dict[str, Any]], tokenizer: Any, config: DataConfig, where: str
+) -> tuple[list[Example], DataReport]:
     fmt = config.format if config.format != "auto" else record_format(records[0], where)
     for number, record in enumerate(records, 1):
         if not all(key in record for key in FORMATS[fmt]):
             raise ConfigError(f"{where}: record {number} lacks {FORMATS[fmt]} (format {fmt!r}).")
-    examples = [encode(r, tokenizer, fmt, config.max_length) for r in records]
-    # A prompt longer than max_length leaves nothing to learn from; such rows are dropped.
-    examples = [e for e in examples if any(t != IGNORE_INDEX for t in e.labels[1:])]
-    if config.packing:
-        examples = pack(examples, config.max_length)
+    examples, dropped = [], {}
+    for record in records:
+        example = encode(record, tokenizer, fmt, config.max_length)
+        reason = _drop_reason(record, example, fmt)
+        if reason is None:
+            examples.append(example)
+        else:
+            dropped[reason] = dropped.get(reason, 0) + 1
+    report = DataReport(len(records), len(examples), dropped)
     if not examples:
-        raise ConfigError(f"{where}: no example has a token to learn from; raise data.max_length.")
-    return examples
+        hint = " Raise data.max_length." if "prompt_fills_max_length" in dropped else ""
+        raise ConfigError(
+            f"{where}: none of the {len(records)} records has a token to learn from: "
+            f"{report.describe(config.max_length)}.{hint}"
+        )
+    if config.packing:
+        tokens = sum(len(e.input_ids) for e in examples)
+        examples = pack(examples, config.max_length)
+        report.examples, report.packing_remainder_tokens = len(examples), tokens - len(examples) * config.max_length
+        if not examples:
+            raise ConfigError(
+                f"{where}: packing joins {tokens} tokens, short of one data.max_length block of "
+                f"{config.max_length}; lower data.max_length or set data.packing: false."
+            )
+    return examples, report
 
 
-def load_datasets(
-    config: DataConfig, tokenizer: Any, seed: int
-) -> tuple[list[Example], list[Example], list[dict[str, Any]]]:
-    """(train examples, validation examples, validation records) as `config` asks."""
+def load_datasets(config: DataConfig, tokenizer: Any, seed: int) -> Datasets:
+    """The train and validation examples `config` asks for, with what was dropped on the way."""
     train_records = read_records(config.train)
     valid_records = read_records(config.validation) if config.validation else []
     if config.validation_split:
@@ -182,6 +288,9 @@ def load_datasets(
         cut = max(1, int(len(train_records) * config.validation_split))
         valid_records = [train_records[i] for i in order[:cut]]
         train_records = [train_records[i] for i in order[cut:]]
-    train = _encode_file(train_records, tokenizer, config, "data.train")
-    valid = _encode_file(valid_records, tokenizer, config, "data.validation") if valid_records else []
-    return train, valid, valid_records
+    train, train_report = _encode_file(train_records, tokenizer, config, "data.train")
+    reports = {"train": train_report}
+    valid: list[Example] = []
+    if valid_records:
+        valid, reports["validation"] = _encode_file(valid_records, tokenizer, config, "data.validation")
+    return Datasets(train, valid, valid_records, reports)

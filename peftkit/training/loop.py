@@ -21,20 +21,37 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
 from peftkit.anatomy import output_head
 from peftkit.errors import ConfigError
+from peftkit.files import atomic_directory
 from peftkit.inject import adapt, trainable_parameters
+from peftkit.registry import get_method
 from peftkit.serialization import save_adapter
-from peftkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from peftkit.training.checkpoint import Checkpoint, find_resume_checkpoint, restore_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig
-from peftkit.training.data import IGNORE_INDEX, Example, collate, epoch_order, generation_prompt, load_datasets
-from peftkit.training.models import generate_text, load_model, load_tokenizer
+from peftkit.training.data import (
+    IGNORE_INDEX,
+    Datasets,
+    Example,
+    collate,
+    epoch_order,
+    generation_prompt,
+    load_datasets,
+)
+from peftkit.training.models import check_model_source, generate_text, load_model, load_tokenizer
+from peftkit.training.rundir import (
+    check_new_run,
+    check_resume,
+    data_digests,
+    probe_output,
+    start_writing,
+    writing,
+)
 
-__all__ = ["CausalLMLoss", "TrainResult", "train", "find_resume_checkpoint"]
+__all__ = ["CausalLMLoss", "TrainResult", "base_quantization", "train"]
 
 
 @dataclasses.dataclass
@@ -71,18 +88,6 @@ class CausalLMLoss(nn.Module):
             if cap:  # Gemma's soft cap, as its own forward applies it
                 logits = torch.tanh(logits / cap) * cap
         return F.cross_entropy(logits.float(), targets[keep])
-
-
-def find_resume_checkpoint(resume: str | bool, output_dir: Path) -> Path:
-    """The checkpoint `--resume [DIR]` means: DIR itself, DIR's newest, or the run's newest."""
-    base = output_dir if resume is True else Path(str(resume))
-    for candidate in (base, base / "checkpoints"):
-        if (candidate / "state.json").is_file():
-            return candidate
-        found = latest_checkpoint(candidate)
-        if found is not None:
-            return found
-    raise ConfigError(f"--resume: no whole checkpoint in {str(base)!r}.")
 
 
 def _global_batch(step: int, micro: int, accum: int, n_examples: int, per_global: int, seed: int) -> list[int]:
@@ -125,9 +130,16 @@ class _Run:
             (self.bar.write if self.bar is not None else print)(message)
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append one line to metrics.jsonl; a failed write is cut back off, leaving whole lines only."""
         if self.main:
-            with open(self.metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            with writing(self.out), open(self.metrics_path, "a", encoding="utf-8") as handle:
+                end = handle.tell()
+                try:
+                    handle.write(json.dumps(record) + "\n")
+                    handle.flush()
+                except OSError:
+                    handle.truncate(end)
+                    raise
 
     def evaluate(self, wrapper: nn.Module, examples: list[Example]) -> float | None:
         """Token-weighted validation loss over all processes' shards."""
@@ -172,6 +184,12 @@ class _Run:
                 f"[{label}, step {step}] {sample['prompt']!r}\n  -> {sample['output']!r}\n"
                 f"  reference: {sample['reference']!r}"
             )
+
+
+def _dropped(datasets: Datasets, max_length: int) -> str:
+    """ " (dropped ...)" for the header line, naming each split's dropped rows and why; "" when none were."""
+    said = [f"{name}: {r.describe(max_length)}" for name, r in datasets.reports.items() if r.describe(max_length)]
+    return f" (dropped from {'; '.join(said)})" if said else ""
 
 
 def _peak_memory_gb() -> float:
@@ -256,23 +274,59 @@ def _transformers_bars(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def train(config: RunConfig, resume: str | bool | None = None, quiet: bool = False) -> TrainResult:
-    """Fine-tune as `config` says; the summary is also printed unless `quiet`."""
+def train(
+    config: RunConfig, resume: str | bool | None = None, quiet: bool = False, overwrite: bool = False
+) -> TrainResult:
+    """Fine-tune as `config` says; the summary is also printed unless `quiet`.
+
+    `resume` continues from a checkpoint of this config (True: the run's newest); `overwrite`
+    deletes another run's state in the output directory first, which is refused otherwise.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in output.dir and --overwrite deletes it; give one.")
     run = _Run(config, quiet)
     with _transformers_bars(enabled=run.main and not quiet):
-        return _train(run, resume)
+        return _train(run, resume, overwrite)
 
 
-def _train(run: _Run, resume: str | bool | None) -> TrainResult:
+def base_quantization(config: RunConfig) -> Any | None:
+    """How the base loads: `model.quantization`, else the method's own default (qlora's 4-bit NF4), else dense."""
+    method = get_method(config.method.name).from_options(**config.method.options)
+    return config.model.quantization_config() or method.base_quantization()
+
+
+def _check_before_loading(
+    run: _Run, resume: str | bool | None, overwrite: bool
+) -> tuple[Checkpoint | None, list[str], bool]:
+    """What can fail before anything loads: the model's name, the output directory, the checkpoint.
+
+    Returns the checkpoint to resume (read whole), the newer ones skipped as unreadable, and
+    whether the run continues in its own directory (else that directory must hold no run).
+    """
+    check_model_source(run.config.model.name)
+    probe_output(run.out)
+    resume_from, skipped = find_resume_checkpoint(resume, run.out, run.say) if resume else (None, [])
+    continues = resume_from is not None and run.out.resolve() in resume_from.path.resolve().parents
+    if not continues:
+        check_new_run(run.out, overwrite)
+    return resume_from, skipped, continues
+
+
+def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult:
     config = run.config
     acc, tc = run.acc, config.training
-    resume_from = find_resume_checkpoint(resume, run.out) if resume else None
+    resume_from, skipped, continues = _check_before_loading(run, resume, overwrite)
     started = time.perf_counter()
     run.tokenizer = load_tokenizer(config.model.name)
     run.pad_id = run.tokenizer.pad_token_id
-    train_set, valid_set, valid_records = load_datasets(config.data, run.tokenizer, tc.seed)
+    datasets = load_datasets(config.data, run.tokenizer, tc.seed)
+    train_set, valid_set, valid_records = datasets.train, datasets.validation, datasets.validation_records
     total_steps = _total_steps(tc, len(train_set), acc.num_processes)
-    model = load_model(config.model.name, config.model.dtype)
+    datasets.reports["train"].left_out_per_epoch = len(train_set) % (tc.batch_size * acc.num_processes)
+    sequences = tc.batch_size * acc.num_processes * tc.gradient_accumulation_steps
+    digests = data_digests(config.data)
+    changed = check_resume(resume_from, config.to_dict(), digests, sequences, total_steps) if resume_from else ""
+    model = load_model(config.model.name, config.model.dtype, base_quantization(config), acc.device)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     adapt(model, config.method.name, **config.method.options)
     if config.model.gradient_checkpointing:
@@ -282,18 +336,29 @@ def _train(run: _Run, resume: str | bool | None) -> TrainResult:
     wrapper, optimizer = acc.prepare(CausalLMLoss(model), optimizer)
     unwrapped = acc.unwrap_model(wrapper).model
 
-    start = load_checkpoint(resume_from, unwrapped, optimizer, scheduler)["step"] if resume_from else 0
+    start = 0
+    if resume_from is not None:
+        restore_checkpoint(resume_from, unwrapped, optimizer, scheduler)
+        start = resume_from.step
+    acc.wait_for_everyone()  # every process has checked the directory before the main one changes it
+    discarded: list[str] = []
     if run.main:
-        run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    sequences = tc.batch_size * acc.num_processes * tc.gradient_accumulation_steps
+        discarded = start_writing(run.out, config.to_dict(), overwrite, start if continues else None)
+        if discarded:
+            run.say(f"--resume: deleted {', '.join(discarded)}, past the resumed step {start}.")
     run.say(
         f"peftkit: {config.method.name} on {config.model.name} | trainable {trainable:,} / {total:,} params "
         f"({100 * trainable / total:.2f}%) | base weights {base_bytes / 1e9:.2f} GB | {len(train_set)} train / "
-        f"{len(valid_set)} val examples | {total_steps} steps x {sequences} sequences | "
+        f"{len(valid_set)} val examples{_dropped(datasets, config.data.max_length)} | "
+        f"{total_steps} steps x {sequences} sequences | "
         f"{acc.num_processes} process(es) on {acc.device}"
-        + (f" | resumed from {resume_from} at step {start}" if resume_from else "")
+        + (f" | resumed from {resume_from.path} at step {start}" if resume_from else "")
+        + (f" with changed options: {changed}" if changed else "")
     )
+    if resume_from is not None:
+        resumed = {"resumed_from": str(resume_from.path), "skipped": skipped, "deleted": discarded, "changed": changed}
+        run.log({"step": start, **resumed})
+    run.log({"step": start, "data": {name: dataclasses.asdict(r) for name, r in datasets.reports.items()}})
     val_before = run.validate(wrapper, valid_set, start)
     run.generations(unwrapped, valid_records, start, "before")
 
@@ -320,10 +385,11 @@ def _train(run: _Run, resume: str | bool | None) -> TrainResult:
         if config.eval.every and done % config.eval.every == 0 and done < total_steps:
             run.validate(wrapper, valid_set, done)
         if run.main and config.output.save_every and (done % config.output.save_every == 0 or done == total_steps):
-            state = {"examples_seen": done * sequences, "config": config.to_dict()}
-            save_checkpoint(
-                run.out / "checkpoints", done, unwrapped, optimizer, scheduler, state, config.output.keep_last
-            )
+            state = {"examples_seen": done * sequences, "config": config.to_dict(), "data_sha256": digests}
+            with writing(run.out):
+                save_checkpoint(
+                    run.out / "checkpoints", done, unwrapped, optimizer, scheduler, state, config.output.keep_last
+                )
         acc.wait_for_everyone()
     run.bar.close()
     run.bar = None
@@ -331,7 +397,8 @@ def _train(run: _Run, resume: str | bool | None) -> TrainResult:
     val_loss = run.validate(wrapper, valid_set, total_steps)
     run.generations(unwrapped, valid_records, total_steps, "after")
     if run.main:
-        save_adapter(unwrapped, run.out / "adapter")
+        with writing(run.out), atomic_directory(run.out / "adapter", replace=True) as tmp:
+            save_adapter(unwrapped, tmp)
     acc.wait_for_everyone()
     window = losses[-10:]
     summary = {

@@ -9,6 +9,8 @@ converts it once and caches the result as safetensors (`$PEFTKIT_CACHE`, else
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +20,16 @@ from torch import nn
 from peftkit.dtypes import dtype_named
 from peftkit.errors import ConfigError
 from peftkit.files import atomic_directory
+from peftkit.training.quantized import bitsandbytes_config, local_device, skipped_modules
 
 __all__ = [
     "EMBEDDED_MODEL",
     "cache_root",
     "embedded_model_dir",
+    "check_model_source",
     "resolve_model_path",
     "load_tokenizer",
+    "model_skeleton",
     "load_model",
     "generate_text",
 ]
@@ -64,6 +69,59 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def _offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a hub id (`name` or `namespace/name`), not of a path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not name.startswith((".", "~"))
+
+
+def check_model_source(name: str) -> None:
+    """Fail at once, saying which, when `name` is a local path that does not exist (or holds no
+    model) or a hub id that cannot be had: offline (HF_HUB_OFFLINE=1) and not in the cache.
+    A hub id online is left to the download, whose failure `load_tokenizer` and `load_model` name."""
+    if name == EMBEDDED_MODEL:
+        return
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model.name {name!r}: a local path without config.json, so not a transformers model.")
+        return
+    if not _is_hub_id(name):
+        raise ConfigError(f"model.name {name!r}: no such local directory.")
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise ConfigError(
+                f"model.name {name!r} is neither a local directory nor a hub model in the cache, and "
+                "HF_HUB_OFFLINE=1 forbids downloading it; download it first, or give a local path."
+            )
+
+
+@contextmanager
+def _naming_the_model(name: str) -> Iterator[None]:
+    """transformers' OSError (no such repo, no connection, files missing) as a ConfigError naming `name`."""
+    try:
+        yield
+    except OSError as error:
+        local = Path(name).expanduser().exists()
+        where = "the local directory" if local else "the Hugging Face hub (or its cache)"
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError(f"model.name {name!r}: could not load it from {where}: {reason}") from None
+
+
 def resolve_model_path(name: str) -> str:
     """What transformers should load for `name`: the embedded default's cache dir, else `name`."""
     return str(embedded_model_dir()) if name == EMBEDDED_MODEL else name
@@ -73,17 +131,50 @@ def load_tokenizer(name: str) -> Any:
     """The tokenizer for `name`, with a pad token (EOS when the model defines none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    with _naming_the_model(name):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(name: str, dtype: str = "float32") -> nn.Module:
-    """A causal LM for `name`; it remembers `name` (not the cache path) so adapters record it."""
+def model_skeleton(name: str) -> nn.Module:
+    """The causal LM `name` built from its config alone, on the meta device: its modules, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(name)))
+
+
+def load_model(
+    name: str, dtype: str = "float32", quantization: Any | None = None, device: str | torch.device | None = None
+) -> nn.Module:
+    """A causal LM for `name`; it remembers `name` (not the cache path) so adapters record it.
+
+    With `quantization` (a `peftkit.quant.QuantizationConfig`) the linear layers load
+    straight into 4 bits on `device` (default: this process's), weight by weight as the shards are
+    read; the layers it leaves dense stay in `dtype`.
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=dtype_named(dtype, "model.dtype"))
+    torch_dtype = dtype_named(dtype, "model.dtype")
+    options: dict[str, Any] = {}
+    if quantization is not None:
+        from peftkit.quant.codec import resolve_compute_dtype
+
+        target = torch.device(device or local_device())
+        skipped = skipped_modules(model_skeleton(name), quantization, "model.quantization")
+        compute = resolve_compute_dtype(quantization.compute_dtype, target)
+        options = {
+            "quantization_config": bitsandbytes_config(quantization, compute, skipped),
+            "device_map": {"": target},
+        }
+    with _naming_the_model(name):
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=torch_dtype, **options)
+    if quantization is not None:
+        from peftkit.quant.codec import keep_one_kernel
+
+        keep_one_kernel(model)
     model.config._name_or_path = name
     return model
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_run import make_model_dir, write_run
 from transformers import AutoModelForCausalLM
 
 import peftkit
 import peftkit.training.checkpoint as checkpoint
 import peftkit.training.loop
+from peftkit.cli import main
+from peftkit.errors import ShapeMismatchError
 from peftkit.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from peftkit.training.config import load_config
 from peftkit.training.loop import train
@@ -94,3 +97,79 @@ def test_resumed_run_is_bit_identical(tmp_path: Path, model_dir: Path, monkeypat
     assert expected.keys() == got.keys() and len(expected) == 2 * 7 * 2  # layers x linears x (A, B)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert resumed.summary["val_loss"] == whole.summary["val_loss"]
+
+
+def test_a_checkpoint_tensor_of_another_shape_is_refused(tmp_path: Path, model_dir: Path) -> None:
+    """A (1, 32) lora_A would broadcast into the live (2, 32) one; the shape check names it instead."""
+    model, optimizer, scheduler = adapted(model_dir)
+    saved = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {}, keep_last=2)
+    weights = saved / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = tensors[key][:1] + 1.0
+    save_file(tensors, str(weights))
+    fresh, fresh_optimizer, fresh_scheduler = adapted(model_dir)
+    before = {k: v.clone() for k, v in peftkit.adapter_state_dict(fresh).items()}
+    with pytest.raises(
+        ShapeMismatchError, match=r"saved lora_A\.weight has shape \(1, 32\), but this model needs \(2, 32\)"
+    ):
+        load_checkpoint(saved, fresh, fresh_optimizer, fresh_scheduler)
+    assert all(torch.equal(v, before[k]) for k, v in peftkit.adapter_state_dict(fresh).items())
+
+
+def finished_run(tmp_path: Path, model_dir: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A 4-step run with checkpoints at steps 2 and 4; returns its config and final adapter tensors."""
+    path = write_run(tmp_path, model_dir, training={"max_steps": 4}, output={"save_every": 2})
+    train(load_config(path), quiet=True)
+    return path, load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("damaged", "reason"),
+    [
+        ("state.json", "state.json is truncated or corrupt"),
+        ("adapter/adapter_model.safetensors", "adapter_model.safetensors is missing, truncated or corrupt"),
+        ("trainer_state.pt", "trainer_state.pt is missing, truncated or corrupt"),
+    ],
+)
+def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(
+    tmp_path: Path, model_dir: Path, capsys, damaged: str, reason: str
+) -> None:
+    path, expected = finished_run(tmp_path, model_dir)
+    file = tmp_path / "run" / "checkpoints" / "step-000004" / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    capsys.readouterr()
+    train(load_config(path), resume=True)
+    out = capsys.readouterr().out
+    assert f"--resume: skipped checkpoint step-000004: {file} " in out
+    assert reason in out and "Falling back to the checkpoint before it." in out
+    assert "resumed from " + str(tmp_path / "run" / "checkpoints" / "step-000002") + " at step 2" in out
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    marker = next(r for r in records if "resumed_from" in r)
+    assert marker["step"] == 2 and len(marker["skipped"]) == 1 and reason in marker["skipped"][0]
+    got = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # steps 3-4 redone exactly
+
+
+class _Planted:
+    """Unpickling this would create a file: the proof that a checkpoint was loaded without weights_only."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_pickled_trainer_state_is_not_trusted(tmp_path: Path, model_dir: Path, capsys) -> None:
+    path, _ = finished_run(tmp_path, model_dir)
+    trainer = tmp_path / "run" / "checkpoints" / "step-000004" / "trainer_state.pt"
+    state = torch.load(trainer, weights_only=True)
+    state["planted"] = _Planted(str(tmp_path / "unpickled"))
+    torch.save(state, trainer)
+    assert main(["train", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"error: {trainer} is not trusted: it holds objects that torch.load(weights_only=True) refuses" in err
+    assert "Delete step-000004 to resume from an earlier checkpoint" in err
+    assert not (tmp_path / "unpickled").exists()

@@ -93,3 +93,72 @@ def test_compare_section_is_left_to_peftkit_compare(config_file: Path) -> None:
     plain = build_config(raw, base=config_file.parent)
     raw["compare"] = {"methods": ["lora", "dora"]}
     assert build_config(raw, base=config_file.parent) == plain
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("output.keep_last=0", "output.keep_last must be at least 1, got 0."),
+        ("output.keep_last=-2", "output.keep_last must be at least 1, got -2."),
+        ("output.save_every=0", "output.save_every must be at least 1 (or null), got 0."),
+        ("eval.every=0", "eval.every must be at least 1 (or null), got 0."),
+        ("eval.every=-5", "eval.every must be at least 1 (or null), got -5."),
+        ("eval.batch_size=0", "eval.batch_size must be at least 1, got 0."),
+        ("eval.max_new_tokens=-1", "eval.max_new_tokens must be at least 1, got -1."),
+        ("eval.generations=-1", "eval.generations must be 0 or more, got -1."),
+        ("training.learning_rate=0", "training.learning_rate must be above 0, got 0."),
+        ("training.learning_rate=-1e-4", "training.learning_rate must be above 0, got -0.0001."),
+        ("training.warmup_steps=-1", "training.warmup_steps must be 0 or more, got -1."),
+        ("training.weight_decay=-0.01", "training.weight_decay must be 0 or more, got -0.01."),
+        ("training.max_grad_norm=-1.0", "training.max_grad_norm must be above 0 (or null), got -1.0."),
+        ("training.seed=-3", "training.seed must be 0 or more, got -3."),
+        ("training.batch_size=0", "training.batch_size must be at least 1, got 0."),
+        ("training.max_steps=0", "training.max_steps must be at least 1 (or null), got 0."),
+    ],
+)
+def test_out_of_range_values_name_key_value_and_range(config_file: Path, override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file, [override])
+    assert str(caught.value) == message
+
+
+def test_zero_is_valid_where_it_means_none(config_file: Path) -> None:
+    config = load_config(config_file, ["training.warmup_steps=0", "training.weight_decay=0", "eval.generations=0"])
+    assert (config.training.warmup_steps, config.training.weight_decay, config.eval.generations) == (0, 0.0, 0)
+
+
+def test_yaml_1_1_exponents_are_numbers_in_every_section(config_file: Path) -> None:
+    """YAML 1.1 reads `1e2` (no dot) as a string; every section takes the number its option's type asks for."""
+    raw = yaml.safe_load(config_file.read_text())
+    raw["method"].update(alpha="1e2", dropout="5e-2", r="1e1", rank_pattern={"q_proj": "2e0"})
+    raw["training"].update(learning_rate="1e-4", max_steps="1e3")
+    config = build_config(raw, base=config_file.parent)
+    options = config.method.options
+    assert (options["alpha"], options["dropout"], options["r"], options["rank_pattern"]) == (
+        100.0,
+        0.05,
+        10,
+        {"q_proj": 2},
+    )
+    assert (
+        isinstance(options["alpha"], float)
+        and type(options["r"]) is int
+        and type(options["rank_pattern"]["q_proj"]) is int
+    )
+    assert (
+        config.training.learning_rate == 1e-4
+        and type(config.training.max_steps) is int
+        and config.training.max_steps == 1000
+    )
+
+
+def test_a_fractional_number_for_an_int_option_is_refused(config_file: Path) -> None:
+    with pytest.raises(ConfigError, match=r"r must be int, got '1\.5e0'"):
+        load_config(config_file, ["method.r=1.5e0"])
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_bytes("model:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"config file '{path}' is not UTF-8 text .*; save it as UTF-8\.$"):
+        load_config(path)

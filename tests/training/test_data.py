@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,9 @@ def test_text_file_and_validation_split(tmp_path: Path, tok) -> None:
     (tmp_path / "corpus.txt").write_text("one\n\ntwo\n\nthree\n\nfour\n", encoding="utf-8")
     assert read_records(tmp_path / "corpus.txt") == [{"text": t} for t in ("one", "two", "three", "four")]
     config = DataConfig(train=str(tmp_path / "corpus.txt"), validation_split=0.25, max_length=16)
-    train, valid, valid_records = load_datasets(config, tok, seed=0)
-    assert len(train) == 3 and len(valid) == 1 and len(valid_records) == 1
+    datasets = load_datasets(config, tok, seed=0)
+    train, valid = datasets.train, datasets.validation
+    assert len(train) == 3 and len(valid) == 1 and len(datasets.validation_records) == 1
     assert torch.tensor([len(e.input_ids) for e in train + valid]).sum() == len("onetwothreefour") + 4
 
 
@@ -80,3 +82,101 @@ def test_unknown_record_shape_is_named(tmp_path: Path, tok) -> None:
     path = write_records(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(ConfigError, match=r"data.train: a record with keys \['answer', 'question'\]"):
         load_datasets(DataConfig(train=str(path)), tok, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ({"prompt": "p", "completion": 5}, "'completion' must be a string, got int 5."),
+        ({"prompt": ["p"], "completion": "c"}, "'prompt' must be a string, got list [\"p\"]."),
+        ({"text": None}, "'text' must be a string, got NoneType null."),
+        ({"messages": "hi"}, "'messages' must be a list of {'role', 'content'} objects, got \"hi\"."),
+        (
+            {"messages": [{"role": "user", "content": "a"}, "hi"]},
+            "message 2 must be an object with string 'role' and 'content', got \"hi\".",
+        ),
+        (
+            {"messages": [{"role": "user"}]},
+            "message 1 must be an object with string 'role' and 'content', got {\"role\": \"user\"}.",
+        ),
+        ([1, 2], "expected a JSON object, got list [1, 2]."),
+    ],
+)
+def test_a_malformed_record_is_named_by_file_and_line(tmp_path: Path, tok, line, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    good = '{"prompt": "p", "completion": "c"}\n'
+    path.write_text(good + "\n" + json.dumps(line) + "\n", encoding="utf-8")  # line 3: a blank line is counted
+    with pytest.raises(ConfigError) as caught:
+        load_datasets(DataConfig(train=str(path)), tok, seed=0)
+    assert str(caught.value) == f"{path}:3: {message}"
+
+
+def test_a_data_file_that_is_not_utf8_is_named(tmp_path: Path, tok) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(
+        ConfigError, match=rf"data file '{path}' is not UTF-8 text \(invalid continuation byte at byte 13\)"
+    ):
+        load_datasets(DataConfig(train=str(path)), tok, seed=0)
+
+
+def test_a_json_file_that_is_not_json_is_named(tmp_path: Path, tok) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text("[{", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"{path} is not valid JSON: "):
+        load_datasets(DataConfig(train=str(path)), tok, seed=0)
+
+
+def chat(*turns: tuple[str, str]) -> dict:
+    return {"messages": [{"role": role, "content": content} for role, content in turns]}
+
+
+def test_dropped_rows_are_counted_by_reason(tmp_path: Path, tok) -> None:
+    records = [chat(("user", "hi"), ("assistant", "yo")), chat(("user", "hi")), chat(("system", "s"), ("user", "x"))]
+    records.append(chat(("user", "x" * 40), ("assistant", "late")))  # 40 bytes of prompt > max_length 32
+    path = write_records(tmp_path / "chat.jsonl", records)
+    report = load_datasets(DataConfig(train=str(path), max_length=32), tok, seed=0).reports["train"]
+    assert (report.records, report.examples) == (4, 1)
+    assert report.dropped == {"no_assistant_turn": 2, "prompt_fills_max_length": 1}
+    assert report.describe(32) == (
+        "2 chat record(s) without an assistant turn (the loss is on assistant turns only); "
+        "1 record(s) whose prompt fills data.max_length 32, leaving no token to learn"
+    )
+
+
+def test_packing_reports_the_cut_remainder(tmp_path: Path, tok) -> None:
+    path = write_records(tmp_path / "text.jsonl", [{"text": t} for t in ("abcde", "fghij", "klmno")])  # 3 x (5 + EOS)
+    datasets = load_datasets(DataConfig(train=str(path), max_length=8, packing=True), tok, seed=0)
+    report = datasets.reports["train"]
+    assert len(datasets.train) == report.examples == 2 and report.packing_remainder_tokens == 2
+    assert report.describe(8) == "the last 2 tokens, short of a 8-token block"
+
+
+@pytest.mark.parametrize(
+    ("records", "config", "message"),
+    [
+        (
+            [chat(("user", "a")), chat(("user", "b"))],
+            {},
+            "data.train: none of the 2 records has a token to learn from: "
+            "2 chat record(s) without an assistant turn (the loss is on assistant turns only).",
+        ),
+        (
+            [{"prompt": "p" * 20, "completion": "c"}],
+            {"max_length": 16},
+            "data.train: none of the 1 records has a token to learn from: 1 record(s) whose prompt fills "
+            "data.max_length 16, leaving no token to learn. Raise data.max_length.",
+        ),
+        (
+            [{"text": "abc"}, {"text": "de"}],
+            {"max_length": 16, "packing": True},
+            "data.train: packing joins 7 tokens, short of one data.max_length block of 16; "
+            "lower data.max_length or set data.packing: false.",
+        ),
+    ],
+)
+def test_no_example_left_says_the_real_reason(tmp_path: Path, tok, records, config, message: str) -> None:
+    path = write_records(tmp_path / "data.jsonl", records)
+    with pytest.raises(ConfigError) as caught:
+        load_datasets(DataConfig(train=str(path), **config), tok, seed=0)
+    assert str(caught.value) == message

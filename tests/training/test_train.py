@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,7 +108,11 @@ def test_two_processes_average_gradients(tmp_path: Path, model_dir: Path) -> Non
         str(double),
         str(tmp_path),
     ]
-    subprocess.run(command, check=True, timeout=120, capture_output=True)
+    # The script's own directory comes first on sys.path; the checkout under test must come next,
+    # not whichever peftkit the interpreter has installed.
+    root = str(Path(__file__).parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(command, check=True, timeout=120, capture_output=True, env=env)
 
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # every rank holds the same adapter
@@ -121,3 +126,31 @@ def test_two_processes_average_gradients(tmp_path: Path, model_dir: Path) -> Non
     single_adapter = load_file(tmp_path / "single" / "run" / "adapter" / "adapter_model.safetensors")
     assert all(torch.allclose(rank0[k], single_adapter[k], atol=1e-4) for k in rank0)
     assert not (tmp_path / "double" / "run" / "checkpoints").exists()
+
+
+def test_dropped_rows_are_reported_in_the_header_and_metrics(tmp_path: Path, model_dir: Path, capsys) -> None:
+    path = write_run(tmp_path, model_dir, training={"max_steps": 1, "batch_size": 5})
+    with open(tmp_path / "train.jsonl", "a", encoding="utf-8") as handle:  # 32 good rows, then 2 too long
+        handle.write(json.dumps({"prompt": "p" * 40, "completion": "c"}) + "\n")
+        handle.write(json.dumps({"prompt": "q" * 33, "completion": "c"}) + "\n")
+    train(load_config(path))
+    header = capsys.readouterr().out.splitlines()[0]
+    assert (
+        "| 32 train / 8 val examples (dropped from train: 2 record(s) whose prompt fills data.max_length 32, "
+        "leaving no token to learn; 2 example(s) of each epoch, short of a whole global batch (others each epoch)) |"
+    ) in header
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    kept = {"packing_remainder_tokens": 0}
+    assert first == {
+        "step": 0,
+        "data": {
+            "train": {
+                "records": 34,
+                "examples": 32,
+                "dropped": {"prompt_fills_max_length": 2},
+                **kept,
+                "left_out_per_epoch": 2,
+            },
+            "validation": {"records": 8, "examples": 8, "dropped": {}, **kept, "left_out_per_epoch": 0},
+        },
+    }

@@ -68,6 +68,7 @@ def test_only_targeted_layers_are_quantized(method: str) -> None:
         "blocksize": None,
         "compute_dtype": None,
         "skip_modules": None,
+        "storage_dtype": None,
     }
 
 

@@ -1,0 +1,229 @@
+"""`model.quantization`: the base loads straight into 4 bits, weight by weight, and any method sits on it.
+
+The checkpoints are tiny sharded Llamas written here (hidden 64, so bitsandbytes' CPU kernels
+see in_features divisible by the blocksize 64); 4-bit models are compared in train mode with
+dropout 0, where bitsandbytes' CPU path has one rounding.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+import bitsandbytes.functional as bnb_functional
+import pytest
+import torch
+from tiny_run import make_model_dir, write_run
+from torch import nn
+
+import peftkit
+from peftkit.errors import ConfigError
+from peftkit.quant import QuantizationConfig, is_quantized, quantize_model
+from peftkit.training import load_config, train
+from peftkit.training.models import load_model
+
+SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4}
+IDS = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("sharded"), max_shard_size="100KB", **SHAPE)
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    model.train()  # bitsandbytes' CPU training path: one rounding for every way of loading
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def _linear_paths(model: nn.Module, kind: type) -> list[str]:
+    return [name for name, module in model.named_modules() if type(module) is kind]
+
+
+def test_the_checkpoint_is_sharded(model_dir: Path) -> None:
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 8
+
+
+def test_loading_in_4bit_equals_quantizing_after_load(model_dir: Path) -> None:
+    import bitsandbytes as bnb
+
+    config = QuantizationConfig()
+    loaded = load_model(str(model_dir), "float32", config)
+    after = quantize_model(load_model(str(model_dir), "float32"), config)
+    four_bit = _linear_paths(loaded, bnb.nn.Linear4bit)
+    assert len(four_bit) == 4 * 7 and four_bit == _linear_paths(after, bnb.nn.Linear4bit)
+    assert _linear_paths(loaded, nn.Linear) == ["lm_head"]  # the head stays dense by default
+    torch.testing.assert_close(_logits(loaded), _logits(after), atol=1e-6, rtol=0)
+
+
+def _live_float_bytes() -> int:
+    """Bytes of every live floating-point tensor's storage, each storage once."""
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.is_floating_point() and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def test_full_precision_weights_never_exist_whole_while_loading(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted at every weight bitsandbytes quantizes: the float tensors alive at that moment."""
+    seen: list[int] = []
+    quantize = bnb_functional.quantize_4bit
+
+    def counting(*args: object, **kwargs: object) -> object:
+        seen.append(_live_float_bytes())
+        return quantize(*args, **kwargs)
+
+    monkeypatch.setattr(bnb_functional, "quantize_4bit", counting)
+    baseline = _live_float_bytes()
+    dense_linear = 4 * (4 * 64 * 64 + 3 * 64 * 128) * 4  # bytes of the 28 linear weights in float32
+    load_model(str(model_dir), "float32", QuantizationConfig())
+    assert len(seen) == 28  # one count per quantized weight
+    assert max(seen) - baseline < 0.3 * dense_linear
+    # The counter sees what a full-precision load holds: all of it at once.
+    seen.clear()
+    dense = load_model(str(model_dir), "float32")
+    quantize_model(dense, QuantizationConfig())
+    assert len(seen) == 28 and seen[0] - baseline > dense_linear
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "bottleneck"])
+def test_methods_train_on_the_4bit_base_and_round_trip(model_dir: Path, method: str, tmp_path: Path) -> None:
+    model = load_model(str(model_dir), "float32", QuantizationConfig())
+    targets = ["q_proj", "v_proj", "down_proj"]
+    peftkit.adapt(model, method, target_modules=targets)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    expected = _logits(model)
+    peftkit.save_adapter(model, tmp_path)
+    fresh = load_model(str(model_dir), "float32", QuantizationConfig())
+    torch.testing.assert_close(_logits(peftkit.load_adapter(fresh, tmp_path)), expected, atol=1e-6, rtol=0)
+    if method == "bottleneck":  # PEFT has no bottleneck adapters to read it with
+        return
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        dtype=torch.float32,
+        device_map="cpu",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+            llm_int8_skip_modules=["lm_head"],
+        ),
+    )
+    torch.testing.assert_close(_logits(PeftModel.from_pretrained(base, tmp_path)), expected, atol=1e-5, rtol=0)
+
+
+def test_peftkit_train_loads_4bit_in_bfloat16_end_to_end(model_dir: Path, tmp_path: Path) -> None:
+    quantization = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
+    config = load_config(
+        write_run(tmp_path, model_dir, model={"dtype": "bfloat16", "quantization": quantization}),
+        ["training.max_steps=3"],
+    )
+    result = train(config, quiet=True)
+    model = result.model
+    assert is_quantized(model) and model.lm_head.weight.dtype == torch.bfloat16
+    dense = {p.dtype for n, p in model.named_parameters() if "adapters" not in n and p.is_floating_point()}
+    assert dense == {torch.bfloat16}  # norms, embeddings, head: model.dtype, not cast to float32
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").open() if '"loss"' in line]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    saved = yaml_config(tmp_path / "run" / "config.yaml")["model"]["quantization"]
+    assert saved == {**QuantizationConfig(compute_dtype="bfloat16").__dict__}
+
+
+def yaml_config(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("method", ["qlora", "qdora"])
+def test_qlora_under_train_loads_straight_into_4bit(
+    model_dir: Path, tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`qlora` means lora over the default 4-bit base: every linear layer but the head, at load time."""
+    import peftkit.training.loop as loop
+
+    loads: list[object] = []
+    real = loop.load_model
+
+    def spy(name: str, dtype: str, quantization: object, device: object) -> nn.Module:
+        loads.append(quantization)
+        return real(name, dtype, quantization, device)
+
+    monkeypatch.setattr(loop, "load_model", spy)
+    config = load_config(
+        write_run(
+            tmp_path, model_dir, model={"dtype": "bfloat16"}, method={"name": method, "target_modules": ["q_proj"]}
+        )
+    )
+    model = train(config, quiet=True).model
+    assert loads == [QuantizationConfig()]
+    four_bit = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert len(four_bit) == 28  # all linear layers, not only the targeted q_proj
+    assert model.model.norm.weight.dtype == torch.bfloat16  # never loaded in full precision and cast
+
+
+@pytest.mark.parametrize(
+    ("quantization", "message"),
+    [
+        (
+            {"quant_type": "nf3"},
+            r"model\.quantization: QuantizationConfig\.quant_type must be 'nf4' \| 'fp4', got 'nf3'",
+        ),
+        ({"bits": 8}, r"model\.quantization: QuantizationConfig\.bits must be 4 .*got 8"),
+        ({"storage_dtype": "int8"}, r"storage_dtype must be 'float32' \| 'bfloat16' \| 'float16' \| None, got 'int8'"),
+        ({"blocksize": 128}, r"model\.quantization\.blocksize 128: loading straight into 4 bits .* blocksize 64"),
+        ({"quant": "nf4"}, r"model\.quantization has no option 'quant'\. Did you mean 'quant_type'\?"),
+        ({"skip_modules": ".*"}, r"model\.quantization: LlamaForCausalLM has no linear layer .* outside skip_modules"),
+    ],
+)
+def test_bad_quantization_is_refused_at_config_check(
+    model_dir: Path, tmp_path: Path, quantization: dict, message: str
+) -> None:
+    path = write_run(tmp_path, model_dir, model={"quantization": quantization})
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)  # the config check: no weight is read
+
+
+def test_a_compute_dtype_the_device_cannot_use(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import peftkit.quant.codec as codec
+
+    monkeypatch.setattr(codec, "supported_compute_dtypes", lambda device: ["float32"])
+    path = write_run(tmp_path, model_dir, model={"quantization": {"compute_dtype": "bfloat16"}})
+    with pytest.raises(
+        ConfigError, match=r"compute_dtype 'bfloat16' cannot be used on device 'cpu'.*supports: float32"
+    ):
+        load_config(path)
+
+
+def test_a_4bit_load_without_bitsandbytes_says_so(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    for module in ("peftkit.quant", "peftkit.quant.codec", "peftkit.quant.convert"):
+        monkeypatch.delitem(sys.modules, module)
+    path = write_run(tmp_path, model_dir, model={"quantization": {}})
+    with pytest.raises(ConfigError, match=r"model\.quantization loads the model in 4 bits, which needs bitsandbytes"):
+        load_config(path)
