@@ -139,7 +139,9 @@ class StepClock:
     def __init__(self, live: LiveTensors, anon: AnonPeak) -> None:
         self.live, self.anon = live, anon
         self.started: float | None = None
+        self.cpu_started = 0.0
         self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
         self.step_peaks: list[int] = []
         self.start_bytes = 0
         self._depth = 0
@@ -150,8 +152,9 @@ class StepClock:
         self.anon.enter("steps")
         self.live.sweep()
         self.start_bytes = self.live.current
+        print(f"# loaded: {self.start_bytes / GB:.2f} GB of live tensors", file=sys.stderr, flush=True)
         self.live.reset_peak()
-        self.started = time.perf_counter()
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
     def _pre_step(self, *_: Any) -> None:
         self._depth += 1
@@ -161,10 +164,17 @@ class StepClock:
         if self._depth:
             return
         self.live.sweep(optimizer)
-        now = time.perf_counter()
+        now, cpu_now = time.perf_counter(), time.process_time()
         self.seconds.append(now - self.started)
+        self.cpu_seconds.append(cpu_now - self.cpu_started)
         self.step_peaks.append(self.live.peak)
-        self.started = now
+        print(
+            f"# step {len(self.seconds)}: {self.seconds[-1]:.1f} s ({self.cpu_seconds[-1]:.1f} s of CPU), "
+            f"peak tensor memory {self.live.peak / GB:.2f} GB",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.started, self.cpu_started = now, cpu_now
         self.live.reset_peak()
 
     def __enter__(self) -> StepClock:
@@ -241,15 +251,13 @@ def _peft_side(spec: dict[str, Any]) -> tuple[list[float], torch.nn.Module]:
 def peftkit_config(spec: dict[str, Any]) -> dict[str, Any]:
     """The `peftkit train` YAML of the run (as a mapping)."""
     return {
-        "model": {"name": spec["checkpoint"], "dtype": "bfloat16", "gradient_checkpointing": True},
-        "method": {
-            "name": "qlora",
-            "r": RANK,
-            "alpha": ALPHA,
-            "dropout": 0.0,
-            "target_modules": "all-linear",
-            "quantization": {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
+        "model": {
+            "name": spec["checkpoint"],
+            "dtype": "bfloat16",
+            "gradient_checkpointing": True,
+            "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
         },
+        "method": {"name": "lora", "r": RANK, "alpha": ALPHA, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"train": spec["data"], "max_length": spec["seq"], "packing": False},
         "training": {
             "learning_rate": LR,
@@ -283,6 +291,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         "losses": losses,
         "step_seconds": clock.seconds,
         "median_step_s": statistics.median(clock.seconds),
+        "step_cpu_seconds": clock.cpu_seconds,  # all threads: less moved by other processes than wall time
         "step_peak_tensor_bytes": clock.step_peaks,
         "peak_tensor_bytes": max(clock.step_peaks),
         "tensor_bytes_at_start": clock.start_bytes,
@@ -377,6 +386,7 @@ def report(summary: dict[str, Any]) -> list[str]:
         ("peak anonymous memory during the steps (GB)", _gb("steps_peak_anon_bytes")),
         ("median step (s)", lambda r: f"{r['median_step_s']:.1f}"),
         ("each step (s)", lambda r: ", ".join(f"{x:.1f}" for x in r["step_seconds"])),
+        ("each step's CPU time, all threads (s)", lambda r: ", ".join(f"{x:.1f}" for x in r["step_cpu_seconds"])),
         ("each step's loss", lambda r: ", ".join(f"{x:.4f}" for x in r["losses"])),
         ("4-bit base bytes (GB)", _gb("base_4bit_bytes")),
         ("4-bit base bytes / the same weights in fp16", lambda r: f"{r['base_4bit_bytes'] / r['base_fp16_bytes']:.3f}"),
