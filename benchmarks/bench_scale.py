@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = _previous(workdir / "results.json", settings)
     for side in args.sides:
         overrides = args.set if side == "peftkit" else []
-        label = side + "".join(f" {item}" for item in overrides)  # a variant is a column of its own
+        label = side if not overrides else f"{side} ({args.label or ', '.join(overrides)})"  # a column of its own
         print(f"# {label}: {args.shape} shape, seq {args.seq}, {optimizer} ...", file=sys.stderr, flush=True)
         output = workdir / f"{side}-run"
         shutil.rmtree(output, ignore_errors=True)  # a run directory holds one run
@@ -462,6 +462,7 @@ def main() -> None:
         metavar="SECTION.KEY=VALUE",
         help="an option of the peftkit side's YAML (as `peftkit train --set`); the run is a column of its own",
     )
+    parser.add_argument("--label", help="the name of a --set variant's column (default: its settings)")
     parser.add_argument("--out", default="runs/bench-scale", help="where the configs, runs and results.json go")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
