@@ -79,9 +79,9 @@ class LiveTensors(TorchDispatchMode):
     """Bytes of live CPU tensor storages, and their peak since `reset_peak`.
 
     Every storage an op returns is counted once, until Python frees it (a weak
-    reference's callback); `sweep` adds the tensors that no op under this mode made:
-    those alive before it (the model, when it is entered late), memory-mapped ones,
-    and bitsandbytes' optimizer state (which it may allocate outside torch ops).
+    reference's callback); `sweep` adds the tensors that no op under this mode made
+    (those alive before it, memory-mapped ones), `add_state` an optimizer's state
+    (bitsandbytes may allocate it outside torch ops).
     Allocations inside a kernel that never reach Python (scratch buffers) are not seen.
     """
 
@@ -108,16 +108,17 @@ class LiveTensors(TorchDispatchMode):
         self.current -= self._sizes.pop(key, 0)
         self._refs.pop(key, None)
 
-    def sweep(self, *roots: Any) -> None:
-        """Count every tensor the garbage collector knows, and those in `roots` (optimizer states...)."""
+    def sweep(self) -> None:
+        """Count every tensor the garbage collector knows of."""
         for obj in gc.get_objects():
-            if issubclass(
-                type(obj), torch.Tensor
-            ):  # not isinstance: that reads `__class__`, which some proxies warn on
+            # Not isinstance: that reads `__class__`, which some deprecated proxies warn on.
+            if issubclass(type(obj), torch.Tensor):
                 self.add(obj)
-        for root in roots:
-            for state in getattr(root, "state", {}).values():
-                tree_map_only(torch.Tensor, self.add, state)
+
+    def add_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Count an optimizer's state tensors."""
+        for state in optimizer.state.values():
+            tree_map_only(torch.Tensor, self.add, state)
 
     def reset_peak(self) -> None:
         self.peak = self.current
@@ -163,8 +164,8 @@ class StepClock:
         self._depth -= 1
         if self._depth:
             return
-        self.live.sweep(optimizer)
         now, cpu_now = time.perf_counter(), time.process_time()
+        self.live.add_state(optimizer)
         self.seconds.append(now - self.started)
         self.cpu_seconds.append(cpu_now - self.cpu_started)
         self.step_peaks.append(self.live.peak)
