@@ -13,22 +13,24 @@ from peftkit.errors import (
     AdapterFileError,
     AdapterNotFoundError,
     AdapterStateError,
+    CheckpointError,
     ConfigError,
+    DestinationError,
     MergeError,
+    OutputDirError,
     PeftkitError,
     ShapeMismatchError,
     TargetNotFoundError,
     UnknownMethodError,
     UnsupportedModuleError,
+    UntrustedCheckpointError,
 )
 from peftkit.inject import (
     adapt,
-    adapter_methods,
     delete_adapter,
     disable_adapters,
     list_adapters,
     mark_trainable,
-    mixed_batch,
     rename_adapter,
     set_active_adapters,
     set_adapters_enabled,
@@ -38,9 +40,11 @@ from peftkit.layer import Adapter, AdapterHost, AdapterLayer, LowRankAdapter, Pa
 from peftkit.merge import merge, merge_and_unload, switch_merged_adapter, unload, unmerge
 from peftkit.method import AdapterMethod
 from peftkit.options import MethodConfig, peft_option
+from peftkit.peft_format import adapter_state_dict, save_adapter
+from peftkit.record import adapter_methods
 from peftkit.registry import available_methods, get_method, register_method
-from peftkit.routing import RowRouting
-from peftkit.serialization import adapter_state_dict, hot_swap_adapter, load_adapter, save_adapter
+from peftkit.routing import RowRouting, mixed_batch
+from peftkit.serialization import hot_swap_adapter, load_adapter
 
 __version__ = "0.1.0"
 
@@ -54,8 +58,11 @@ __all__ = [
     "AdapterNotFoundError",
     "AdapterStateError",
     "ConfigError",
+    "CheckpointError",
+    "DestinationError",
     "LowRankAdapter",
     "MergeError",
+    "OutputDirError",
     "MethodConfig",
     "ParameterAdapter",
     "PeftkitError",
@@ -65,6 +72,7 @@ __all__ = [
     "TrainableCopy",
     "UnknownMethodError",
     "UnsupportedModuleError",
+    "UntrustedCheckpointError",
     "adapt",
     "adapter_methods",
     "adapter_state_dict",

@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import ConfigError, DestinationError, MergeError, PeftkitError
+from peftkit.files import atomic_directory, check_writable, destination_errors
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["main", "build_parser"]
 
@@ -28,28 +32,83 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from peftkit.peft_format import read_adapter_config
     from peftkit.serialization import load_adapter
     from peftkit.training.models import generate_text, load_model, load_tokenizer
 
-    tokenizer, model = load_tokenizer(args.base), load_model(args.base)
+    if args.max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}.")
+    if args.adapter:  # a wrong directory is named before the model loads
+        read_adapter_config(args.adapter)
+    tokenizer = load_tokenizer(args.base)
+    if not tokenizer(args.prompt)["input_ids"]:
+        raise ConfigError(f"--prompt {args.prompt!r} gives no tokens to continue; give some text.")
+    model = load_model(args.base)
     if args.adapter:
         load_adapter(model, args.adapter)
     print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens))
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from peftkit.merge import merge_and_unload
-    from peftkit.serialization import load_adapter, read_adapter_config
+    from peftkit.peft_format import read_adapter_config
+    from peftkit.serialization import load_adapter
     from peftkit.training.models import load_model, load_tokenizer
 
-    base = args.base or read_adapter_config(args.adapter_dir).get("base_model_name_or_path")
+    config = read_adapter_config(args.adapter_dir)  # a wrong directory is named before anything loads
+    base = args.base or config.get("base_model_name_or_path")
     if not base:
         raise PeftkitError(f"{args.adapter_dir} does not name its base model; pass --base MODEL.")
-    model = load_adapter(load_model(base), args.adapter_dir)
-    merge_and_unload(model)
-    model.save_pretrained(args.out)
-    load_tokenizer(base).save_pretrained(args.out)
+    out = Path(args.out)
+    _check_merge_destination(out, {"the base model": Path(base), "the adapter": Path(args.adapter_dir)}, args.force)
+    check_writable(out)  # before minutes of loading
+    base_model = load_model(base)
+    dtype = base_model.dtype  # a 4-bit base comes back dense in the dtype it was loaded in
+    model = _merged(load_adapter(base_model, args.adapter_dir), dtype)
+    tokenizer = load_tokenizer(base)
+    with destination_errors(out), atomic_directory(out, replace=args.force) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     print(f"merged {args.adapter_dir} into {base}: {args.out}")
+
+
+def _merged(model: Any, dtype: torch.dtype) -> Any:
+    """The plain model transformers loads as it is: a 4-bit base (qlora, qdora) is merged dense.
+
+    `merge_and_unload` keeps 4-bit layers 4-bit, as PEFT does; written out, those are
+    packed tensors with no quantization config, which no loader reads.
+    """
+    from peftkit.merge import merge_and_unload
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        from peftkit.quant import merge_and_dequantize
+
+        model = merge_and_dequantize(model, dtype)
+    else:
+        model = merge_and_unload(model)
+    packed = [name for name, param in model.named_parameters() if not param.is_floating_point()]
+    if packed:
+        raise MergeError(
+            f"the merged model still holds non-float (quantized) weights, e.g. {packed[:3]}, "
+            "which transformers cannot load without their quantization config; nothing was written."
+        )
+    return model
+
+
+def _check_merge_destination(out: Path, inputs: dict[str, Path], force: bool) -> None:
+    """Refuse an --out that is a file, holds an input, or is a directory in use (unless --force)."""
+    if out.exists() and not out.is_dir():
+        raise DestinationError(f"--out {str(out)!r} is an existing file; give a directory for the merged model.")
+    for what, path in inputs.items():
+        if path.exists() and path.resolve().is_relative_to(out.resolve()):
+            raise DestinationError(
+                f"--out {str(out)!r} holds {what} ({str(path)!r}), which writing there would overwrite; "
+                "choose another directory."
+            )
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise DestinationError(
+            f"--out {str(out)!r} already exists and is not empty; "
+            "pass --force to replace it, or choose another directory."
+        )
 
 
 def _methods(args: argparse.Namespace) -> None:
@@ -64,22 +123,24 @@ def _methods(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from safetensors import safe_open
-
-    from peftkit.serialization import WEIGHTS_NAME, method_from_config, read_adapter_config
+    from peftkit.peft_format import (
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        method_from_config,
+        read_adapter_config,
+        read_adapter_tensors,
+    )
 
     directory = Path(args.adapter_dir)
-    config = read_adapter_config(directory)
     weights = directory / WEIGHTS_NAME
-    with safe_open(str(weights), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        count = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
-    method = method_from_config(config, metadata)
+    tensors, metadata = read_adapter_tensors(weights)  # first: a directory holding only a .bin is told so
+    config = read_adapter_config(directory)
+    method = method_from_config(config, metadata, directory / CONFIG_NAME)
     rank = getattr(method.config, "r", None)
     print(f"method:     {method.name}" + (f" (r={rank})" if rank is not None else ""))
     print(f"base model: {config.get('base_model_name_or_path')}")
     print(f"targets:    {json.dumps(config.get('target_modules'))}")
-    print(f"parameters: {count:,}")
+    print(f"parameters: {sum(t.numel() for t in tensors.values()):,}")
     print(f"size:       {weights.stat().st_size / 1e6:.2f} MB ({weights.name})")
 
 
@@ -121,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("adapter_dir")
     merge.add_argument("--out", required=True, help="output directory")
     merge.add_argument("--base", help="base model (default: the one the adapter names)")
+    merge.add_argument("--force", action="store_true", help="replace --out if it is an existing directory")
     merge.set_defaults(run=_merge)
 
     methods = commands.add_parser("methods", help="list registered methods and their options")

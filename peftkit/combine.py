@@ -21,9 +21,11 @@ from torch import nn
 
 from peftkit.errors import ConfigError
 from peftkit.hosts import hosts
-from peftkit.inject import adapt, adapter_methods
+from peftkit.inject import adapt
 from peftkit.layer import Adapter, AdapterLayer, LowRankAdapter, ParameterAdapter
 from peftkit.method import AdapterMethod
+from peftkit.record import adapter_methods, require_adapters
+from peftkit.undo import restore_on_failure
 
 __all__ = ["LowRankMethod", "combine_adapters"]
 
@@ -84,9 +86,7 @@ def combine_adapters(
     methods = adapter_methods(model)
     if len(adapter_names) != len(weights) or not adapter_names:
         raise ConfigError(f"give one weight per adapter: {len(adapter_names)} adapters, {len(weights)} weights.")
-    missing = [n for n in adapter_names if n not in methods]
-    if missing:
-        raise ConfigError(f"no adapter named {missing}; adapters: {', '.join(methods)}.")
+    require_adapters(model, adapter_names)
     if combination not in ("linear", "cat", "svd"):
         raise ConfigError(f"combination must be 'linear', 'cat' or 'svd', got {combination!r}.")
     first = methods[adapter_names[0]]
@@ -101,6 +101,8 @@ def combine_adapters(
             if present:
                 per_layer[path] = [_factors(path, n, host.adapters[n]) for n, _ in present]
                 per_layer_weights[path] = [w for _, w in present]
+    if not per_layer:
+        raise ConfigError(f"adapters {adapter_names} are on no adapted layer; nothing to combine.")
     ranks = {f[1].shape[0] for fs in per_layer.values() for f in fs}
     if combination == "linear" and len(ranks) > 1:
         raise ConfigError(f"'linear' needs adapters of equal rank, got ranks {sorted(ranks)}; use 'cat' or 'svd'.")
@@ -110,8 +112,9 @@ def combine_adapters(
         new_rank = rank or max(ranks)
 
     targets = "(" + "|".join(re.escape(path) for path in per_layer) + ")"
-    adapt(model, first.with_rank(new_rank, targets), new_name)
-    for path, factors in per_layer.items():
-        up, down = _combine(factors, per_layer_weights[path], combination, new_rank)
-        model.get_submodule(path).adapters[new_name].set_low_rank_factors(up, down)
+    with restore_on_failure(model):  # no half-filled adapter is left behind
+        adapt(model, first.with_rank(new_rank, targets), new_name)
+        for path, factors in per_layer.items():
+            up, down = _combine(factors, per_layer_weights[path], combination, new_rank)
+            model.get_submodule(path).adapters[new_name].set_low_rank_factors(up, down)
     return model

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 __all__ = [
     "PeftkitError",
@@ -17,19 +17,33 @@ __all__ = [
     "ShapeMismatchError",
     "AdapterFileError",
     "MergeError",
+    "DestinationError",
+    "OutputDirError",
+    "CheckpointError",
+    "UntrustedCheckpointError",
     "closest_match",
     "did_you_mean",
 ]
 
 
-def closest_match(name: str, options: Iterable[str]) -> str | None:
-    """The option most similar to `name`, for "did you mean" hints."""
-    matches = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return matches[0] if matches else None
+def closest_match(name: str, options: Iterable[str], aliases: Mapping[str, str] | None = None) -> str | None:
+    """The option most similar to `name`, for "did you mean" hints.
+
+    `aliases` maps other names of an option (PEFT's key, a synonym such as `rank` for
+    `r`) to the option: they count as the option itself, so the closest match is by
+    meaning as well as by spelling.
+    """
+    options = list(options)
+    aliases = dict(aliases or {})
+    if name in aliases:
+        return aliases[name]
+    spellings = {option: option for option in options} | aliases
+    matches = difflib.get_close_matches(name, list(spellings), n=1, cutoff=0.5)
+    return spellings[matches[0]] if matches else None
 
 
-def did_you_mean(name: str, options: Iterable[str]) -> str:
-    match = closest_match(name, options)
+def did_you_mean(name: str, options: Iterable[str], aliases: Mapping[str, str] | None = None) -> str:
+    match = closest_match(name, options, aliases)
     return f" Did you mean {match!r}?" if match else ""
 
 
@@ -81,3 +95,19 @@ class AdapterFileError(PeftkitError, OSError):
 
 class MergeError(PeftkitError, ArithmeticError):
     """A merge would write NaN/Inf, or the method has no weight delta."""
+
+
+class DestinationError(PeftkitError, OSError):
+    """An output cannot be written there: it is a file, an input, read-only, the disk is full..."""
+
+
+class OutputDirError(DestinationError):
+    """A run's output directory holds another run's state, or cannot be written."""
+
+
+class CheckpointError(AdapterFileError):
+    """A checkpoint is unreadable: a file is missing, truncated or corrupt."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """trainer_state.pt holds more than tensors and plain containers, so it is never unpickled."""

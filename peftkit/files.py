@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -11,7 +12,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_directory", "read_json"]
+from peftkit.errors import DestinationError
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_directory",
+    "check_writable",
+    "destination_errors",
+    "read_json",
+]
+
+
+# Why a write fails that the user can fix (space, a read-only mount, permissions), not a bug.
+_UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
 def _ordinary_mode(base: int) -> int:
@@ -83,3 +97,40 @@ def atomic_directory(path: str | os.PathLike[str], replace: bool = False) -> Ite
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Raise DestinationError unless something can be created at `path`, before any work is spent on it.
+
+    Probed by creating (and removing) a directory beside it, in its nearest existing
+    parent: permission bits, read-only mounts and immutable directories all show.
+    """
+    path = Path(path)
+    parent = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not parent.is_dir():
+        raise DestinationError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a directory.")
+    with destination_errors(path):
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".probe", dir=parent))
+
+
+@contextmanager
+def destination_errors(path: str | os.PathLike[str], name: str | None = None) -> Iterator[None]:
+    """An OSError a user can fix inside the block (no space, read-only, no permission) as one DestinationError.
+
+    It names `name` (e.g. "output.dir 'runs/x'"), else `path`, the file that failed, and
+    what to do. Other OSErrors are bugs, not destinations, and pass through. Blocks nest:
+    the outermost name wins (a run's output.dir, not the temporary directory inside it).
+    """
+    try:
+        yield
+    except OSError as error:
+        cause = error.__cause__ if isinstance(error, DestinationError) else error
+        if not isinstance(cause, OSError) or cause.errno not in _UNWRITABLE:
+            raise
+        where = name or repr(str(path))
+        failed = f" ({cause.filename})" if cause.filename and str(cause.filename) != str(path) else ""
+        advice = "free some space" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+        raise DestinationError(
+            f"cannot write {where}: {cause.strerror or cause} ({errno.errorcode[cause.errno]}){failed}; "
+            f"{advice}, or choose another destination."
+        ) from cause

@@ -2,24 +2,33 @@
 
 Merging is arithmetic on the canonical weight (`peftkit.weights`) in float32: in
 place for a float32 weight, else on a float32 copy written back in the layer's own
-dtype (or re-quantized). A merge that would produce NaN or Inf is refused before
-anything is written.
+dtype (or re-quantized). An adapter that changes named parameters of its layer
+(`ParameterAdapter`) adds its deltas to them; one with a bias change (`lora_bias`)
+adds it to the layer's bias. A merge is all or nothing: every layer is checked
+(NaN or Inf, tied weights, an adapter that is no weight change) before the first
+one is written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from peftkit.adapter_names import release_adapter_names
 from peftkit.anatomy import tied_parameters
 from peftkit.errors import AdapterStateError, MergeError
 from peftkit.hosts import hosts
-from peftkit.inject import adapter_methods, forget_adapters, set_active_adapters
+from peftkit.inject import set_active_adapters
 from peftkit.layer import Adapter, AdapterLayer, ParameterAdapter, TrainableCopy
 from peftkit.pretrained import uninstall
+from peftkit.record import adapter_methods, forget_adapters, require_adapters
 from peftkit.weights import read_weight, write_weight
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "unload", "switch_merged_adapter"]
+
+Plan = list[tuple[str, AdapterLayer, list[str]]]
 
 
 def _working_weight(layer: nn.Module) -> tuple[torch.Tensor, bool]:
@@ -64,75 +73,121 @@ def _fold_bias(layer: nn.Module, adapter: Adapter, sign: int) -> None:
             layer.bias.add_(delta.detach().to(layer.bias.dtype), alpha=sign)
 
 
-def _fold_parameters(base_layer: nn.Module, adapter: ParameterAdapter, sign: int, where: str) -> None:
+def _fold_parameters(base_layer: nn.Module, adapter: ParameterAdapter, sign: int) -> None:
     """Add (sign=+1) or take out (sign=-1) a `ParameterAdapter`'s changes to the parameters it names."""
-    deltas = {path: delta.detach() for path, delta in adapter.parameter_deltas(base_layer).items()}
-    if not all(torch.isfinite(delta.sum()) for delta in deltas.values()):
-        raise MergeError(f"{where} would write NaN/Inf; nothing was changed there.")
     with torch.no_grad():
-        for path, delta in deltas.items():
+        for path, delta in adapter.parameter_deltas(base_layer).items():
             param = base_layer.get_parameter(path)
-            param.add_(delta.to(param.dtype), alpha=sign)
+            param.add_(delta.detach().to(param.dtype), alpha=sign)
 
 
-def _merge_layer(path: str, layer: AdapterLayer, names: list[str], tied: dict[int, list[str]]) -> None:
-    pending = [n for n in names if n not in layer.merged_adapters]
-    for name in [n for n in pending if isinstance(layer.adapters[n], ParameterAdapter)]:
-        _fold_parameters(layer.base_layer, layer.adapters[name], +1, f"merging adapter {name!r} into {path!r}")
-        layer.merged_adapters.append(name)
-        pending.remove(name)
-    if not pending:
-        return
-    biased = [n for n in pending if layer.adapters[n].delta_bias() is not None]
-    if biased and getattr(layer.base_layer, "bias", None) is None:
-        raise MergeError(
-            f"adapter {biased[0]!r} trains a bias (lora_bias) but {path!r} has none to merge it into; "
-            "keep it unmerged, or adapt with lora_bias=False."
+def _changes(layer: AdapterLayer, adapter: Adapter) -> list[torch.Tensor]:
+    """What folding `adapter` into `layer` adds (raises MergeError for an adapter that is no weight change)."""
+    if isinstance(adapter, ParameterAdapter):
+        return list(adapter.parameter_deltas(layer.base_layer).values())
+    bias = adapter.delta_bias()
+    return [adapter.delta_weight()] + ([bias] if bias is not None else [])
+
+
+def _check_foldable(path: str, layer: AdapterLayer, names: list[str], tied: dict[int, list[str]], verb: str) -> None:
+    """Raise what folding `names` into `layer` would raise, writing nothing (see `_plan`)."""
+    by_weight = [n for n in names if not isinstance(layer.adapters[n], ParameterAdapter)]
+    if by_weight:
+        weight = getattr(layer.base_layer, "weight", None)
+        shared = [n for n in tied.get(id(weight), []) if not n.startswith(path + ".")]
+        if shared:
+            raise MergeError(
+                f"the weight of {path!r} is tied to {', '.join(shared)}; merging would change all of them. "
+                "Untie the weights (e.g. tie_word_embeddings=False) or do not target this module. Nothing was merged."
+            )
+        read_weight(layer.base_layer)  # a layer peftkit cannot write into (8-bit) says so here
+    for name in names:
+        adapter = layer.adapters[name]
+        if adapter.delta_bias() is not None and getattr(layer.base_layer, "bias", None) is None:
+            raise MergeError(
+                f"adapter {name!r} trains a bias (lora_bias) but {path!r} has none to merge it into; "
+                "keep it unmerged, or adapt with lora_bias=False. Nothing was merged."
+            )
+        finite = all(torch.isfinite(change.detach().sum()) for change in _changes(layer, adapter)) and all(
+            torch.isfinite(p.detach()).all() for p in adapter.parameters()
         )
-    shared = [n for n in tied.get(id(getattr(layer.base_layer, "weight", None)), []) if not n.startswith(path + ".")]
-    if shared:
-        raise MergeError(
-            f"the weight of {path!r} is tied to {', '.join(shared)}; merging would change all of them. "
-            "Untie the weights (e.g. tie_word_embeddings=False) or do not target this module."
-        )
-    weight, in_place = _working_weight(layer.base_layer)
-    try:
-        for name in pending:
-            _fold(weight, layer.adapters[name], +1, f"merging adapter {name!r} into {path!r}")
-            _fold_bias(layer.base_layer, layer.adapters[name], +1)
-            layer.merged_adapters.append(name)
-    finally:
+        if not finite:
+            raise MergeError(f"{verb} adapter {name!r} at {path!r} would write NaN/Inf; nothing was changed.")
+
+
+def _plan(model: nn.Module, chosen: Callable[[AdapterLayer], list[str]], verb: str) -> Plan:
+    """Each layer with the adapters to fold into it, once every layer is known to take them."""
+    tied = tied_parameters(model)
+    plan = []
+    for path, host in hosts(model):
+        if isinstance(host, AdapterLayer) and (names := chosen(host)):
+            _check_foldable(path, host, names, tied, verb)
+            plan.append((path, host, names))
+    return plan
+
+
+def _fold_layer(path: str, layer: AdapterLayer, names: list[str], sign: int) -> None:
+    """Fold `names` into one layer (sign as in `_fold`): all of them or, on an error, none."""
+    by_weight = [n for n in names if not isinstance(layer.adapters[n], ParameterAdapter)]
+    where = f"{'merging' if sign > 0 else 'unmerging'} adapters {names} at {path!r}"
+    if by_weight:
+        weight, in_place = _working_weight(layer.base_layer)
+        applied: list[str] = []
+        try:
+            for name in by_weight:
+                _fold(weight, layer.adapters[name], sign, where)
+                applied.append(name)
+        except Exception:
+            if in_place:  # a copy is simply not written back
+                for name in reversed(applied):
+                    _fold(weight, layer.adapters[name], -sign, where)
+            raise
         if not in_place:
             write_weight(layer.base_layer, weight)
+        for name in by_weight:
+            _fold_bias(layer.base_layer, layer.adapters[name], sign)
+    for name in names:
+        if isinstance(layer.adapters[name], ParameterAdapter):
+            _fold_parameters(layer.base_layer, layer.adapters[name], sign)
+    if sign > 0:
+        layer.merged_adapters.extend(names)
+    else:
+        layer.merged_adapters[:] = [n for n in layer.merged_adapters if n not in names]
 
 
-def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
-    """Add the adapters' deltas (default: the active ones) into the base weights, in place."""
-    tied = tied_parameters(model)
-    for path, host in hosts(model):
-        if isinstance(host, AdapterLayer):
-            names = host.active_adapters if adapter_names is None else [n for n in adapter_names if n in host.adapters]
-            _merge_layer(path, host, names, tied)
+def _apply(plan: Plan, sign: int) -> None:
+    """Fold the plan in; should a layer still fail (a DoRA row of norm 0), the layers done are folded back."""
+    done: Plan = []
+    try:
+        for path, layer, names in plan:
+            _fold_layer(path, layer, names, sign)
+            done.append((path, layer, names))
+    except Exception:
+        for path, layer, names in reversed(done):
+            _fold_layer(path, layer, names[::-1], -sign)
+        raise
+
+
+def merge(model: nn.Module, adapter_names: str | list[str] | None = None) -> nn.Module:
+    """Add the adapters' deltas (default: the active ones) into the base weights, in place.
+
+    All or nothing: every layer is checked before the first one is written.
+    """
+    if adapter_names is not None:
+        adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        require_adapters(model, adapter_names)
+
+    def pending(host: AdapterLayer) -> list[str]:
+        names = host.active_adapters if adapter_names is None else adapter_names
+        return [n for n in names if n in host.adapters and n not in host.merged_adapters]
+
+    _apply(_plan(model, pending, "merging"), +1)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Take every merged adapter back out of the base weights (last merged first)."""
-    for path, host in hosts(model):
-        if not (isinstance(host, AdapterLayer) and host.merged_adapters):
-            continue
-        last_first = list(reversed(host.merged_adapters))
-        for name in [n for n in last_first if isinstance(host.adapters[n], ParameterAdapter)]:
-            _fold_parameters(host.base_layer, host.adapters[name], -1, f"unmerging adapter {name!r} from {path!r}")
-        by_weight = [n for n in last_first if not isinstance(host.adapters[n], ParameterAdapter)]
-        if by_weight:
-            weight, in_place = _working_weight(host.base_layer)
-            for name in by_weight:
-                _fold(weight, host.adapters[name], -1, f"unmerging adapter {name!r} from {path!r}")
-                _fold_bias(host.base_layer, host.adapters[name], -1)
-            if not in_place:
-                write_weight(host.base_layer, weight)
-        host.merged_adapters.clear()
+    """Take every merged adapter back out of the base weights (last merged first); all or nothing."""
+    _apply(_plan(model, lambda host: host.merged_adapters[::-1], "unmerging"), -1)
     return model
 
 
@@ -145,6 +200,7 @@ def unload(model: nn.Module) -> nn.Module:
             replacement = host.wrapped
         model.set_submodule(path, replacement)
     forget_adapters(model)
+    release_adapter_names(model)
     uninstall(model)
     return model
 
@@ -157,7 +213,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def switch_merged_adapter(model: nn.Module, adapter_names: str | list[str]) -> nn.Module:
-    """Serve another adapter at base-model speed: unmerge what is merged, merge `adapter_names`."""
+    """Serve another adapter at base-model speed: unmerge what is merged, merge `adapter_names`.
+
+    The new adapters are checked before anything is unmerged, so a bad name or adapter
+    leaves the model serving what it served.
+    """
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    require_adapters(model, names)
+    _plan(model, lambda host: [n for n in names if n in host.adapters], "merging")
     unmerge(model)
-    set_active_adapters(model, adapter_names)
+    set_active_adapters(model, names)
     return merge(model)

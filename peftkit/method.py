@@ -63,8 +63,30 @@ class AdapterMethod(ABC):
 
     @classmethod
     def from_options(cls, **options: Any) -> AdapterMethod:
-        """Build the method from keyword options, naming any the method does not have."""
+        """Build the method from keyword options, naming any the method does not have.
+
+        A PEFT marker given as an option (`use_dora=True` to `lora`) is a choice of
+        method, not an option: the error names the method that has that marker.
+        """
+        for key, value in options.items():
+            if key in cls.peft_markers:
+                raise ConfigError(f"method {cls.name!r} has no option {key!r}: {cls._marker_hint(key, value)}")
         return cls(from_options(cls.config_class, options, where=f"method {cls.name!r}"))
+
+    @classmethod
+    def _marker_hint(cls, key: str, value: Any) -> str:
+        """Which method PEFT's marker `key=value` stands for, among the loaded methods like this one."""
+        if cls.peft_markers[key] == value:
+            return f"{cls.name!r} already is {key}={value!r}; drop the option."
+        kin = sorted(
+            method.name
+            for method in _concrete_methods(AdapterMethod)
+            if method.peft_type == cls.peft_type
+            and method.peft_markers.get(key) == value
+            and method.reads_peft_files == cls.reads_peft_files
+        )
+        chosen = " or ".join(repr(name) for name in kin) or "another method"
+        return f"in PEFT it selects another method; use method {chosen} instead of {cls.name!r}."
 
     @abstractmethod
     def adaptable_types(self) -> tuple[type[nn.Module], ...]:
@@ -116,3 +138,23 @@ class AdapterMethod(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+def _concrete_methods(base: type[AdapterMethod]) -> list[type[AdapterMethod]]:
+    """Loaded subclasses of `base` that have a name (the registry imports this module, not the reverse)."""
+    found = []
+    for sub in base.__subclasses__():
+        if isinstance(sub.__dict__.get("name"), str):
+            found.append(sub)
+        found.extend(_concrete_methods(sub))
+    return list(dict.fromkeys(found))
+
+
+def _concrete_methods(base: type[AdapterMethod]) -> list[type[AdapterMethod]]:
+    """Loaded subclasses of `base` that have a name (the registry imports this module, not the reverse)."""
+    found = []
+    for sub in base.__subclasses__():
+        if isinstance(sub.__dict__.get("name"), str):
+            found.append(sub)
+        found.extend(_concrete_methods(sub))
+    return list(dict.fromkeys(found))

@@ -15,9 +15,15 @@ from peftkit.validation import check_types
 __all__ = ["MethodConfig", "peft_option"]
 
 
-def peft_option(default: Any = None, peft_name: str | None = None, **kwargs: Any) -> Any:
-    """A config field; `peft_name` is its key in PEFT's adapter_config.json, if it has one."""
-    metadata = {"peft": peft_name} if peft_name else {}
+def peft_option(default: Any = None, peft_name: str | None = None, aliases: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """A config field; `peft_name` is its key in PEFT's adapter_config.json, if it has one.
+
+    `aliases` are names users coming from elsewhere write for it (`rank` for `r`); with
+    the PEFT key they are what an unknown option is matched against for a suggestion.
+    """
+    metadata: dict[str, Any] = {"aliases": (peft_name, *aliases) if peft_name else aliases}
+    if peft_name:
+        metadata["peft"] = peft_name
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)

@@ -42,8 +42,8 @@ from torch import nn
 from peftkit.errors import AdapterNotFoundError, AdapterStateError, ConfigError, ShapeMismatchError
 from peftkit.files import atomic_write_json
 from peftkit.hosts import hosts
-from peftkit.inject import DEFAULT_ADAPTER, ON_ADAPT, adapter_methods
-from peftkit.serialization import PEFT_PREFIX, WEIGHTS_NAME, adapter_state_dict, save_adapter
+from peftkit.peft_format import PEFT_PREFIX, WEIGHTS_NAME, adapter_state_dict, save_adapter
+from peftkit.record import DEFAULT_ADAPTER, adapter_methods
 
 __all__ = ["install", "uninstall", "save_pretrained", "load_state_dict", "active_adapters"]
 
@@ -190,6 +190,3 @@ def uninstall(model: nn.Module) -> None:
     """Give `model` back its class's `save_pretrained` and `load_state_dict`."""
     for function in (save_pretrained, load_state_dict):
         vars(model).pop(function.__name__, None)
-
-
-ON_ADAPT.append(install)

@@ -15,12 +15,18 @@ Two ways to compute a layer's per-row adapter output:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 
-from peftkit.errors import AdapterStateError
+from peftkit.errors import ConfigError
+from peftkit.hosts import hosts
 from peftkit.layer import AdapterLayer, LowRankAdapter
+from peftkit.record import require_adapters
 
-__all__ = ["RowRouting"]
+__all__ = ["BASE_NAMES", "RowRouting", "mixed_batch"]
 
 
 class RowRouting:
@@ -31,16 +37,22 @@ class RowRouting:
     def __init__(self, adapter_names: list[str]) -> None:
         self.rows = len(adapter_names)
         self.names = list(adapter_names)
+        # Set while `generate` runs: it repeats each prompt row per beam / returned sequence.
+        self.rows_repeated = False
         self._groups: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
         self._stacks: dict[
             tuple[int, int, torch.device], tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor]
         ] = {}
 
     def _per_row(self, batch: int) -> list[str]:
-        if batch % self.rows:
-            raise AdapterStateError(f"mixed batch names an adapter for {self.rows} rows, but a layer got {batch} rows.")
-        repeat = batch // self.rows  # generate() repeats each row per beam
-        return [name for name in self.names for _ in range(repeat)]
+        """Each row's adapter: one name per row, one for all rows, or (in `generate`) one per copy of a row."""
+        if self.rows == 1 or batch == self.rows or (self.rows_repeated and batch % self.rows == 0):
+            return [name for name in self.names for _ in range(batch // self.rows)]
+        repeated = f"; generate repeats each prompt row, but {batch} is not a multiple of {self.rows}"
+        raise ConfigError(
+            f"mixed batch has {self.rows} adapter names for a batch of {batch} rows; give one name per row "
+            f"(or a single name for all rows){repeated if self.rows_repeated else ''}."
+        )
 
     def groups(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Row indices per adapter (base rows left out) for a batch of `batch` rows."""
@@ -100,3 +112,31 @@ class RowRouting:
         flat = base_output.view(-1, base_output.shape[-1])
         flat.addmm_(hidden.reshape(-1, hidden.shape[-1]).to(flat.dtype), up.T.to(flat.dtype))
         return base_output
+
+
+# The base model's name in a mixed batch: peftkit's, and PEFT's spelling.
+BASE_NAMES = (RowRouting.BASE, "__base__")
+
+
+@contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
+    """Within the block, batch row i goes through adapter `adapter_names[i]` ("base" or PEFT's "__base__": none).
+
+    Works for forward and `generate` (beam search repeats rows; that is followed).
+    Each row's output equals that of a batch run with its adapter alone. The same
+    routing is what PEFT's `adapter_names=[...]` keyword on `model(...)` and
+    `model.generate(...)` gives (see `peftkit.adapter_names`).
+    """
+    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names) or not adapter_names:
+        raise ConfigError(f"adapter_names must be a non-empty list of names, one per row; got {adapter_names!r}.")
+    names = [RowRouting.BASE if name in BASE_NAMES else name for name in adapter_names]
+    require_adapters(model, sorted({n for n in names if n != RowRouting.BASE}))
+    routing = RowRouting(names)
+    previous = [(host, host.routing) for _, host in hosts(model)]
+    for host, _ in previous:
+        host.routing = routing
+    try:
+        yield model
+    finally:
+        for host, routing_before in previous:
+            host.routing = routing_before

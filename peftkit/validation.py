@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from peftkit.errors import ConfigError, did_you_mean
 
-__all__ = ["check_types", "from_options", "option_names", "describe_type"]
+__all__ = ["check_types", "from_options", "option_names", "option_aliases", "describe_type"]
 
 T = TypeVar("T")
 
@@ -25,14 +25,28 @@ def option_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init]
 
 
+def option_aliases(cls: type) -> dict[str, str]:
+    """Other names of the options (a field's `aliases` metadata, e.g. PEFT's key) -> the option."""
+    return {
+        alias: f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        for alias in f.metadata.get("aliases", ())
+        if alias != f.name
+    }
+
+
 def from_options(cls: type[T], options: Mapping[str, Any], where: str) -> T:
-    """Build `cls` from `options`; unknown keys raise ConfigError naming the valid ones."""
+    """Build `cls` from `options`; unknown keys raise ConfigError naming the valid ones.
+
+    The suggestion for an unknown key is the closest option by name or by one of its
+    aliases, so PEFT's `lora_alpha` points to `alpha`.
+    """
     valid = option_names(cls)
     for key in options:
         if key not in valid:
-            raise ConfigError(
-                f"{where} has no option {key!r}.{did_you_mean(key, valid)} Valid options: {', '.join(valid)}."
-            )
+            hint = did_you_mean(key, valid, option_aliases(cls))
+            raise ConfigError(f"{where} has no option {key!r}.{hint} Valid options: {', '.join(valid)}.")
     return cls(**options)
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -79,6 +83,21 @@ def randomize_adapters(model: torch.nn.Module, std: float = 0.1, seed: int = 1) 
                 param.add_(torch.randn(param.shape, generator=generator) * std)
 
 
+def train_steps(
+    model: torch.nn.Module, ids: torch.Tensor, steps: int = 3, lr: float = 1e-2, labels: torch.Tensor | None = None
+) -> list[float]:
+    """`steps` AdamW steps on the model's own loss over `ids` (labels: `ids`); the loss of each step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids if labels is None else labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -87,3 +106,26 @@ def ids() -> torch.Tensor:
 @pytest.fixture(params=sorted(MODEL_BUILDERS))
 def model_name(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory nothing can be created in: mode 0o555, and immutable too when running as root."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    path.chmod(0o555)
+    immutable = False
+    try:
+        (path / "probe").mkdir()
+    except OSError:
+        pass
+    else:  # root ignores the mode bits
+        (path / "probe").rmdir()
+        immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+        if not immutable:
+            path.chmod(0o755)
+            pytest.skip("cannot make a read-only directory here (root, and chattr +i is refused)")
+    yield path
+    if immutable:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    path.chmod(0o755)

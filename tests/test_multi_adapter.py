@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
 import weakref
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftkit
+import peftkit.hosts
+import peftkit.peft_format
 from peftkit.errors import AdapterExistsError, AdapterStateError, ConfigError, ShapeMismatchError
 
 NAMES = ["sql", "chat", "math"]
@@ -75,6 +79,86 @@ def test_mixed_batch_generate_follows_beams_and_rejects_unknown_names() -> None:
     with pytest.raises(peftkit.AdapterNotFoundError, match="'nope'"):
         with peftkit.mixed_batch(model, ["nope", "sql"]):
             pass
+
+
+def test_peft_adapter_names_keyword_routes_rows_of_a_forward() -> None:
+    model = three_adapters()
+    peftkit.set_active_adapters(model, "math")
+    rows = ["sql", "__base__", "chat", "base"]  # PEFT's and peftkit's spelling of the base model
+    ids = torch.randint(0, VOCAB, (len(rows), 7), generator=torch.Generator().manual_seed(0))
+    keyword = model(input_ids=ids, adapter_names=rows).logits
+    with peftkit.mixed_batch(model, ["sql", "base", "chat", "base"]):
+        torch.testing.assert_close(keyword, model(input_ids=ids).logits, atol=0, rtol=0)
+    for i, name in enumerate(["sql", "base", "chat", "base"]):
+        torch.testing.assert_close(keyword[i], logits_with(model, name, ids)[i], atol=1e-5, rtol=0)
+    peftkit.set_active_adapters(model, "math")
+    torch.testing.assert_close(model(input_ids=ids).logits, logits_with(model, "math", ids))  # routing ended
+    with pytest.raises(peftkit.AdapterNotFoundError, match="'nope'.*adapters: sql, chat, math"):
+        model(input_ids=ids, adapter_names=["sql", "nope", "chat", "sql"])
+    assert all(host.routing is None for _, host in peftkit.hosts.hosts(model))
+
+
+def test_peft_adapter_names_keyword_on_generate_follows_beams() -> None:
+    model = three_adapters()
+    prompt = torch.randint(1, VOCAB, (3, 4), generator=torch.Generator().manual_seed(3))
+    settings = {"max_new_tokens": 5, "do_sample": False, "num_beams": 2, "pad_token_id": 0}
+    mixed = model.generate(prompt, adapter_names=["chat", "base", "sql"], **settings)
+    for i, name in enumerate(["chat", "base", "sql"]):
+        if name == "base":
+            with peftkit.disable_adapters(model):
+                alone = model.generate(prompt[i : i + 1], **settings)
+        else:
+            peftkit.set_active_adapters(model, name)
+            alone = model.generate(prompt[i : i + 1], **settings)
+        assert torch.equal(mixed[i], alone[0])
+    with pytest.raises(peftkit.AdapterNotFoundError, match="'nope'"):
+        model.generate(prompt, adapter_names=["nope", "sql", "sql"], **settings)
+    merged = peftkit.merge_and_unload(model)  # a plain model again: the class's generate, no hooks
+    assert "generate" not in vars(merged) and not merged._forward_pre_hooks and not merged._forward_hooks
+
+
+def test_adapter_names_keyword_survives_copies_and_refuses_checkpointed_training() -> None:
+    model = three_adapters()
+    prompt = torch.randint(1, VOCAB, (2, 4), generator=torch.Generator().manual_seed(3))
+    settings = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0, "adapter_names": ["sql", "math"]}
+    expected = model.generate(prompt, **settings)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert copied.generate.model is copied and torch.equal(copied.generate(prompt, **settings), expected)
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(ConfigError, match="gradient checkpointing: the backward pass recomputes layers"):
+        model(input_ids=prompt, adapter_names=["sql", "math"])
+
+
+def test_mixed_batch_needs_one_name_per_row_or_one_for_all() -> None:
+    model = three_adapters()
+    ids = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(0))
+    for names in (["sql", "chat"], ["sql", "chat", "math"]):
+        with pytest.raises(
+            ConfigError, match=rf"{len(names)} adapter names for a batch of 4 rows; give one name per row"
+        ):
+            with peftkit.mixed_batch(model, names):
+                model(input_ids=ids)
+        with pytest.raises(ConfigError, match=rf"{len(names)} adapter names for a batch of 4 rows"):
+            model(input_ids=ids, adapter_names=names)
+    with pytest.raises(ConfigError, match="list of names, one per row; got 'sql'"):
+        model(input_ids=ids, adapter_names="sql")
+    with peftkit.mixed_batch(model, ["chat"]):  # one name: every row
+        torch.testing.assert_close(model(input_ids=ids).logits, logits_with(model, "chat", ids), atol=1e-5, rtol=0)
+
+
+def test_generate_repeats_names_with_its_rows_and_still_checks_the_count() -> None:
+    model = three_adapters()
+    prompt = torch.randint(1, VOCAB, (2, 4), generator=torch.Generator().manual_seed(3))
+    settings = {"max_new_tokens": 3, "do_sample": False, "num_beams": 2, "num_return_sequences": 2, "pad_token_id": 0}
+    mixed = model.generate(prompt, adapter_names=["math", "sql"], **settings)  # 2 prompts -> 4 rows per step
+    for i, name in enumerate(["math", "sql"]):
+        peftkit.set_active_adapters(model, name)
+        alone = model.generate(prompt[i : i + 1], **settings)
+        assert torch.equal(mixed[2 * i : 2 * i + 2], alone)
+    three = torch.randint(1, VOCAB, (3, 4), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ConfigError, match="2 adapter names for 3 prompt rows; give one name per row"):
+        model.generate(three, adapter_names=["math", "sql"], max_new_tokens=2, num_beams=2, pad_token_id=0)
 
 
 def test_training_touches_only_the_active_adapter() -> None:

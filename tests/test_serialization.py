@@ -11,6 +11,7 @@ import peft
 import pytest
 import torch
 from conftest import MODEL_BUILDERS, model_output, randomize_adapters, tiny_gpt2, tiny_llama
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import peftkit
@@ -114,7 +115,7 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path, monkeypatch: py
     def crash(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("peftkit.serialization.save_file", crash)
+    monkeypatch.setattr("peftkit.peft_format.save_file", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         peftkit.save_adapter(model, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
@@ -177,3 +178,45 @@ def test_loading_under_a_name_in_use_is_refused(tmp_path: Path) -> None:
         peftkit.load_adapter(model, tmp_path)
     peftkit.load_adapter(model, tmp_path, name="copy")
     assert sorted(peftkit.adapter_methods(model)) == ["copy", "default"]
+
+
+def edit_config(directory: Path, **changes: object) -> None:
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_edited_adapter_config_is_followed_as_peft_does_with_a_warning(ids: torch.Tensor, tmp_path: Path) -> None:
+    model = trained("llama", init="gaussian")
+    peftkit.save_adapter(model, tmp_path)
+    edit_config(tmp_path, lora_alpha=32, use_rslora=True)
+    with pytest.warns(UserWarning) as caught:
+        ours = peftkit.load_adapter(tiny_llama(), tmp_path)
+    (message,) = [str(w.message) for w in caught]
+    assert "lora_alpha (json 32, peftkit 8)" in message and "use_rslora (json True, peftkit False)" in message
+    assert "following adapter_config.json" in message
+    config = peftkit.adapter_methods(ours)["default"].config
+    assert (config.alpha, config.rslora) == (32, True)
+    assert config.init == "gaussian" and config.target_modules == "all-linear"  # peftkit-only: from the metadata
+    assert ours.model.layers[0].self_attn.q_proj.adapters["default"].scaling == pytest.approx(32 / 4**0.5)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(model_output(ours, ids), model_output(theirs, ids), atol=1e-6, rtol=0)
+    assert not torch.allclose(model_output(ours, ids), model_output(model, ids), atol=1e-3)
+
+
+def test_unedited_adapter_config_loads_without_a_warning(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    peftkit.save_adapter(trained("llama", rank_pattern={"v_proj": 2}), tmp_path)
+    ours = peftkit.load_adapter(tiny_llama(), tmp_path)
+    assert not [w for w in recwarn if "adapter_config" in str(w.message)]
+    assert peftkit.adapter_methods(ours)["default"].config.rank_pattern == {"v_proj": 2}
+
+
+def test_edited_use_dora_loads_the_method_the_json_names(tmp_path: Path) -> None:
+    peftkit.save_adapter(peftkit.adapt(tiny_llama(), "dora", r=4, target_modules=["q_proj"]), tmp_path)
+    edit_config(tmp_path, use_dora=False)  # a LoRA file now, for PEFT: drop DoRA's magnitudes too
+    weights = tmp_path / "adapter_model.safetensors"
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = handle.metadata()
+    save_file({k: v for k, v in load_file(weights).items() if "magnitude" not in k}, weights, metadata)
+    with pytest.warns(UserWarning, match=r"use_dora \(json False, peftkit True\).*loading as lora"):
+        ours = peftkit.load_adapter(tiny_llama(), tmp_path)
+    assert peftkit.adapter_methods(ours)["default"].name == "lora"

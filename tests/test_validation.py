@@ -31,8 +31,32 @@ def test_unknown_option_lists_valid_ones_and_suggests_closest() -> None:
     with pytest.raises(ConfigError) as error:
         peftkit.get_method("lora").from_options(rank=8)
     message = str(error.value)
-    assert "method 'lora' has no option 'rank'" in message
+    assert "method 'lora' has no option 'rank'. Did you mean 'r'?" in message
     assert "Valid options:" in message and "target_modules" in message and "alpha" in message
+
+
+@pytest.mark.parametrize(
+    ("method", "key", "suggested"),
+    [("lora", "lora_alpha", "alpha"), ("lora", "lora_dropout", "dropout"), ("dora", "use_rslora", "rslora")],
+)
+def test_peft_option_names_suggest_peftkit_ones(method: str, key: str, suggested: str) -> None:
+    with pytest.raises(ConfigError, match=rf"no option '{key}'\. Did you mean '{suggested}'\?"):
+        peftkit.get_method(method).from_options(**{key: 1})
+
+
+@pytest.mark.parametrize(
+    ("method", "value", "message"),
+    [
+        ("lora", True, "use method 'dora' instead of 'lora'"),
+        ("qlora", True, "use method 'qdora' instead of 'qlora'"),
+        ("dora", False, "use method 'lora' instead of 'dora'"),
+        ("lora", False, "'lora' already is use_dora=False; drop the option"),
+    ],
+)
+def test_use_dora_names_the_method_to_pick(method: str, value: bool, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        peftkit.get_method(method).from_options(use_dora=value, r=4)
+    assert f"method {method!r} has no option 'use_dora': " in str(error.value) and message in str(error.value)
 
 
 def test_int_is_accepted_where_float_is_declared() -> None:

@@ -117,7 +117,6 @@ class InPlaceMethod(AdapterMethod):
                 f"this one already has {', '.join(f'{n!r} ({m.name})' for n, m in existing.items())}. "
                 "Start from a fresh model, or merge_and_unload the others first."
             )
-        self.prepare(model)
         quantized = [
             name
             for path in self.trained_modules(model)
@@ -129,6 +128,7 @@ class InPlaceMethod(AdapterMethod):
                 f"{self.name} cannot train non-floating-point (quantized) parameters, e.g. {quantized[:3]}; "
                 "load the model in a floating-point dtype, or use qlora."
             )
+        self.prepare(model)  # after the checks: it changes the model (unties a head)
         return []
 
     def trainable_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:

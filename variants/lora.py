@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from typing import ClassVar, Literal
 
 from torch import nn
@@ -87,7 +88,7 @@ class LoraConfig(MethodConfig):
             `["experts.gate_up_proj"]`. Pass `target_modules=[]` to adapt only these.
     """
 
-    r: int = peft_option(8, "r")
+    r: int = peft_option(8, "r", aliases=("rank", "lora_rank"))
     alpha: float = peft_option(8, "lora_alpha")
     dropout: float = peft_option(0.0, "lora_dropout")
     rslora: bool = peft_option(False, "use_rslora")
@@ -117,12 +118,22 @@ class LoraConfig(MethodConfig):
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
+    def unmatched_pattern_keys(self, targets: list[str]) -> dict[str, list[str]]:
+        """`rank_pattern`/`alpha_pattern` keys that match none of `targets` (so they change nothing)."""
+        unmatched = {
+            option: sorted(key for key in getattr(self, option) if not any(_matches(key, t) for t in targets))
+            for option in ("rank_pattern", "alpha_pattern")
+        }
+        return {option: keys for option, keys in unmatched.items() if keys}
+
+
+def _matches(key: str, module_name: str) -> bool:
+    """PEFT's rule for a pattern key: a regex matched against a whole trailing part of the path."""
+    return re.match(rf"(.*\.)?({key})$", module_name) is not None
+
 
 def _pattern_value(pattern: dict[str, float], module_name: str, default: float) -> float:
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
+    return next((value for key, value in pattern.items() if _matches(key, module_name)), default)
 
 
 class LoRA(AdapterMethod):
@@ -186,6 +197,13 @@ class LoRA(AdapterMethod):
         targets = super().attach(model, adapter_name)
         for path, adapter in extra.items():
             add_adapter(model, path, adapter_name, adapter)
+        for option, keys in self.config.unmatched_pattern_keys(targets + list(extra)).items():
+            warnings.warn(
+                f"adapter {adapter_name!r}: {option} keys {keys} match no targeted module and were ignored; "
+                f"targeted modules end in: {', '.join(sorted({t.rsplit('.', 1)[-1] for t in targets}))}.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return targets + list(extra)
 
     def _parameter_adapters(self, model: nn.Module, layers: list[str]) -> dict[str, LoraParameter]:

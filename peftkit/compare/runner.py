@@ -26,7 +26,7 @@ from sacrebleu.metrics import BLEU, CHRF
 
 from peftkit.compare.child import RESULT_NAME
 from peftkit.compare.plan import RunSpec
-from peftkit.serialization import WEIGHTS_NAME
+from peftkit.peft_format import WEIGHTS_NAME
 
 __all__ = ["task_scores", "collect_run", "run_plan"]
 

@@ -23,6 +23,7 @@ from peftkit.quant.codec import (
     to_4bit,
 )
 from peftkit.targets import candidate_modules, matches_pattern
+from peftkit.undo import restore_on_failure
 from peftkit.weights import is_linear
 
 __all__ = [
@@ -57,22 +58,26 @@ def quantize_model(
     compute_dtypes: dict[torch.device, torch.dtype] = {}
     if targets is None:
         targets = [n for n, m in candidate_modules(model) if is_linear(m) and not is_bitsandbytes(m)]
-    for path in targets:
-        module = model.get_submodule(path)
-        if path in skipped or is_bitsandbytes(module):
-            continue
-        if not is_linear(module):
-            raise UnsupportedModuleError(
-                f"cannot quantize {path!r}: it is a {type(module).__name__}; 4-bit layers replace Linear, Conv1D only."
-            )
-        device = module.weight.device
-        if device.type == "meta":
-            raise ConfigError(f"cannot quantize {path!r}: its weight is on the meta device; load the weights first.")
-        if device not in compute_dtypes:
-            compute_dtypes[device] = resolve_compute_dtype(config.compute_dtype, device)
-        model.set_submodule(path, to_4bit(module, path, config, compute_dtypes[device]))
-    # The flag transformers sets for bitsandbytes models; PEFT and the Trainer read it.
-    model.is_loaded_in_4bit = is_quantized(model)
+    with restore_on_failure(model):  # a layer that cannot be quantized leaves the others dense too
+        for path in targets:
+            module = model.get_submodule(path)
+            if path in skipped or is_bitsandbytes(module):
+                continue
+            if not is_linear(module):
+                raise UnsupportedModuleError(
+                    f"cannot quantize {path!r}: it is a {type(module).__name__}; "
+                    "4-bit layers replace Linear, Conv1D only."
+                )
+            device = module.weight.device
+            if device.type == "meta":
+                raise ConfigError(
+                    f"cannot quantize {path!r}: its weight is on the meta device; load the weights first."
+                )
+            if device not in compute_dtypes:
+                compute_dtypes[device] = resolve_compute_dtype(config.compute_dtype, device)
+            model.set_submodule(path, to_4bit(module, path, config, compute_dtypes[device]))
+        # The flag transformers sets for bitsandbytes models; PEFT and the Trainer read it.
+        model.is_loaded_in_4bit = is_quantized(model)
     return model
 
 
@@ -91,6 +96,12 @@ def prepare_for_kbit_training(
     gradients reach the adapters through checkpointed blocks whose own inputs and
     weights are all frozen, and checkpointing is switched on.
     """
+    needed = ("gradient_checkpointing_enable", "enable_input_require_grads")
+    if gradient_checkpointing and not all(callable(getattr(model, name, None)) for name in needed):
+        raise ConfigError(
+            f"{type(model).__name__} has no gradient_checkpointing_enable(); "
+            "gradient checkpointing needs a transformers model."
+        )
     keep_one_kernel(model)
     with torch.no_grad():
         for module in model.modules():
@@ -100,12 +111,6 @@ def prepare_for_kbit_training(
                 if param.dtype in _HALF:
                     param.data = param.data.float()
     if gradient_checkpointing:
-        needed = ("gradient_checkpointing_enable", "enable_input_require_grads")
-        if not all(callable(getattr(model, name, None)) for name in needed):
-            raise ConfigError(
-                f"{type(model).__name__} has no gradient_checkpointing_enable(); "
-                "gradient checkpointing needs a transformers model."
-            )
         model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
     return model
@@ -136,7 +141,8 @@ def merge_and_dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> 
         if len(dtypes) > 1:
             raise ConfigError(f"the 4-bit layers compute in {sorted(map(str, dtypes))}; pass the dtype to merge into.")
         dtype = dtypes.pop() if dtypes else torch.float32
-    return merge_and_unload(dequantize_model(model, dtype)).to(dtype)
+    with restore_on_failure(model):  # a merge that fails leaves the 4-bit layers, not dense copies
+        return merge_and_unload(dequantize_model(model, dtype)).to(dtype)
 
 
 def requantization_errors(model: nn.Module) -> dict[str, float]:

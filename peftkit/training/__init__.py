@@ -4,7 +4,9 @@ The only users of YAML and accelerate: `config` (checked in full before any mode
 loads), `data` (files to tokenized examples), `models` (a model and tokenizer by
 name, the embedded Gemma-3-270M), `loop` (the accelerate loop), `checkpoint`
 (atomic checkpoints and exact resume), `rundir` (an output directory holds one run;
-what a resume may change).
+what a resume may change); the memory savers `optim` (8-bit and paged optimizers),
+`loss` (chunked cross-entropy) and `activations` (gradient checkpointing); `quantized`
+(loading straight into 4 bits).
 """
 
 from peftkit.training.config import RunConfig, load_config

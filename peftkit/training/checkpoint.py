@@ -25,15 +25,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from peftkit.errors import AdapterFileError, ConfigError
+from peftkit.errors import CheckpointError, ConfigError, UntrustedCheckpointError
 from peftkit.files import atomic_directory, read_json
-from peftkit.inject import DEFAULT_ADAPTER
-from peftkit.serialization import WEIGHTS_NAME, copy_adapter_tensors, save_adapter
+from peftkit.peft_format import WEIGHTS_NAME, save_adapter
+from peftkit.record import DEFAULT_ADAPTER
+from peftkit.serialization import copy_adapter_tensors
 
 __all__ = [
     "Checkpoint",
-    "CheckpointError",
-    "UntrustedCheckpointError",
     "save_checkpoint",
     "read_checkpoint",
     "restore_checkpoint",
@@ -109,14 +108,6 @@ def _jsonable(value: Any) -> Any:
 
 def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-class CheckpointError(AdapterFileError):
-    """A checkpoint is unreadable: a file is missing, truncated or corrupt."""
-
-
-class UntrustedCheckpointError(CheckpointError):
-    """trainer_state.pt holds more than tensors and plain containers, so it is never unpickled."""
 
 
 @dataclasses.dataclass

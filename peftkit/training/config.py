@@ -21,6 +21,7 @@ import yaml
 from peftkit.errors import ConfigError, did_you_mean
 from peftkit.registry import get_method
 from peftkit.training.models import model_skeleton
+from peftkit.training.optim import check_optimizer
 from peftkit.training.quantized import quantization_from_options, resolve_compute_dtype_here, skipped_modules
 from peftkit.validation import check_types, from_options
 
@@ -159,7 +160,8 @@ class DataConfig(_Section):
 
 @dataclasses.dataclass
 class TrainingConfig(_Section):
-    """Optimisation: AdamW with a warmup then a `schedule`; `batch_size` is per process."""
+    """Optimisation: `optimizer` (see peftkit.training.optim) with a warmup then a `schedule`; `batch_size` is
+    per process; `loss_chunk_size` positions per loss chunk (None: automatic, 0: off; see peftkit.training.loss)."""
 
     section = "training"
     positive = (
@@ -171,7 +173,7 @@ class TrainingConfig(_Section):
         "max_grad_norm",
         "log_every",
     )
-    non_negative = ("warmup_steps", "weight_decay", "seed")
+    non_negative = ("warmup_steps", "weight_decay", "seed", "loss_chunk_size")
     learning_rate: float = 2.0e-4
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = 0
@@ -184,6 +186,12 @@ class TrainingConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     log_every: int = 1
+    optimizer: str = "adamw"
+    loss_chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_optimizer(self.optimizer)
 
 
 @dataclasses.dataclass

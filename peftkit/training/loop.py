@@ -28,8 +28,9 @@ from peftkit.anatomy import output_head
 from peftkit.errors import ConfigError
 from peftkit.files import atomic_directory
 from peftkit.inject import adapt, trainable_parameters
+from peftkit.peft_format import save_adapter
 from peftkit.registry import get_method
-from peftkit.serialization import save_adapter
+from peftkit.training.activations import enable_gradient_checkpointing
 from peftkit.training.checkpoint import Checkpoint, find_resume_checkpoint, restore_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig
 from peftkit.training.data import (
@@ -41,7 +42,9 @@ from peftkit.training.data import (
     generation_prompt,
     load_datasets,
 )
+from peftkit.training.loss import head_cross_entropy, loss_chunk_size
 from peftkit.training.models import check_model_source, generate_text, load_model, load_tokenizer
+from peftkit.training.optim import build_optimizer
 from peftkit.training.rundir import (
     check_new_run,
     check_resume,
@@ -71,9 +74,9 @@ class CausalLMLoss(nn.Module):
     hooks on the call that does the work.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int = 0) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.chunk_size = model, chunk_size  # chunk_size: see peftkit.training.loss
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = labels[:, 1:]
@@ -83,10 +86,8 @@ class CausalLMLoss(nn.Module):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
         else:
             hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            logits = head(hidden[:, :-1][keep])
             cap = getattr(self.model.config, "final_logit_softcapping", None)
-            if cap:  # Gemma's soft cap, as its own forward applies it
-                logits = torch.tanh(logits / cap) * cap
+            return head_cross_entropy(head, hidden[:, :-1][keep], targets[keep], cap, self.chunk_size)
         return F.cross_entropy(logits.float(), targets[keep])
 
 
@@ -211,11 +212,11 @@ def _total_steps(tc: TrainingConfig, n_train: int, world: int) -> int:
 
 
 def _optimizer(model: nn.Module, tc: TrainingConfig, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the trainable parameters, with warmup then the configured schedule."""
+    """`training.optimizer` over the trainable parameters, with warmup then the configured schedule."""
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(params, tc.optimizer, tc.learning_rate, tc.weight_decay)
     schedule = "constant_with_warmup" if tc.schedule == "constant" else tc.schedule
     return optimizer, get_scheduler(
         schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total_steps
@@ -330,10 +331,11 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     adapt(model, config.method.name, **config.method.options)
     if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     trainable, total = trainable_parameters(model)
     optimizer, scheduler = _optimizer(model, tc, total_steps)
-    wrapper, optimizer = acc.prepare(CausalLMLoss(model), optimizer)
+    chunk_size = loss_chunk_size(tc.loss_chunk_size, getattr(model.config, "vocab_size", 0))
+    wrapper, optimizer = acc.prepare(CausalLMLoss(model, chunk_size), optimizer)
     unwrapped = acc.unwrap_model(wrapper).model
 
     start = 0

@@ -10,20 +10,18 @@ that decide only when to evaluate, log and save (`RESUMABLE`), and a longer run.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from peftkit.errors import ConfigError, PeftkitError
-from peftkit.files import atomic_write
+from peftkit.errors import ConfigError, OutputDirError
+from peftkit.files import atomic_write, destination_errors
 from peftkit.registry import get_method
 from peftkit.training.checkpoint import Checkpoint, checkpoint_step, list_checkpoints
 from peftkit.training.config import DataConfig
@@ -32,7 +30,6 @@ __all__ = [
     "RUN_STATE",
     "RESUMABLE",
     "EXTENDABLE",
-    "OutputDirError",
     "writing",
     "probe_output",
     "run_state",
@@ -65,29 +62,12 @@ RESUMABLE = (
 EXTENDABLE = ("training.max_steps", "training.epochs")
 
 
-class OutputDirError(PeftkitError, OSError):
-    """The output directory holds another run's state, or cannot be written."""
-
-
-# Why a write fails that the user can fix (space, a read-only mount, permissions), not a bug.
-_UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 _PROBE_BYTES = 1 << 16
 
 
-@contextmanager
-def writing(out: Path) -> Iterator[None]:
-    """Writes to the run's directory inside this block fail as one OutputDirError naming output.dir."""
-    try:
-        yield
-    except OSError as error:
-        if isinstance(error, PeftkitError) or error.errno not in _UNWRITABLE:
-            raise
-        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise OutputDirError(
-            f"output.dir {str(out)!r} cannot be written: {error.strerror or error}"
-            + (f" ({error.filename})" if error.filename else "")
-            + ("; free some space, or choose another output.dir." if full else "; choose a writable output.dir.")
-        ) from None
+def writing(out: Path) -> AbstractContextManager[None]:
+    """Writes to the run's directory inside this block fail as one DestinationError naming output.dir."""
+    return destination_errors(out, f"output.dir {str(out)!r}")
 
 
 def probe_output(out: Path) -> None:

@@ -10,7 +10,7 @@ import sys
 
 from safetensors.torch import save_file
 
-from peftkit.serialization import adapter_state_dict
+from peftkit.peft_format import adapter_state_dict
 from peftkit.training.config import load_config
 from peftkit.training.loop import train
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
+from conftest import train_steps
 from tiny_run import make_model_dir, write_run
 from torch import nn
 
@@ -82,13 +83,17 @@ def test_full_precision_weights_never_exist_whole_while_loading(
         return quantize(*args, **kwargs)
 
     monkeypatch.setattr(bnb_functional, "quantize_4bit", counting)
-    baseline = _live_float_bytes()
     dense_linear = 4 * (4 * 64 * 64 + 3 * 64 * 128) * 4  # bytes of the 28 linear weights in float32
-    load_model(str(model_dir), "float32", QuantizationConfig())
+    gc.collect()  # garbage of earlier tests would otherwise count, or be freed mid-load
+    baseline = _live_float_bytes()
+    loaded = load_model(str(model_dir), "float32", QuantizationConfig())
     assert len(seen) == 28  # one count per quantized weight
     assert max(seen) - baseline < 0.3 * dense_linear
     # The counter sees what a full-precision load holds: all of it at once.
+    del loaded
     seen.clear()
+    gc.collect()
+    baseline = _live_float_bytes()
     dense = load_model(str(model_dir), "float32")
     quantize_model(dense, QuantizationConfig())
     assert len(seen) == 28 and seen[0] - baseline > dense_linear
@@ -99,15 +104,7 @@ def test_methods_train_on_the_4bit_base_and_round_trip(model_dir: Path, method: 
     model = load_model(str(model_dir), "float32", QuantizationConfig())
     targets = ["q_proj", "v_proj", "down_proj"]
     peftkit.adapt(model, method, target_modules=targets)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(3):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model.train(), IDS)
     assert losses[-1] < losses[0]
     expected = _logits(model)
     peftkit.save_adapter(model, tmp_path)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from tiny_run import make_model_dir, write_run
 
-import peftkit.serialization
+import peftkit.peft_format
 import peftkit.training.checkpoint
 import peftkit.training.loop
 import peftkit.training.rundir as rundir
@@ -188,8 +188,8 @@ def test_a_full_disk_fails_before_the_model_loads(tmp_path: Path, model_dir: Pat
     assert main(["train", str(config)]) == 2
     monkeypatch.undo()
     assert capsys.readouterr().err == (
-        f"peftkit train: error: output.dir '{tmp_path / 'out' / 'run'}' cannot be written: No space left on device; "
-        "free some space, or choose another output.dir.\n"
+        f"peftkit train: error: cannot write output.dir '{tmp_path / 'out' / 'run'}': No space left on device "
+        "(ENOSPC); free some space, or choose another destination.\n"
     )
     assert list((tmp_path / "out").iterdir()) == []  # no probe file, no run directory
 
@@ -207,8 +207,8 @@ def test_a_read_only_output_dir_fails_before_the_model_loads(
     monkeypatch.setattr(rundir.tempfile, "mkstemp", read_only)
     assert main(["train", str(config)]) == 2
     assert capsys.readouterr().err == (
-        f"peftkit train: error: output.dir '{tmp_path / 'run'}' cannot be written: Read-only file system "
-        f"({tmp_path}); choose a writable output.dir.\n"
+        f"peftkit train: error: cannot write output.dir '{tmp_path / 'run'}': Read-only file system (EROFS) "
+        f"({tmp_path}); make it writable, or choose another destination.\n"
     )
 
 
@@ -224,7 +224,7 @@ def test_a_disk_full_at_a_checkpoint_leaves_nothing_half_written(
     monkeypatch.setattr(peftkit.training.checkpoint.torch, "save", full)
     assert main(["train", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"peftkit train: error: output.dir '{tmp_path / 'run'}' cannot be written: No space left")
+    assert err.startswith(f"peftkit train: error: cannot write output.dir '{tmp_path / 'run'}': No space left")
     assert err.count("\n") == 1 and "trainer_state.pt" in err
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []  # the half-written step-000002 is gone
 
@@ -237,9 +237,9 @@ def test_a_disk_full_at_the_final_adapter_leaves_no_half_adapter(
     def full(path, data):  # the weights are written, then the disk fills
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(peftkit.serialization, "atomic_write_json", full)
+    monkeypatch.setattr(peftkit.peft_format, "atomic_write_json", full)
     assert main(["train", str(config), "--quiet"]) == 2
-    assert "cannot be written: No space left on device" in capsys.readouterr().err
+    assert "cannot write output.dir" in (err := capsys.readouterr().err) and "No space left on device" in err
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "metrics.jsonl"]
 
 

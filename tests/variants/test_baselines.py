@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 from conftest import MODEL_BUILDERS, VOCAB, model_output, randomize_adapters, tiny_bert, tiny_llama
@@ -25,12 +26,8 @@ def tied_llama(seed: int = 0) -> LlamaForCausalLM:
 
 
 def train_steps(model: nn.Module, ids: torch.Tensor, steps: int = 3) -> None:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        out = model(input_ids=ids, labels=ids if model.config.model_type != "bert" else torch.tensor([0, 2]))
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    labels = torch.tensor([0, 2]) if model.config.model_type == "bert" else None
+    conftest.train_steps(model, ids, steps, labels=labels)
 
 
 def saved(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -17,6 +17,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import peftkit
+import peftkit.hosts
+import peftkit.peft_format
 from peftkit.weights import read_weight
 from variants.dora import DoraEmbedding, DoraLinear
 
@@ -209,7 +211,7 @@ def test_peftkit_file_loads_in_peft_with_the_same_logits(model_name: str, ids: t
     model = adapted(model_name, PEFT_TARGETS[model_name])
     expected = model_output(model, ids)
     peftkit.save_adapter(model, tmp_path)
-    config = peftkit.serialization.read_adapter_config(tmp_path)
+    config = peftkit.peft_format.read_adapter_config(tmp_path)
     assert config["use_dora"] is True and config["peft_type"] == "LORA"
     theirs = peft.PeftModel.from_pretrained(BUILDERS[model_name](), tmp_path)
     assert torch.count_nonzero(theirs.base_model.model.state_dict()[_magnitude_key(model_name)]) > 0
@@ -250,7 +252,7 @@ def test_merge_unmerge_and_merge_and_unload(model_name: str, ids: torch.Tensor) 
             torch.testing.assert_close(param, base_weights[name], atol=1e-6, rtol=0, msg=name)
     torch.testing.assert_close(model_output(model, ids), expected, atol=ATOL, rtol=0)
     plain = peftkit.merge_and_unload(model)
-    assert not list(peftkit.inject.hosts(plain))
+    assert not list(peftkit.hosts.hosts(plain))
     torch.testing.assert_close(model_output(plain, ids), expected, atol=ATOL, rtol=0)
 
 

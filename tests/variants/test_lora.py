@@ -48,6 +48,24 @@ def test_rslora_and_patterns_set_per_module_rank_and_scale() -> None:
     assert layers[1].self_attn.q_proj.adapters["default"].scaling == pytest.approx(4 / math.sqrt(8))
 
 
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_pattern_keys_that_match_no_target_are_named_in_a_warning(method: str) -> None:
+    with pytest.warns(RuntimeWarning) as caught:
+        model = peftkit.adapt(
+            tiny_llama(),
+            method,
+            r=8,
+            target_modules=["q_proj", "v_proj"],
+            rank_pattern={"v_proj": 2, "k_proj": 4},  # k_proj is not targeted
+            alpha_pattern={"o_prj": 3.0},
+        )
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2
+    assert "alpha_pattern keys ['o_prj'] match no targeted module" in messages[0]
+    assert "rank_pattern keys ['k_proj'] match no targeted module" in messages[1] and "q_proj, v_proj" in messages[1]
+    assert model.model.layers[0].self_attn.v_proj.adapters["default"].r == 2  # the matching key still applies
+
+
 def test_init_a_is_random_and_b_is_zero() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64))

@@ -17,6 +17,8 @@ from conftest import randomize_adapters
 from torch import nn
 
 import peftkit
+import peftkit.hosts
+import peftkit.peft_format
 
 # PEFT's own warnings on layouts these tests use on purpose (grouped convs, a 1-D lora_B.bias).
 pytestmark = [
@@ -209,7 +211,7 @@ def test_lora_bias_equals_peft_and_merges_into_the_base_bias(name: str, tmp_path
     expected = model(x)
     torch.testing.assert_close(expected, theirs(x), atol=OUTPUT_ATOL, rtol=0)
     peftkit.save_adapter(model, tmp_path)
-    assert peftkit.serialization.read_adapter_config(tmp_path)["lora_bias"] is True
+    assert peftkit.peft_format.read_adapter_config(tmp_path)["lora_bias"] is True
     loaded = peft.PeftModel.from_pretrained(net(make_layer), tmp_path)
     torch.testing.assert_close(loaded(x), expected, atol=OUTPUT_ATOL, rtol=0)
     base_bias = model.layer.base_layer.bias.detach().clone()

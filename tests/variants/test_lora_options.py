@@ -18,7 +18,9 @@ from torch import nn
 from transformers import MixtralConfig, MixtralForCausalLM
 
 import peftkit
-from peftkit.serialization import read_adapter_config
+import peftkit.hosts
+import peftkit.peft_format
+from peftkit.peft_format import read_adapter_config
 
 OUTPUT_ATOL = 1e-5
 MERGE_ATOL = 1e-4
@@ -151,7 +153,7 @@ def test_trainable_tokens_refusals_are_typed_and_leave_the_model_as_it_was() -> 
     model = tiny_llama()
     with pytest.raises(peftkit.ConfigError, match="distinct ids"):
         peftkit.adapt(model, "lora", target_modules=["q_proj"], trainable_token_indices=[1, 1])
-    assert not list(peftkit.inject.hosts(model)) and not peftkit.list_adapters(model)
+    assert not list(peftkit.hosts.hosts(model)) and not peftkit.list_adapters(model)
     tied = tiny_llama(tie_word_embeddings=True)
     with pytest.raises(peftkit.UnsupportedModuleError, match="tied to the output head"):
         peftkit.adapt(tied, "lora", target_modules=["q_proj"], trainable_token_indices=TOKENS)

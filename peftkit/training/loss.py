@@ -1,0 +1,73 @@
+"""Cross-entropy over the output head in chunks of positions, so `tokens x vocabulary` logits never exist at once.
+
+```
+ hidden h (N x d) ──► split into chunks of C positions
+   chunk k: h_k ──► head(h_k) (C x V) ──► [softcap] ──► sum of CE(z_k, y_k) ──┐
+            (the logits are freed at once; recomputed from h_k in backward)   + ──► L = (1/N) sum_k
+```
+
+For the positions i of chunk k, with logits z_i = cap(head(h_i)) and cap(u) =
+c tanh(u / c) (Gemma's final_logit_softcapping; the identity without it),
+
+    L = (1/N) sum_i [logsumexp(z_i) - z_i[y_i]]
+    dL/dz_i = (softmax(z_i) - onehot(y_i)) / N
+    dL/du_i = dL/dz_i * (1 - (z_i / c)^2)
+    dL/dh_i = J_head(h_i)^T dL/du_i,   dL/dtheta_head = sum_i J_theta(h_i)^T dL/du_i
+
+Every term of the gradient belongs to one position, so it is exact chunk by
+chunk: each chunk runs under non-reentrant `torch.utils.checkpoint`, which keeps
+only h_k and recomputes z_k in backward with the same RNG and autocast state
+(adapter dropout on an adapted head gets the same mask). The head module is
+always called, never its weight read, so a LoRA-adapted, TrainableCopy-wrapped,
+tied or 4-bit head works as it does in the model's own forward. The peak cost of
+the loss falls from about 3 N V float32 (logits, log-softmax and its gradient)
+to 3 C V, for one more head forward per chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["AUTO_CHUNK_MIN_VOCAB", "AUTO_CHUNK_ELEMENTS", "loss_chunk_size", "head_cross_entropy"]
+
+# `training.loss_chunk_size: null` chunks the loss when the vocabulary has at least this many
+# entries, in chunks of AUTO_CHUNK_ELEMENTS // vocabulary positions (128 MiB of float32 logits).
+AUTO_CHUNK_MIN_VOCAB = 32768
+AUTO_CHUNK_ELEMENTS = 2**25
+
+
+def loss_chunk_size(configured: int | None, vocab_size: int) -> int:
+    """Positions per loss chunk (0 = unchunked): `configured` as given, else the automatic rule."""
+    if configured is not None:
+        return configured
+    return max(1, AUTO_CHUNK_ELEMENTS // vocab_size) if vocab_size >= AUTO_CHUNK_MIN_VOCAB else 0
+
+
+def _logits(head: nn.Module, hidden: torch.Tensor, cap: float | None) -> torch.Tensor:
+    logits = head(hidden)
+    if cap:  # Gemma's soft cap, as its own forward applies it
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return F.cross_entropy(_logits(head, hidden, cap), targets, reduction="sum")
+
+
+def head_cross_entropy(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, cap: float | None = None, chunk_size: int = 0
+) -> torch.Tensor:
+    """Mean cross-entropy of `head(hidden)` (N x d positions) against `targets` (N), in chunks of `chunk_size`.
+
+    `chunk_size` 0 computes the logits of all N positions at once.
+    """
+    if not chunk_size:
+        return F.cross_entropy(_logits(head, hidden, cap), targets)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        stop = start + chunk_size
+        total = total + checkpoint(_chunk_loss, head, hidden[start:stop], targets[start:stop], cap, use_reentrant=False)
+    return total / targets.numel()

@@ -1,0 +1,87 @@
+"""`training.optimizer`: torch's AdamW, or bitsandbytes' 8-bit and paged AdamW.
+
+| name               | class                       | state per trained element      |
+| ------------------ | --------------------------- | ------------------------------ |
+| `adamw` (default)  | torch.optim.AdamW           | 8 bytes (two float32)          |
+| `adamw_8bit`       | bitsandbytes AdamW8bit      | ~2 bytes (two blockwise uint8) |
+| `paged_adamw_8bit` | bitsandbytes PagedAdamW8bit | ~2 bytes, in paged memory      |
+| `paged_adamw`      | bitsandbytes PagedAdamW     | 8 bytes, in paged memory       |
+
+8-bit Adam (Dettmers et al., 2021, https://arxiv.org/abs/2110.02861) stores both
+moments as uint8 codes with one float32 scale per 256 elements; bitsandbytes keeps
+tensors under 4096 elements (`min_8bit_size`) in float32, where the scales would
+cost more than they save. Paged state lives in CUDA unified memory that can spill
+to the host under memory pressure; without CUDA, bitsandbytes runs the paged
+optimizers unpaged (it warns so), so they run everywhere and save nothing there.
+
+Whether an optimizer runs on this machine is measured, not assumed: the config
+check takes one step with it on the device the run will use, and refuses it with
+the list of those that do run. Their `state_dict` holds only tensors and numbers,
+so checkpoints read it back with `torch.load(weights_only=True)` and resume exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+from peftkit.errors import ConfigError, did_you_mean
+
+__all__ = ["OPTIMIZERS", "check_optimizer", "build_optimizer"]
+
+_BITSANDBYTES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW"}
+OPTIMIZERS = ["adamw", *_BITSANDBYTES]
+
+
+def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    if name == "adamw":
+        return torch.optim.AdamW
+    import bitsandbytes
+
+    return getattr(bitsandbytes.optim, _BITSANDBYTES[name])
+
+
+def _run_device() -> torch.device:
+    """The device `peftkit train` uses: the GPU when there is one (as its Accelerator decides)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@functools.cache
+def _failure(name: str, device: torch.device) -> str | None:
+    """Why `name` cannot take a step on `device` (on a tensor large enough for 8-bit state), or None."""
+    try:
+        param = torch.nn.Parameter(torch.ones(4096, device=device))
+        param.grad = torch.full_like(param, 0.5)
+        with warnings.catch_warnings():  # bitsandbytes' "paging falls back" note; the run itself says it
+            warnings.simplefilter("ignore")
+            _optimizer_class(name)([param], lr=1e-3).step()
+    except Exception as error:  # noqa: BLE001 - any failure means the option does not run here
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def check_optimizer(name: str, device: torch.device | None = None) -> None:
+    """Raise ConfigError if `name` is not an optimizer, or cannot run on `device` (default: the run's)."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(
+            f"training.optimizer {name!r} does not exist.{did_you_mean(name, OPTIMIZERS)} "
+            f"Optimizers: {', '.join(OPTIMIZERS)}."
+        )
+    device = device or _run_device()
+    failure = _failure(name, device)
+    if failure is not None:
+        working = [other for other in OPTIMIZERS if _failure(other, device) is None]
+        raise ConfigError(
+            f"training.optimizer {name!r} cannot run on {device.type} here ({failure}). "
+            f"Optimizers that run here: {', '.join(working) or 'none'}."
+        )
+
+
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], name: str, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """The optimizer `name` over `params`; every one is AdamW with decoupled weight decay."""
+    return _optimizer_class(name)(list(params), lr=lr, weight_decay=weight_decay)
