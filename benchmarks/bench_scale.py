@@ -37,7 +37,6 @@ import shutil
 import statistics
 import sys
 import time
-import warnings
 import weakref
 from functools import partial
 from pathlib import Path
@@ -55,12 +54,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from peftkit.errors import ConfigError
 from peftkit.quant import weight_nbytes
 from peftkit.training import train
 from peftkit.training.config import apply_overrides, load_config
+from peftkit.training.optim import check_optimizer
 
 RANK, ALPHA, LR, SEED = 16, 32, 2e-4, 0
-# In order of preference: the first that runs on this machine is used by both sides.
+# In order of preference: the first that runs on this machine is used by both sides (the classes: PEFT's side).
 OPTIMIZERS = {
     "paged_adamw_8bit": bitsandbytes.optim.PagedAdamW8bit,
     "adamw_8bit": bitsandbytes.optim.AdamW8bit,
@@ -162,7 +163,7 @@ class StepClock:
 
     def _post_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         self._depth -= 1
-        if self._depth:
+        if self._depth or self.started is None:  # nested, or before training (a config check's probe step)
             return
         now, cpu_now = time.perf_counter(), time.process_time()
         self.live.add_state(optimizer)
@@ -192,19 +193,15 @@ class StepClock:
 
 
 def pick_optimizer() -> tuple[str, str]:
-    """(name, note) of the first of OPTIMIZERS that takes a step on this machine."""
-    for name, cls in OPTIMIZERS.items():
-        param = torch.nn.Parameter(torch.randn(4096, 64))
+    """(name, note) of the first of OPTIMIZERS that takes a step on this machine (peftkit's own check)."""
+    for name in OPTIMIZERS:
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                optimizer = cls([param], lr=LR)
-                param.grad = torch.randn_like(param)
-                optimizer.step()
-        except (RuntimeError, NotImplementedError, AttributeError) as error:
-            print(f"# optimizer {name} does not run here: {error}", file=sys.stderr)
+            check_optimizer(name)
+        except ConfigError as error:
+            print(f"# {error}", file=sys.stderr)
             continue
-        return name, "; ".join(str(w.message) for w in caught if "paged" in str(w.message).lower())
+        unpaged = name.startswith("paged") and not torch.cuda.is_available()
+        return name, "run unpaged: bitsandbytes pages optimizer state only on CUDA" if unpaged else ""
     raise RuntimeError("no optimizer of OPTIMIZERS runs here")
 
 
@@ -266,6 +263,7 @@ def peftkit_config(spec: dict[str, Any]) -> dict[str, Any]:
             "max_steps": spec["steps"],
             "batch_size": 1,
             "max_grad_norm": None,
+            "optimizer": spec["optimizer"],
         },
         "output": {"dir": spec["output"]},
     }
