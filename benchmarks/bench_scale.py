@@ -234,7 +234,8 @@ def _peft_side(spec: dict[str, Any]) -> tuple[list[float], torch.nn.Module]:
     )
     config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.0)
     model = peft.get_peft_model(model, config).train()
-    optimizer = OPTIMIZERS[spec["optimizer"]]([p for p in model.parameters() if p.requires_grad], lr=LR)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = OPTIMIZERS[spec["optimizer"]](trainable, lr=LR, weight_decay=0.0)  # peftkit's default decay
     ids = torch.tensor([_batch(spec, AutoTokenizer.from_pretrained(spec["checkpoint"]))])
     losses = []
     for _ in range(spec["steps"]):
