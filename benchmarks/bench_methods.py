@@ -30,7 +30,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,7 +39,7 @@ import bitsandbytes
 import peft
 import torch
 import transformers
-from common import LLAMA_BENCH, llama_model, machine, run_seconds
+from common import LLAMA_BENCH, llama_model, machine, run_seconds, spawn
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -229,21 +228,6 @@ def _libraries(method: str) -> list[str]:
     return ["torch"] if method == "full" else ["peftkit", "peft"]
 
 
-def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one configuration in a fresh interpreter; its result, or {"error": ...}."""
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    # glibc then hands freed blocks back at once, so peak RSS follows the live tensors; with its
-    # default adaptive thresholds it varied by ~5% between identical runs.
-    env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    command = [sys.executable, __file__, "--child", json.dumps(spec)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        tail = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
-        return {"error": tail[0]}
-    return json.loads(lines[-1])
-
-
 def _best_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per configuration, the round with the lowest median step (the least disturbed one)."""
     best: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -272,7 +256,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                             init=str(workdir / f"{model}-{method}-init"), batch=args.batch, seq=args.seq,
                             steps=args.steps, profile=args.profile,
                         )  # fmt: skip
-                        rows.append({"model": model, "description": description, **spec, **_spawn(spec)})
+                        rows.append({"model": model, "description": description, **spec, **spawn(__file__, spec)})
     return _best_rounds(rows)
 
 
