@@ -19,17 +19,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from peftkit.anatomy import attention_projections
 from peftkit.errors import ConfigError
 from peftkit.registry import available_methods, get_method
 from peftkit.targets import ALL_LINEAR, candidate_modules, distinguishing_suffixes
 from peftkit.training.config import build_config
-from peftkit.training.models import resolve_model_path
+from peftkit.training.models import model_skeleton
 from peftkit.validation import check_types, from_options, option_names
 
 __all__ = [
@@ -142,12 +140,6 @@ def target_modules(target: str | list[str], model: nn.Module | None) -> tuple[st
     return "+".join(names), names
 
 
-def _skeleton(name: str) -> nn.Module:
-    """The model `name` as transformers builds it from its config alone, on the meta device (no weights)."""
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(name)))
-
-
 def _default(config_class: type, key: str) -> Any:
     return next(f.default for f in dataclasses.fields(config_class) if f.name == key)
 
@@ -181,7 +173,7 @@ def plan_runs(raw: dict[str, Any], base_dir: Path | None, settings: CompareConfi
     base["training"]["log_every"] = 1  # every step's time and loss, for the medians
     base["eval"]["generations"] = settings.generations
     base["output"]["save_every"] = None  # a comparison's runs are short; checkpoints would only cost time
-    model = _skeleton(base["model"]["name"]) if ATTN in (settings.targets or []) else None
+    model = model_skeleton(base["model"]["name"]) if ATTN in (settings.targets or []) else None
     target_sets = [target_modules(t, model) for t in settings.targets or []] or [None]
     base_options = {key: value for key, value in raw_method.items() if key != "name"}
     runs = []

@@ -25,8 +25,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from peftkit.anatomy import output_head
 from peftkit.dtypes import DTYPES
 from peftkit.errors import ConfigError, MergeError
+from peftkit.targets import candidate_modules, matches_pattern
 from peftkit.validation import check_types
 from peftkit.weights import WeightAccess, read_weight
 
@@ -102,6 +104,13 @@ class QuantizationConfig:
                 f"QuantizationConfig.blocksize must be one of {', '.join(map(str, BLOCKSIZES))} "
                 f"(what bitsandbytes accepts), got {self.blocksize}."
             )
+
+    def dense_modules(self, model: nn.Module) -> set[str]:
+        """Paths of the modules this config keeps in full precision: `skip_modules`, else the output head."""
+        if self.skip_modules is not None:
+            return {name for name, _ in candidate_modules(model) if matches_pattern(name, self.skip_modules)}
+        head = output_head(model)
+        return {name for name, module in candidate_modules(model) if head is not None and module is head}
 
     def storage(self) -> torch.dtype:
         """The torch dtype the packed codes are stored in."""

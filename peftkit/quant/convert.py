@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.anatomy import output_head
 from peftkit.errors import ConfigError, UnsupportedModuleError
 from peftkit.merge import merge_and_unload
 from peftkit.quant.codec import (
@@ -22,7 +21,7 @@ from peftkit.quant.codec import (
     resolve_compute_dtype,
     to_4bit,
 )
-from peftkit.targets import candidate_modules, matches_pattern
+from peftkit.targets import candidate_modules
 from peftkit.undo import restore_on_failure
 from peftkit.weights import is_linear
 
@@ -37,13 +36,6 @@ __all__ = [
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _skipped(model: nn.Module, config: QuantizationConfig) -> set[str]:
-    if config.skip_modules is not None:
-        return {name for name, _ in candidate_modules(model) if matches_pattern(name, config.skip_modules)}
-    head = output_head(model)
-    return {name for name, module in candidate_modules(model) if head is not None and module is head}
-
-
 def quantize_model(
     model: nn.Module, config: QuantizationConfig | None = None, targets: list[str] | None = None
 ) -> nn.Module:
@@ -54,7 +46,7 @@ def quantize_model(
     already bitsandbytes layers stay as they are.
     """
     config = config or QuantizationConfig()
-    skipped = _skipped(model, config)
+    skipped = config.dense_modules(model)
     compute_dtypes: dict[torch.device, torch.dtype] = {}
     if targets is None:
         targets = [n for n, m in candidate_modules(model) if is_linear(m) and not is_bitsandbytes(m)]

@@ -17,9 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.anatomy import output_head_path
 from peftkit.errors import ConfigError
-from peftkit.targets import candidate_modules, matches_pattern
+from peftkit.targets import candidate_modules
 from peftkit.validation import from_options
 from peftkit.weights import is_linear
 
@@ -75,11 +74,8 @@ def resolve_compute_dtype_here(config: Any) -> torch.dtype:
 def skipped_modules(skeleton: nn.Module, config: Any, where: str) -> list[str]:
     """Paths of the linear layers that stay dense; ConfigError if no linear layer is left to quantize."""
     linear = [name for name, module in candidate_modules(skeleton) if is_linear(module)]
-    if config.skip_modules is None:
-        head = output_head_path(skeleton)
-        skipped = [name for name in linear if name == head]
-    else:
-        skipped = [name for name in linear if matches_pattern(name, config.skip_modules)]
+    dense = config.dense_modules(skeleton)
+    skipped = [name for name in linear if name in dense]
     if len(skipped) == len(linear):
         raise ConfigError(
             f"{where}: {type(skeleton).__name__} has no linear layer for bitsandbytes to quantize"
