@@ -20,6 +20,7 @@ core knows nothing about.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -55,6 +56,7 @@ __all__ = [
     "dequantize",
     "requantize",
     "dequantized_copy",
+    "sliced_forward",
     "weight_nbytes",
     "weight_layouts",
 ]
@@ -264,6 +266,72 @@ def dequantized_copy(layer: Linear4bit, dtype: torch.dtype | None = None) -> nn.
     if layer.bias is not None:
         dense.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
     return dense
+
+
+# Output rows a sliced forward dequantizes at once: at most this many weights (32 MiB of bfloat16).
+SLICE_ELEMENTS = 2**24
+
+
+def _row_slices(layer: Linear4bit, dtype: torch.dtype) -> Iterator[tuple[slice, torch.Tensor]]:
+    """The layer's dense weight as (output rows, weight rows) pairs, dequantized one slice at a time."""
+    state = _quant_state(layer)
+    rows, columns = state.shape
+    absmax = state.absmax
+    if state.nested:  # the scales are 8-bit themselves: dequantize them once (rows x columns / blocksize floats)
+        absmax = bnb_functional.dequantize_blockwise(absmax, state.state2) + state.offset
+    codes = layer.weight.data.reshape(-1).view(torch.uint8)  # two 4-bit codes a byte, row-major
+    step = max(1, SLICE_ELEMENTS // columns)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        part = bnb_functional.QuantState(
+            absmax=absmax[start * columns // state.blocksize : stop * columns // state.blocksize].float(),
+            shape=torch.Size([stop - start, columns]),
+            code=state.code,
+            blocksize=state.blocksize,
+            quant_type=state.quant_type,
+            dtype=state.dtype,
+        )
+        packed = codes[start * columns // 2 : stop * columns // 2].view(-1, 1)
+        yield slice(start, stop), bnb_functional.dequantize_4bit(packed, part).to(dtype)
+
+
+class _SlicedLinear4bit(torch.autograd.Function):
+    """`x @ W.T` for a frozen 4-bit W that is dequantized a slice of rows at a time, in forward and backward.
+
+    bitsandbytes dequantizes the whole weight for each call and again for its backward:
+    for a 128k-word output head that is a 1 GB bfloat16 temporary per loss chunk.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
+        ctx.layer = layer
+        out = x.new_empty(*x.shape[:-1], layer.out_features)
+        for rows, weight in _row_slices(layer, x.dtype):
+            out[..., rows] = x @ weight.T
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad_x = None
+        for rows, weight in _row_slices(ctx.layer, grad.dtype):
+            part = grad[..., rows] @ weight
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x, None
+
+
+def sliced_forward(layer: Linear4bit, x: torch.Tensor) -> torch.Tensor:
+    """What `layer(x)` computes, with at most SLICE_ELEMENTS of its weight dense at any time.
+
+    For a layer whose rows are not whole blocks (`in_features % blocksize`), it is `layer(x)`.
+    """
+    state = _quant_state(layer)
+    if layer.in_features % state.blocksize or layer.weight.requires_grad:
+        return layer(x)
+    compute = layer.compute_dtype or x.dtype
+    out = _SlicedLinear4bit.apply(x.to(compute), layer)
+    if layer.bias is not None:
+        out = out + layer.bias.to(compute)
+    return out.to(x.dtype)
 
 
 def _tensors(state: Any) -> list[torch.Tensor]:

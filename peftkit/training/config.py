@@ -249,21 +249,28 @@ class RunConfig:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings to the raw YAML mapping; values are parsed as YAML."""
+    """Apply `section.key=value` strings to the raw YAML mapping; values are parsed as YAML.
+
+    A longer path reaches into nested mappings (`model.quantization.skip_modules=[]`).
+    """
     for item in overrides:
         path, sep, text = item.partition("=")
         if not sep or "." not in path:
             raise ConfigError(f"--set expects section.key=value, got {item!r}.")
-        section, key = path.split(".", 1)
+        section, *keys = path.split(".")
         if section not in _ALL_SECTIONS:
             raise ConfigError(
                 f"--set {item!r}: no section {section!r}.{did_you_mean(section, _ALL_SECTIONS)} "
                 f"Sections: {', '.join(_ALL_SECTIONS)}."
             )
-        target = raw.setdefault(section, {})
+        target, where = raw.setdefault(section, {}), section
+        for key in keys[:-1]:
+            if not isinstance(target, dict):
+                break
+            target, where = target.setdefault(key, {}), f"{where}.{key}"
         if not isinstance(target, dict):
-            raise ConfigError(f"{section} must be a mapping, got {target!r}.")
-        target[key] = yaml.safe_load(text)
+            raise ConfigError(f"--set {item!r}: {where} must be a mapping, got {target!r}.")
+        target[keys[-1]] = yaml.safe_load(text)
     return raw
 
 

@@ -19,12 +19,19 @@ chunk: each chunk runs under non-reentrant `torch.utils.checkpoint`, which keeps
 only h_k and recomputes z_k in backward with the same RNG and autocast state
 (adapter dropout on an adapted head gets the same mask). The head module is
 always called, never its weight read, so a LoRA-adapted, TrainableCopy-wrapped,
-tied or 4-bit head works as it does in the model's own forward. The peak cost of
+tied or 4-bit head works as it does in the model's own forward; a bare frozen
+4-bit head is called through `peftkit.quant.codec.sliced_forward`, which computes
+the same logits but dequantizes a slice of its rows at a time (bitsandbytes would
+rebuild the whole head, 1 GB at 128k words, for every chunk). The peak cost of
 the loss falls from about 3 N V float32 (logits, log-softmax and its gradient)
 to 3 C V, for one more head forward per chunk.
 """
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +39,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["AUTO_CHUNK_MIN_VOCAB", "AUTO_CHUNK_ELEMENTS", "loss_chunk_size", "head_cross_entropy"]
+
+Head = Callable[[torch.Tensor], torch.Tensor]  # an output head module, or a function computing what it does
 
 # `training.loss_chunk_size: null` chunks the loss when the vocabulary has at least this many
 # entries, in chunks of AUTO_CHUNK_ELEMENTS // vocabulary positions (128 MiB of float32 logits).
@@ -46,14 +55,24 @@ def loss_chunk_size(configured: int | None, vocab_size: int) -> int:
     return max(1, AUTO_CHUNK_ELEMENTS // vocab_size) if vocab_size >= AUTO_CHUNK_MIN_VOCAB else 0
 
 
-def _logits(head: nn.Module, hidden: torch.Tensor, cap: float | None) -> torch.Tensor:
+def _head_call(head: nn.Module) -> Head:
+    """The head itself, or for a bare 4-bit head its slice-by-slice forward (a 4-bit head implies bitsandbytes)."""
+    if "bitsandbytes" in sys.modules:
+        from peftkit.quant.codec import Linear4bit, sliced_forward
+
+        if isinstance(head, Linear4bit):
+            return partial(sliced_forward, head)
+    return head
+
+
+def _logits(head: Head, hidden: torch.Tensor, cap: float | None) -> torch.Tensor:
     logits = head(hidden)
     if cap:  # Gemma's soft cap, as its own forward applies it
         logits = torch.tanh(logits / cap) * cap
     return logits.float()
 
 
-def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
+def _chunk_loss(head: Head, hidden: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
     return F.cross_entropy(_logits(head, hidden, cap), targets, reduction="sum")
 
 
@@ -64,6 +83,7 @@ def head_cross_entropy(
 
     `chunk_size` 0 computes the logits of all N positions at once.
     """
+    head = _head_call(head)
     if not chunk_size:
         return F.cross_entropy(_logits(head, hidden, cap), targets)
     total = hidden.new_zeros((), dtype=torch.float32)

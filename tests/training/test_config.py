@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from peftkit.errors import ConfigError, UnknownMethodError
-from peftkit.training.config import build_config, load_config
+from peftkit.training.config import apply_overrides, build_config, load_config
 
 
 @pytest.fixture
@@ -52,6 +52,17 @@ def test_overrides_are_parsed_as_yaml(config_file: Path) -> None:
     assert config.training.learning_rate == 1e-4 and isinstance(config.training.learning_rate, float)
     assert config.training.batch_size == 8 and config.data.packing is True
     assert config.method.options["target_modules"] == ["q_proj", "v_proj"] and config.method.options["r"] == 4
+
+
+def test_a_longer_override_path_reaches_into_nested_options() -> None:
+    raw = {"model": {"name": "m", "quantization": {"bits": 4}}}
+    apply_overrides(raw, ["model.quantization.skip_modules=[]", "model.quantization.blocksize=64", "eval.x.y=1"])
+    assert raw == {
+        "model": {"name": "m", "quantization": {"bits": 4, "skip_modules": [], "blocksize": 64}},
+        "eval": {"x": {"y": 1}},
+    }
+    with pytest.raises(ConfigError, match=r"--set 'model.name.bits=4': model.name must be a mapping, got 'm'"):
+        apply_overrides(raw, ["model.name.bits=4"])
 
 
 def test_resolved_config_round_trips(config_file: Path) -> None:

@@ -25,7 +25,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 import peftkit
 from peftkit.errors import ConfigError
-from peftkit.quant import QuantizationConfig, quantize_model
+from peftkit.quant import QuantizationConfig, codec, quantize_model
 from peftkit.quant.codec import is_quantized
 from peftkit.training.activations import enable_gradient_checkpointing
 from peftkit.training.config import TrainingConfig, load_config
@@ -274,3 +274,53 @@ def test_train_with_checkpointing_and_a_chunked_loss_learns_the_same_adapter(tmp
     # measured: within 1.3e-5 after 3 steps at lr 3e-2 (Adam's normalised step magnifies float32 rounding)
     for key, tensor in expected.items():
         torch.testing.assert_close(got[key], tensor, atol=5e-5, rtol=0, msg=key)
+
+
+# ---- a bare 4-bit head: dequantized a slice of rows at a time -------------------------------
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+def test_sliced_forward_computes_what_the_4bit_layer_does(
+    monkeypatch: pytest.MonkeyPatch, double_quant: bool, compute: torch.dtype
+) -> None:
+    monkeypatch.setattr(codec, "SLICE_ELEMENTS", 64 * 100)  # slices of 100 rows: 1000 = 10 slices, the last short
+    dense = nn.Linear(64, 1000, bias=True)
+    layer = codec.to_4bit(dense, "head", QuantizationConfig(double_quant=double_quant), compute)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    expected = layer(x)
+    (expected * torch.arange(1000.0)).sum().backward()  # a gradient that differs per output row
+    expected_grad, x.grad = x.grad, None
+    got = codec.sliced_forward(layer, x)
+    (got * torch.arange(1000.0)).sum().backward()
+    assert got.dtype == expected.dtype == torch.float32
+    tolerance = 1e-6 if compute == torch.float32 else 1e-2  # bfloat16: sums in another order
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+    scale = expected_grad.abs().max().item()  # gradients run to 1e4 here: tolerances relative to that
+    torch.testing.assert_close(x.grad, expected_grad, atol=tolerance * scale, rtol=tolerance * 10)
+
+
+def test_a_4bit_head_is_never_dequantized_whole_in_the_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss over a bare 4-bit head holds one slice of its dense weight, where bitsandbytes holds all of it."""
+    monkeypatch.setattr(codec, "SLICE_ELEMENTS", 64 * 1024)  # 32 slices of the 32768 x 64 head
+    model = four_bit_head()
+    peftkit.adapt(model, "lora", target_modules=["q_proj"], r=4)
+    hidden = torch.randn(40, 64, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (40,))
+
+    def peak(head: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, torch.Tensor]:
+        hidden.grad = None
+        with LiveBytes() as counter:
+            loss = head_cross_entropy(head, hidden, targets, chunk_size=8)
+            loss.backward()
+        return counter.peak, loss.detach()
+
+    whole, whole_loss = peak(lambda x: model.lm_head(x))  # bitsandbytes' own forward
+    whole_grad = hidden.grad
+    sliced, sliced_loss = peak(model.lm_head)
+    torch.testing.assert_close(sliced_loss, whole_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden.grad, whole_grad, atol=1e-5, rtol=1e-5)
+    # The dense head is 32768 x 64 float32 = 8.4 MB; a slice 0.26 MB. Chunks' logits (8 x 32768 float32) are
+    # 1 MB each. measured: 9.6 MB -> 3.2 MB
+    dense_head = VOCAB * 64 * 4
+    assert whole > dense_head and sliced < 0.5 * dense_head, (whole, sliced)
