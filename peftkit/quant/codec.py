@@ -56,6 +56,7 @@ __all__ = [
     "dequantize",
     "requantize",
     "dequantized_copy",
+    "quant_state_tensors",
     "sliced_forward",
     "weight_nbytes",
     "weight_layouts",
@@ -334,7 +335,8 @@ def sliced_forward(layer: Linear4bit, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def _tensors(state: Any) -> list[torch.Tensor]:
+def quant_state_tensors(state: Any) -> list[torch.Tensor]:
+    """The tensors of a 4-bit weight's quantization state: scales, code tables, and the scales' own."""
     tensors = [state.absmax, state.code, getattr(state, "offset", None)]
     if state.state2 is not None:
         tensors += [state.state2.absmax, state.state2.code]
@@ -352,7 +354,7 @@ def weight_nbytes(model: nn.Module) -> tuple[int, int]:
     for module in model.modules():
         if isinstance(module, Linear4bit):
             state = _quant_state(module)
-            for tensor in [module.weight.data, *_tensors(state)]:
+            for tensor in [module.weight.data, *quant_state_tensors(state)]:
                 storage = tensor.untyped_storage()
                 seen[storage.data_ptr()] = storage.nbytes()
             fp16 += module.in_features * module.out_features * 2

@@ -274,6 +274,12 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
+def _resolve_data_files(data: DataConfig, base: Path | None) -> None:
+    data.train = _resolve_file(data.train, base, "data.train")
+    if data.validation:
+        data.validation = _resolve_file(data.validation, base, "data.validation")
+
+
 def _resolve_file(path: str, base: Path | None, key: str) -> str:
     """A data path as given (relative to the working directory), else beside the config file."""
     candidates = [Path(path)] + ([base / path] if base is not None and not Path(path).is_absolute() else [])
@@ -296,8 +302,11 @@ def _method_section(raw: Any) -> MethodSection:
     return MethodSection(raw["name"], options)
 
 
-def build_config(raw: Mapping[str, Any], base: Path | None = None) -> RunConfig:
-    """Validate a raw mapping (as read from YAML) into a RunConfig; `base` resolves data paths."""
+def build_config(raw: Mapping[str, Any], base: Path | None = None, data_files: bool = True) -> RunConfig:
+    """Validate a raw mapping (as read from YAML) into a RunConfig; `base` resolves data paths.
+
+    `data_files=False` leaves the data paths unchecked (`peftkit estimate` reads no data).
+    """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}.")
     known = _ALL_SECTIONS + _OTHER_COMMANDS_SECTIONS
@@ -313,9 +322,8 @@ def build_config(raw: Mapping[str, Any], base: Path | None = None) -> RunConfig:
             raise ConfigError(f"{name} must be a mapping of options, got {values!r}.")
         sections[name] = from_options(cls, yaml_numbers(cls, values), where=name)
     data = sections["data"]
-    data.train = _resolve_file(data.train, base, "data.train")
-    if data.validation:
-        data.validation = _resolve_file(data.validation, base, "data.validation")
+    if data_files:
+        _resolve_data_files(data, base)
     quantization = sections["model"].quantization_config()
     if quantization is not None:  # which layers stay dense, checked on the model's skeleton: no weights read
         skipped_modules(model_skeleton(sections["model"].name), quantization, "model.quantization")
@@ -346,6 +354,6 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
-    """Read, override and validate a YAML run config; ConfigError names the key at fault."""
-    return build_config(apply_overrides(read_yaml(path), overrides), base=Path(path).parent)
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = (), data_files: bool = True) -> RunConfig:
+    """Read, override and validate a YAML run config; ConfigError names the key at fault (see build_config)."""
+    return build_config(apply_overrides(read_yaml(path), overrides), base=Path(path).parent, data_files=data_files)

