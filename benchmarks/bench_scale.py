@@ -49,9 +49,10 @@ import transformers
 import yaml
 from common import AnonPeak, machine, spawn
 from scale_model import SHAPES, ensure_model
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map_only
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from peftkit.errors import ConfigError
@@ -94,7 +95,7 @@ class LiveTensors(TorchDispatchMode):
         self.peak = 0
 
     def add(self, tensor: torch.Tensor) -> None:
-        if tensor.device.type != "cpu":
+        if tensor.device.type != "cpu" or isinstance(tensor, FakeTensor):  # fake: the estimate's simulated step
             return
         storage = tensor.untyped_storage()
         key, nbytes = storage._cdata, storage.nbytes()
@@ -130,6 +131,13 @@ class LiveTensors(TorchDispatchMode):
         return out
 
 
+def _simulated(tree: Any) -> bool:
+    """Whether `tree` holds fake or meta tensors: `peftkit train`'s estimate simulating a step, not a step."""
+    return any(
+        isinstance(t, FakeTensor) or t.device.type == "meta" for t in tree_leaves(tree) if isinstance(t, torch.Tensor)
+    )
+
+
 class StepClock:
     """Step boundaries seen from outside a training loop, by global torch hooks.
 
@@ -149,7 +157,9 @@ class StepClock:
         self._depth = 0
         self._handles: list[Any] = []
 
-    def _first_forward(self, *_: Any) -> None:
+    def _first_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if _simulated((args, next(module.parameters(), None))):  # the inputs may all be keywords
+            return
         self._handles.pop(0).remove()
         self.anon.enter("steps")
         self.live.sweep()
@@ -158,10 +168,12 @@ class StepClock:
         self.live.reset_peak()
         self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
-    def _pre_step(self, *_: Any) -> None:
-        self._depth += 1
+    def _pre_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        self._depth += not _simulated(optimizer.param_groups)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        if _simulated(optimizer.param_groups):
+            return
         self._depth -= 1
         if self._depth or self.started is None:  # nested, or before training (a config check's probe step)
             return

@@ -1,4 +1,4 @@
-"""The `peftkit` command: train, generate, merge, methods, inspect, compare.
+"""The `peftkit` command: train, estimate, generate, merge, methods, inspect, compare.
 
 Every error peftkit raises on purpose (a bad config key, a missing file, an
 unknown method) ends the command with one line on stderr and exit status 2.
@@ -170,6 +170,17 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"size:       {weights.stat().st_size / 1e6:.2f} MB ({weights.name})")
 
 
+def _estimate(args: argparse.Namespace) -> None:
+    from peftkit.training.config import load_config
+    from peftkit.training.estimate import describe, estimate, parse_gpu
+
+    if args.gpu:
+        parse_gpu(args.gpu)  # a bad --gpu fails before anything is read
+    config = load_config(args.config, args.set, data_files=False)
+    result = estimate(config, args.gpu, args.device)
+    print(json.dumps(result.to_json()) if args.json else "\n".join(describe(result, config)))
+
+
 def _compare(args: argparse.Namespace) -> None:
     from peftkit.compare import compare
 
@@ -219,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="describe an adapter directory")
     inspect.add_argument("adapter_dir")
     inspect.set_defaults(run=_inspect)
+
+    estimate = commands.add_parser(
+        "estimate", help="the peak memory of the config's training step, simulated; with --gpu, whether it fits"
+    )
+    estimate.add_argument("config", help="the run's YAML file (its data files need not exist)")
+    estimate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
+    estimate.add_argument("--gpu", help="a memory size (24GB, 16GiB, 12000MB) or a GPU's name (rtx4090, a100-40gb)")
+    estimate.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda", help="the device the run trains on (default cuda)"
+    )
+    estimate.add_argument("--json", action="store_true", help="print one JSON object (bytes)")
+    estimate.set_defaults(run=_estimate)
 
     compare = commands.add_parser("compare", help="train methods x ranks x target sets side by side; write a report")
     compare.add_argument("config", help="the runs' YAML file (its compare: section says the same as the flags)")

@@ -186,7 +186,7 @@ def test_adapter_state_is_found_through_wrappers(tmp_path: Path) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from peftkit.training.loop import CausalLMLoss
+    from peftkit.training.loss import CausalLMLoss
 
     model = peftkit.adapt(tiny_llama(), "lora", target_modules=["q_proj"])
     peftkit.adapt(model, "lora", "second", target_modules=["v_proj"])

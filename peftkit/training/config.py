@@ -241,6 +241,11 @@ class RunConfig:
     eval: EvalConfig
     output: OutputConfig
 
+    def base_quantization(self) -> Any | None:
+        """How the base loads: `model.quantization`, else the method's own default (qlora's 4-bit NF4), else dense."""
+        method = get_method(self.method.name).from_options(**self.method.options)
+        return self.model.quantization_config() or method.base_quantization()
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML-able data (method options flattened in)."""
         data = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}

@@ -20,16 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from peftkit.anatomy import output_head
 from peftkit.errors import ConfigError
 from peftkit.files import atomic_directory
 from peftkit.inject import adapt, trainable_parameters
 from peftkit.peft_format import save_adapter
-from peftkit.registry import get_method
 from peftkit.training.activations import enable_gradient_checkpointing
 from peftkit.training.checkpoint import Checkpoint, find_resume_checkpoint, restore_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig
@@ -42,7 +39,8 @@ from peftkit.training.data import (
     generation_prompt,
     load_datasets,
 )
-from peftkit.training.loss import head_cross_entropy, loss_chunk_size
+from peftkit.training.estimate import format_bytes, headline
+from peftkit.training.loss import CausalLMLoss, loss_chunk_size
 from peftkit.training.models import check_model_source, generate_text, load_model, load_tokenizer
 from peftkit.training.optim import build_optimizer
 from peftkit.training.rundir import (
@@ -53,8 +51,9 @@ from peftkit.training.rundir import (
     start_writing,
     writing,
 )
+from peftkit.training.simulate import Simulation, StepMemory, counting
 
-__all__ = ["CausalLMLoss", "TrainResult", "base_quantization", "train"]
+__all__ = ["TrainResult", "train"]
 
 
 @dataclasses.dataclass
@@ -63,32 +62,6 @@ class TrainResult:
 
     model: nn.Module
     summary: dict[str, Any]
-
-
-class CausalLMLoss(nn.Module):
-    """Mean next-token cross-entropy over labelled positions.
-
-    Logits are computed only where a label is: with Gemma's 262k-word vocabulary the
-    output layer over every position (prompt and padding included) would cost more
-    than the rest of the model. Wrapping the model in a module keeps DDP's forward
-    hooks on the call that does the work.
-    """
-
-    def __init__(self, model: nn.Module, chunk_size: int = 0) -> None:
-        super().__init__()
-        self.model, self.chunk_size = model, chunk_size  # chunk_size: see peftkit.training.loss
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        body, head = getattr(self.model, "base_model", self.model), output_head(self.model)
-        if body is self.model or head is None:  # no separate head: take the model's own logits
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
-        else:
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            cap = getattr(self.model.config, "final_logit_softcapping", None)
-            return head_cross_entropy(head, hidden[:, :-1][keep], targets[keep], cap, self.chunk_size)
-        return F.cross_entropy(logits.float(), targets[keep])
 
 
 def _global_batch(step: int, micro: int, accum: int, n_examples: int, per_global: int, seed: int) -> list[int]:
@@ -125,6 +98,7 @@ class _Run:
         self.bar: tqdm | None = None
         self.tokenizer: Any = None
         self.pad_id = 0
+        self.measured_peak = 0  # live tensor bytes of steps 1-2 on CPU
 
     def say(self, message: str) -> None:
         if self.main and not self.quiet:
@@ -194,9 +168,43 @@ def _dropped(datasets: Datasets, max_length: int) -> str:
 
 
 def _peak_memory_gb() -> float:
+    """Peak GPU memory allocated, else the process's peak resident memory (GB)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def _estimated_step(run: _Run) -> StepMemory | None:
+    """The simulated peak of one step (the main process says it); None, saying why, if it cannot be simulated.
+
+    The estimate only informs: a model the simulation cannot run still trains.
+    """
+    if not run.main:
+        return None
+    try:
+        step = Simulation(run.config, run.acc.device.type).step()
+    except Exception as error:  # noqa: BLE001 - any failure of the simulation leaves the run as it was
+        run.say(f"estimate: not available ({type(error).__name__}: {str(error).splitlines()[0]})")
+        return None
+    run.say(headline(step))
+    return step
+
+
+@contextmanager
+def _measuring(run: _Run, model: nn.Module, optimizer: Any, done: int) -> Iterator[None]:
+    """Count live tensor bytes over steps 1 and 2 on CPU (the allocator's own peak counts on a GPU)."""
+    if done > 2 or run.acc.device.type != "cpu":
+        yield
+        return
+    with counting(model, getattr(optimizer, "optimizer", optimizer)) as counter:
+        yield
+    run.measured_peak = max(run.measured_peak, counter.peak_bytes())
+
+
+def _measured_step_peak(run: _Run) -> int | None:
+    if run.acc.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(run.acc.device)
+    return run.measured_peak or None
 
 
 def _total_steps(tc: TrainingConfig, n_train: int, world: int) -> int:
@@ -251,9 +259,15 @@ def _train_step(
 
 def _say_summary(run: _Run, summary: dict[str, Any], window: int) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    estimated, measured = summary["estimated_step_peak_bytes"], summary["measured_step_peak_bytes"]
+    where = "allocated on the GPU" if torch.cuda.is_available() else "live tensors, steps 1-2"
+    step = f"step peak {format_bytes(measured)} ({where})" if measured else ""
+    if estimated and measured:
+        step += f", estimated {format_bytes(estimated)} (full-length sequences, every token labelled)"
     run.say(
         f"done in {summary['time_s']:.0f} s | peak memory {summary['peak_memory_gb']:.2f} GB | "
-        f"train loss {fmt(summary['train_loss'])} (mean of last {window} steps) | "
+        + (f"{step} | " if step else "")
+        + f"train loss {fmt(summary['train_loss'])} (mean of last {window} steps) | "
         f"validation loss {fmt(summary['val_loss_start'])} -> {fmt(summary['val_loss'])} | "
         f"adapter: {summary['adapter']}"
     )
@@ -290,12 +304,6 @@ def train(
         return _train(run, resume, overwrite)
 
 
-def base_quantization(config: RunConfig) -> Any | None:
-    """How the base loads: `model.quantization`, else the method's own default (qlora's 4-bit NF4), else dense."""
-    method = get_method(config.method.name).from_options(**config.method.options)
-    return config.model.quantization_config() or method.base_quantization()
-
-
 def _check_before_loading(
     run: _Run, resume: str | bool | None, overwrite: bool
 ) -> tuple[Checkpoint | None, list[str], bool]:
@@ -318,6 +326,7 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     acc, tc = run.acc, config.training
     resume_from, skipped, continues = _check_before_loading(run, resume, overwrite)
     started = time.perf_counter()
+    estimated = _estimated_step(run)
     run.tokenizer = load_tokenizer(config.model.name)
     run.pad_id = run.tokenizer.pad_token_id
     datasets = load_datasets(config.data, run.tokenizer, tc.seed)
@@ -327,7 +336,7 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     sequences = tc.batch_size * acc.num_processes * tc.gradient_accumulation_steps
     digests = data_digests(config.data)
     changed = check_resume(resume_from, config.to_dict(), digests, sequences, total_steps) if resume_from else ""
-    model = load_model(config.model.name, config.model.dtype, base_quantization(config), acc.device)
+    model = load_model(config.model.name, config.model.dtype, config.base_quantization(), acc.device)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     adapt(model, config.method.name, **config.method.options)
     if config.model.gradient_checkpointing:
@@ -369,7 +378,8 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     bar_off = run.quiet or not run.main
     run.bar = tqdm(total=total_steps, initial=start, disable=bar_off, desc="train", dynamic_ncols=True)
     for done in range(start + 1, total_steps + 1):
-        loss, tokens_per_s = _train_step(run, wrapper, optimizer, scheduler, train_set, done - 1)
+        with _measuring(run, unwrapped, optimizer, done - start):
+            loss, tokens_per_s = _train_step(run, wrapper, optimizer, scheduler, train_set, done - 1)
         losses.append(loss)
         lr = scheduler.get_last_lr()[0]
         run.bar.update(1)
@@ -407,6 +417,8 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
         "steps": total_steps,
         "time_s": round(time.perf_counter() - started, 1),
         "peak_memory_gb": round(_peak_memory_gb(), 2),
+        "estimated_step_peak_bytes": estimated.peak_bytes if estimated else None,
+        "measured_step_peak_bytes": _measured_step_peak(run),
         "train_loss": sum(window) / len(window) if window else None,
         "val_loss_start": val_before,
         "val_loss": val_loss,

@@ -38,7 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["AUTO_CHUNK_MIN_VOCAB", "AUTO_CHUNK_ELEMENTS", "loss_chunk_size", "head_cross_entropy"]
+from peftkit.anatomy import output_head
+from peftkit.training.data import IGNORE_INDEX
+
+__all__ = ["AUTO_CHUNK_MIN_VOCAB", "AUTO_CHUNK_ELEMENTS", "CausalLMLoss", "loss_chunk_size", "head_cross_entropy"]
 
 Head = Callable[[torch.Tensor], torch.Tensor]  # an output head module, or a function computing what it does
 
@@ -91,3 +94,29 @@ def head_cross_entropy(
         stop = start + chunk_size
         total = total + checkpoint(_chunk_loss, head, hidden[start:stop], targets[start:stop], cap, use_reentrant=False)
     return total / targets.numel()
+
+
+class CausalLMLoss(nn.Module):
+    """Mean next-token cross-entropy over labelled positions.
+
+    Logits are computed only where a label is: with Gemma's 262k-word vocabulary the
+    output layer over every position (prompt and padding included) would cost more
+    than the rest of the model. Wrapping the model in a module keeps DDP's forward
+    hooks on the call that does the work.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 0) -> None:
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size  # chunk_size: see peftkit.training.loss
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        body, head = getattr(self.model, "base_model", self.model), output_head(self.model)
+        if body is self.model or head is None:  # no separate head: take the model's own logits
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
+        else:
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            cap = getattr(self.model.config, "final_logit_softcapping", None)
+            return head_cross_entropy(head, hidden[:, :-1][keep], targets[keep], cap, self.chunk_size)
+        return F.cross_entropy(logits.float(), targets[keep])

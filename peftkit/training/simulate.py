@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 import weakref
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any
 
@@ -55,12 +56,12 @@ from peftkit.inject import adapt
 from peftkit.targets import candidate_modules
 from peftkit.training.activations import enable_gradient_checkpointing
 from peftkit.training.config import RunConfig
-from peftkit.training.loss import loss_chunk_size
+from peftkit.training.loss import CausalLMLoss, loss_chunk_size
 from peftkit.training.models import model_config
 from peftkit.training.optim import build_optimizer
 from peftkit.weights import is_linear
 
-__all__ = ["CATEGORIES", "StepMemory", "LiveBytes", "Simulation"]
+__all__ = ["CATEGORIES", "StepMemory", "LiveBytes", "Simulation", "counting", "layer_count", "with_layers"]
 
 CATEGORIES = (
     "base_weights",
@@ -86,6 +87,9 @@ class StepMemory:
 
 class LiveBytes(TorchDispatchMode):
     """A log of tensor storages coming to life and being freed, for every op under the mode.
+
+    Real tensors or fake ones; bitsandbytes' fused 4-bit matmul is charged the weight
+    it dequantizes inside (its ops run below the mode, unseen).
 
     Storages are told apart by their C++ object (`_cdata`, also on fake tensors) and
     given a serial number, since a freed storage's address is reused.
@@ -117,27 +121,45 @@ class LiveBytes(TorchDispatchMode):
             del self._serial[key]
         self.log.append((serial, -nbytes))
 
+    def alive(self) -> set[int]:
+        """The serials of the storages alive now."""
+        return set(self._serial.values())
+
     def transient(self, nbytes: int) -> None:
         """Count `nbytes` made and freed inside one op."""
         self._next += 1
         self.log += [(self._next, nbytes), (self._next, -nbytes)]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is _aten._local_scalar_dense.default:  # a value the fake tensors do not have
+        gemm_4bit = getattr(getattr(torch.ops, "bitsandbytes", None), "gemm_4bit", None)
+        if gemm_4bit is not None and func is gemm_4bit.default:  # dequantizes the weight, then multiplies
+            self.transient(math.prod(args[2]) * args[0].element_size())
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.add(tensor)
+        return out
+
+    def peak_bytes(self) -> int:
+        """The largest total the log reached."""
+        total = peak = 0
+        for _, nbytes in self.log:
+            total += nbytes
+            peak = max(peak, total)
+        return peak
+
+
+class _FakeStep(LiveBytes):
+    """LiveBytes over fake tensors, supplying what they lack: values and data-dependent shapes."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is _aten._local_scalar_dense.default:  # `.item()`, or `if tensor:`
             return 1
         if func is _aten.index.Tensor and any(_is_mask(i) for i in args[1]):
             args = (args[0], _every_position(args[1]))
         elif func is _aten.nonzero.default:
             return torch.stack(_all_true(args[0].shape), dim=1)
-        gemm_4bit = getattr(getattr(torch.ops, "bitsandbytes", None), "gemm_4bit", None)
-        if gemm_4bit is not None and func is gemm_4bit.default:  # dequantizes the weight, then multiplies
-            self.transient(math.prod(args[2]) * args[0].element_size())
-        out = func(*args, **kwargs)
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                self.add(tensor)
-        return out
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
 
 def _is_mask(index: Any) -> bool:
@@ -276,6 +298,15 @@ def _compute_dtype(quantization: Any, device_type: str) -> torch.dtype:
     return torch.bfloat16 if device_type == "cuda" else torch.float32
 
 
+@contextmanager
+def counting(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[LiveBytes]:
+    """LiveBytes over real tensors under the block, counting the model's and optimizer's tensors from its start."""
+    with LiveBytes() as counter:
+        for _, tensor in _resident(model, optimizer):
+            counter.add(tensor)
+        yield counter
+
+
 def _resident(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, torch.Tensor]]:
     """(category, tensor) for every tensor alive before the step."""
     for param in model.parameters():
@@ -293,6 +324,43 @@ def _resident(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[tu
                 yield "optimizer_state", tensor
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No warnings from the simulated run (bitsandbytes' paging on CPU, transformers' use_cache): it is not the run."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def layer_count(config: Any) -> int | None:
+    """The number of transformer layers a transformers config asks for, if it says."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "num_hidden_layers", None)
+
+
+def with_layers(config: Any, num_layers: int) -> Any:
+    """A copy of a transformers config with only its first `num_layers` layers.
+
+    Per-layer lists (Gemma's `layer_types`, and the like: any list as long as the layer
+    count) are cut to match.
+    """
+    copy = config.__class__.from_dict(config.to_dict())
+    target = copy.get_text_config() if hasattr(copy, "get_text_config") else copy
+    old = target.num_hidden_layers
+    for key, value in list(vars(target).items()):
+        if isinstance(value, list) and len(value) == old:
+            setattr(target, key, value[:num_layers])
+    target.num_hidden_layers = num_layers
+    return copy
+
+
 class Simulation:
     """A run config's model, adapter and optimizer on fake tensors; `step` measures one training step.
 
@@ -300,16 +368,24 @@ class Simulation:
     batch size and sequence length.
     """
 
-    def __init__(self, config: RunConfig, device_type: str = "cuda") -> None:
-        from peftkit.training.loop import base_quantization  # the loop imports this module's users, not it
+    def __init__(self, config: RunConfig, device_type: str = "cuda", num_layers: int | None = None) -> None:
+        """`device_type`: the device the run will train on (it picks the 4-bit compute dtype's default);
+        `num_layers`: build the model with only its first `num_layers` layers (see `with_layers`)."""
+        with _quiet():
+            self._build(config, device_type, num_layers)
+
+    def _build(self, config: RunConfig, device_type: str, num_layers: int | None) -> None:
+        from transformers import AutoModelForCausalLM
 
         self.config, self.device_type = config, device_type
         self.fake = FakeTensorMode()
         self.mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.training.mixed_precision)
         dtype = dtype_named(config.model.dtype, "model.dtype")
-        quantization = base_quantization(config)
+        quantization = config.base_quantization()
         transformers_config = model_config(config.model.name)
-        from transformers import AutoModelForCausalLM
+        self.num_layers = layer_count(transformers_config)
+        if num_layers is not None:
+            transformers_config = with_layers(transformers_config, num_layers)
 
         try:
             with torch.device("meta"):
@@ -322,7 +398,7 @@ class Simulation:
         # `Module.to`), then every tensor becomes a fake one.
         if quantization is not None:
             _quantize_in_place(model, quantization, _compute_dtype(quantization, device_type), dtype)
-        with LiveBytes():  # for the .item() of a check
+        with _FakeStep():  # for the .item() of a check
             adapt(model, config.method.name, **config.method.options)
         if config.model.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -331,7 +407,7 @@ class Simulation:
             _fake_parameters(model, torch.device("cpu"))
             tc = config.training
             params = [p for p in model.parameters() if p.requires_grad]
-            with LiveBytes():  # for the .item() calls; a first step makes the state a steady step holds
+            with _FakeStep():  # for the .item() calls; a first step makes the state a steady step holds
                 self.optimizer = build_optimizer(params, tc.optimizer, tc.learning_rate, tc.weight_decay)
                 for param in params:
                     param.grad = torch.empty_like(param)
@@ -342,14 +418,14 @@ class Simulation:
 
     def step(self, batch_size: int | None = None, max_length: int | None = None) -> StepMemory:
         """The peak of one optimizer step over `batch_size` sequences of `max_length` tokens (default: the config's)."""
-        from peftkit.training.loop import CausalLMLoss
+        with _quiet():
+            return self._step(batch_size or self.config.training.batch_size, max_length or self.config.data.max_length)
 
+    def _step(self, batch_size: int, max_length: int) -> StepMemory:
         tc = self.config.training
-        batch_size = batch_size or tc.batch_size
-        max_length = max_length or self.config.data.max_length
         categories: dict[int, str] = {}
         marks: dict[str, int] = {}
-        counter = LiveBytes()
+        counter = _FakeStep()
         with self.fake, counter:
             for category, tensor in _resident(self.model, self.optimizer):
                 categories.setdefault(counter.add(tensor), category)
@@ -370,9 +446,9 @@ class Simulation:
                 with autocast:
                     loss = loss_module(**batch) / micro_batches
                 marks["backward"] = len(counter.log)
-                alive = set(counter._serial.values())
+                alive = counter.alive()
                 for serial, nbytes in counter.log[marks["forward"] : marks["backward"]]:
-                    if nbytes > 0 and serial in alive:
+                    if nbytes > 0 and serial in alive:  # made by the forward, kept for the backward
                         categories.setdefault(serial, "activations")
                 loss.backward()
                 del loss

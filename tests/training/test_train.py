@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 import peftkit
 from peftkit.training.config import load_config
 from peftkit.training.data import collate, encode
-from peftkit.training.loop import CausalLMLoss, train
+from peftkit.training.loop import train
+from peftkit.training.loss import CausalLMLoss
 from variants.lora import LoRA, LoraConfig
 
 
@@ -134,7 +135,7 @@ def test_dropped_rows_are_reported_in_the_header_and_metrics(tmp_path: Path, mod
         handle.write(json.dumps({"prompt": "p" * 40, "completion": "c"}) + "\n")
         handle.write(json.dumps({"prompt": "q" * 33, "completion": "c"}) + "\n")
     train(load_config(path))
-    header = capsys.readouterr().out.splitlines()[0]
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("peftkit:"))
     assert (
         "| 32 train / 8 val examples (dropped from train: 2 record(s) whose prompt fills data.max_length 32, "
         "leaving no token to learn; 2 example(s) of each epoch, short of a whole global batch (others each epoch)) |"
