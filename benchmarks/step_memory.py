@@ -50,8 +50,7 @@ from torch.profiler import ProfilerActivity, profile
 from peftkit.inject import adapt
 from peftkit.training.activations import enable_gradient_checkpointing
 from peftkit.training.config import RunConfig
-from peftkit.training.loop import CausalLMLoss, base_quantization
-from peftkit.training.loss import loss_chunk_size
+from peftkit.training.loss import CausalLMLoss, loss_chunk_size
 from peftkit.training.models import load_model
 from peftkit.training.optim import build_optimizer
 
@@ -87,7 +86,7 @@ class RealRun:
         self.before = live_storages()  # held, so no storage of the run can take one of their addresses
         self.config = config
         tc = config.training
-        model = load_model(config.model.name, config.model.dtype, base_quantization(config), "cpu")
+        model = load_model(config.model.name, config.model.dtype, config.base_quantization(), "cpu")
         adapt(model, config.method.name, **config.method.options)
         if config.model.gradient_checkpointing:
             enable_gradient_checkpointing(model)

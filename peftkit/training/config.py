@@ -272,7 +272,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         for key in keys[:-1]:
             if not isinstance(target, dict):
                 break
-            target, where = target.setdefault(key, {}), f"{where}.{key}"
+            if target.get(key) is None:  # absent, or null in the YAML
+                target[key] = {}
+            target, where = target[key], f"{where}.{key}"
         if not isinstance(target, dict):
             raise ConfigError(f"--set {item!r}: {where} must be a mapping, got {target!r}.")
         target[keys[-1]] = yaml.safe_load(text)

@@ -28,7 +28,11 @@ Three things the fake tensors cannot do are supplied: a data-dependent scalar
 (`.item()`, a Python `if` on a tensor) reads as 1; a boolean mask selects every
 position (the worst case: every token labelled); and bitsandbytes' fused 4-bit
 matmul, one op that dequantizes its weight internally, is charged that dequantized
-weight for the op's duration, as its reference implementation allocates it.
+weight for the op's duration, as its reference implementation allocates it. On CPU,
+bitsandbytes' optimizer updates (one op per parameter whose fake implementation
+allocates nothing) run as their CPU kernel, torch code, under the counter: 8-bit
+AdamW there holds five float32 copies of the parameter at once; on CUDA each update is
+one fused kernel that allocates nothing.
 Allocations inside a kernel that never reach Python (cuBLAS workspaces) are not
 seen; nor is the CUDA context.
 """
@@ -37,9 +41,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any
@@ -150,9 +155,20 @@ class LiveBytes(TorchDispatchMode):
 
 
 class _FakeStep(LiveBytes):
-    """LiveBytes over fake tensors, supplying what they lack: values and data-dependent shapes."""
+    """LiveBytes over fake tensors, supplying what they lack: values and data-dependent shapes.
+
+    `cpu_kernels`: run bitsandbytes' CPU optimizer updates (torch code) under the counter,
+    as a CPU run does, instead of their fake implementation, which allocates nothing.
+    """
+
+    def __init__(self, cpu_kernels: bool = False) -> None:
+        super().__init__()
+        self.kernels = _bitsandbytes_cpu_updates() if cpu_kernels else {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in self.kernels:  # its temporaries are counted as it runs
+            with self:
+                return self.kernels[func](*args, **(kwargs or {}))
         if func is _aten._local_scalar_dense.default:  # `.item()`, or `if tensor:`
             return 1
         if func is _aten.index.Tensor and any(_is_mask(i) for i in args[1]):
@@ -160,6 +176,24 @@ class _FakeStep(LiveBytes):
         elif func is _aten.nonzero.default:
             return torch.stack(_all_true(args[0].shape), dim=1)
         return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def _bitsandbytes_cpu_updates() -> dict[Any, Callable[..., Any]]:
+    """bitsandbytes' CPU optimizer-update kernels by op (none without bitsandbytes loaded, or if they moved).
+
+    8-bit AdamW's dequantizes both moments to float32 and computes the update in float32:
+    five float32 copies of a parameter at once. On CUDA each update is one fused kernel.
+    """
+    if "bitsandbytes" not in sys.modules:
+        return {}
+    from bitsandbytes.backends.cpu import ops
+
+    names = {
+        "optimizer_update_8bit_blockwise": "_optimizer_update_8bit_blockwise_cpu",
+        "optimizer_update_32bit": "_optimizer_update_32bit_cpu",
+    }
+    found = {op: getattr(ops, kernel, None) for op, kernel in names.items()}
+    return {getattr(torch.ops.bitsandbytes, op).default: kernel for op, kernel in found.items() if kernel}
 
 
 def _is_mask(index: Any) -> bool:
@@ -425,7 +459,7 @@ class Simulation:
         tc = self.config.training
         categories: dict[int, str] = {}
         marks: dict[str, int] = {}
-        counter = _FakeStep()
+        counter = _FakeStep(cpu_kernels=self.device_type == "cpu")
         with self.fake, counter:
             for category, tensor in _resident(self.model, self.optimizer):
                 categories.setdefault(counter.add(tensor), category)

@@ -55,7 +55,8 @@ def test_overrides_are_parsed_as_yaml(config_file: Path) -> None:
 
 
 def test_a_longer_override_path_reaches_into_nested_options() -> None:
-    raw = {"model": {"name": "m", "quantization": {"bits": 4}}}
+    raw = {"model": {"name": "m", "quantization": None}}  # null: as if absent
+    apply_overrides(raw, ["model.quantization.bits=4"])
     apply_overrides(raw, ["model.quantization.skip_modules=[]", "model.quantization.blocksize=64", "eval.x.y=1"])
     assert raw == {
         "model": {"name": "m", "quantization": {"bits": 4, "skip_modules": [], "blocksize": 64}},

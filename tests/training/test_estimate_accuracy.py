@@ -79,11 +79,6 @@ def test_the_estimate_is_within_10_percent_of_the_measured_step(
     assert 0.9 <= estimate.peak_bytes / measured.peak_bytes <= 1.1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bitsandbytes' CPU 8-bit AdamW update makes five float32 copies of a parameter inside one op, "
-    "which the simulation does not see yet (benchmarks/README.md, the memory estimate's section)",
-)
 def test_the_estimate_of_an_8bit_optimizer_step_on_cpu_counts_its_float32_copies(step_memory, tmp_path: Path) -> None:
     model_dir = make_model_dir(tmp_path, hidden_size=256, intermediate_size=512)  # weights outweigh activations
     config = run_config(model_dir, {"name": "full"}, batch=1, length=8, training={"optimizer": "adamw_8bit"})
