@@ -20,7 +20,9 @@ core knows nothing about.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -31,7 +33,7 @@ from peftkit.dtypes import DTYPES
 from peftkit.errors import ConfigError, MergeError
 from peftkit.targets import candidate_modules, matches_pattern
 from peftkit.validation import check_types
-from peftkit.weights import WeightAccess, read_weight
+from peftkit.weights import WeightAccess, layer_features, read_weight
 
 try:
     import bitsandbytes.functional as bnb_functional
@@ -53,6 +55,7 @@ __all__ = [
     "resolve_compute_dtype",
     "to_4bit",
     "keep_one_kernel",
+    "packed_on_meta",
     "dequantize",
     "requantize",
     "dequantized_copy",
@@ -179,25 +182,74 @@ def _blocksize(config: QuantizationConfig, in_features: int, device: torch.devic
     )
 
 
-def to_4bit(module: nn.Module, path: str, config: QuantizationConfig, compute_dtype: torch.dtype) -> Linear4bit:
-    """A frozen `Linear4bit` computing what `module` (Linear or GPT-2 Conv1D) computes."""
-    weight = read_weight(module).detach()  # [out, in], whatever the layer's storage
-    out_features, in_features = weight.shape
-    blocksize = _blocksize(config, in_features, weight.device, path)
-    bias = getattr(module, "bias", None)
-    layer = Linear4bit(
+def _shell(module: nn.Module, config: QuantizationConfig, compute_dtype: torch.dtype) -> Linear4bit:
+    """An empty `Linear4bit` (on the meta device) of `module`'s shape and `config`'s settings."""
+    in_features, out_features = layer_features(module)
+    return Linear4bit(
         in_features,
         out_features,
-        bias=bias is not None,
+        bias=getattr(module, "bias", None) is not None,
         compute_dtype=compute_dtype,
         compress_statistics=config.double_quant,
         quant_type=config.quant_type,
         device="meta",
     )
+
+
+def to_4bit(module: nn.Module, path: str, config: QuantizationConfig, compute_dtype: torch.dtype) -> Linear4bit:
+    """A frozen `Linear4bit` computing what `module` (Linear or GPT-2 Conv1D) computes."""
+    weight = read_weight(module).detach()  # [out, in], whatever the layer's storage
+    blocksize = _blocksize(config, weight.shape[1], weight.device, path)
+    bias = getattr(module, "bias", None)
+    layer = _shell(module, config, compute_dtype)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
     _store(layer, weight, blocksize, config.double_quant, config.quant_type, config.storage())
     keep_one_kernel(layer)
+    return layer
+
+
+def packed_on_meta(
+    module: nn.Module, config: QuantizationConfig, compute_dtype: torch.dtype, dtype: torch.dtype, blocksize: int
+) -> Linear4bit:
+    """The `Linear4bit` that quantizing `module` makes, on the meta device: no data, every tensor at its size.
+
+    The codes two a byte in `config.storage()`, the scales one float32 per block, or with
+    double quantization one byte per block plus one float32 per 256 blocks and an offset;
+    `dtype` is the dtype it dequantizes to (the weights' own). For estimating memory.
+    """
+    layer = _shell(module, config, compute_dtype)
+    elements = layer.in_features * layer.out_features
+    blocks, storage = math.ceil(elements / blocksize), config.storage()
+    meta = partial(torch.empty, device="meta")
+    nested = None
+    if config.double_quant:
+        nested = bnb_functional.QuantState(
+            absmax=meta(math.ceil(blocks / 256)), code=meta(256), blocksize=256, dtype=torch.float32
+        )
+    state = bnb_functional.QuantState(
+        absmax=meta(blocks, dtype=torch.uint8 if config.double_quant else torch.float32),
+        shape=torch.Size([layer.out_features, layer.in_features]),
+        code=meta(16),
+        blocksize=blocksize,
+        quant_type=config.quant_type,
+        dtype=dtype,
+        offset=meta(()) if config.double_quant else None,
+        state2=nested,
+    )
+    layer.weight = Params4bit(
+        meta(math.ceil(elements / 2 / storage.itemsize), 1, dtype=storage),
+        requires_grad=False,
+        quant_state=state,
+        blocksize=blocksize,
+        compress_statistics=config.double_quant,
+        quant_type=config.quant_type,
+        quant_storage=storage,
+        bnb_quantized=True,
+        module=layer,
+    )
+    if layer.bias is not None:
+        layer.bias = nn.Parameter(meta(layer.out_features, dtype=dtype), requires_grad=False)
     return layer
 
 

@@ -46,7 +46,6 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from functools import partial
 from typing import Any
 
 import torch
@@ -257,72 +256,19 @@ def _fake_state(state: Any, fake: Any) -> Any:
     return copy
 
 
-def _fake_4bit(module: nn.Module, quantization: Any, compute_dtype: torch.dtype, dense_dtype: torch.dtype) -> nn.Module:
-    """bitsandbytes' Linear4bit for `module` (on the meta device), its codes and scales of their exact packed sizes.
-
-    The sizes are those transformers' BitsAndBytesConfig loading makes: blocksize 64, the
-    codes packed two a byte into `storage_dtype`, the scales one float32 per block, or
-    with double quantization one byte per block plus one float32 per 256 blocks.
-    """
-    import bitsandbytes.functional as bnb_functional
-    from bitsandbytes.nn import Linear4bit, Params4bit
-
-    from peftkit.training.quantized import LOAD_BLOCKSIZE
-
-    out_features, in_features = module.weight.shape[::-1] if type(module).__name__ == "Conv1D" else module.weight.shape
-    bias = getattr(module, "bias", None)
-    layer = Linear4bit(
-        in_features,
-        out_features,
-        bias=bias is not None,
-        compute_dtype=compute_dtype,
-        compress_statistics=quantization.double_quant,
-        quant_type=quantization.quant_type,
-        device="meta",
-    )
-    elements, blocks = in_features * out_features, math.ceil(in_features * out_features / LOAD_BLOCKSIZE)
-    storage = quantization.storage()
-    meta = partial(torch.empty, device="meta")
-    codes = meta(math.ceil(elements / 2 / storage.itemsize), 1, dtype=storage)
-    state = bnb_functional.QuantState(
-        absmax=meta(blocks, dtype=torch.uint8 if quantization.double_quant else torch.float32),
-        shape=torch.Size([out_features, in_features]),
-        code=meta(16),
-        blocksize=LOAD_BLOCKSIZE,
-        quant_type=quantization.quant_type,
-        dtype=dense_dtype,
-        offset=meta(()) if quantization.double_quant else None,
-        state2=bnb_functional.QuantState(
-            absmax=meta(math.ceil(blocks / 256)), code=meta(256), blocksize=256, dtype=torch.float32
-        )
-        if quantization.double_quant
-        else None,
-    )
-    layer.weight = Params4bit(
-        codes,
-        requires_grad=False,
-        quant_state=state,
-        blocksize=LOAD_BLOCKSIZE,
-        compress_statistics=quantization.double_quant,
-        quant_type=quantization.quant_type,
-        quant_storage=storage,
-        bnb_quantized=True,
-        module=layer,
-    )
-    if bias is not None:
-        layer.bias = nn.Parameter(meta(out_features, dtype=dense_dtype), requires_grad=False)
-    return layer
-
-
 def _quantize_in_place(model: nn.Module, quantization: Any, compute_dtype: torch.dtype, dtype: torch.dtype) -> None:
-    """Every linear layer a 4-bit load quantizes, replaced as that load does (the others stay in `dtype`)."""
-    from peftkit.training.quantized import skipped_modules
+    """Every linear layer a 4-bit load quantizes, replaced as that load does (the others stay in `dtype`).
+
+    transformers' BitsAndBytesConfig loading uses blocksize 64 (LOAD_BLOCKSIZE)."""
+    from peftkit.quant.codec import packed_on_meta
+    from peftkit.training.quantized import LOAD_BLOCKSIZE, skipped_modules
 
     skipped = set(skipped_modules(model, quantization, "model.quantization"))
     for path, module in list(candidate_modules(model)):
         if is_linear(module) and path not in skipped:
             parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent), child, _fake_4bit(module, quantization, compute_dtype, dtype))
+            layer = packed_on_meta(module, quantization, compute_dtype, dtype, LOAD_BLOCKSIZE)
+            setattr(model.get_submodule(parent), child, layer)
 
 
 def _compute_dtype(quantization: Any, device_type: str) -> torch.dtype:
