@@ -305,14 +305,15 @@ def _resident(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[tu
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
-    """No warnings from the simulated run (bitsandbytes' paging on CPU, transformers' use_cache): it is not the run."""
+def _apart() -> Iterator[None]:
+    """The simulated run leaves no trace on the real one: the random state is restored (its adapters'
+    initialisation draws from it), and it says nothing (bitsandbytes' paging on CPU, transformers' use_cache)."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -351,7 +352,7 @@ class Simulation:
     def __init__(self, config: RunConfig, device_type: str = "cuda", num_layers: int | None = None) -> None:
         """`device_type`: the device the run will train on (it picks the 4-bit compute dtype's default);
         `num_layers`: build the model with only its first `num_layers` layers (see `with_layers`)."""
-        with _quiet():
+        with _apart():
             self._build(config, device_type, num_layers)
 
     def _build(self, config: RunConfig, device_type: str, num_layers: int | None) -> None:
@@ -398,7 +399,7 @@ class Simulation:
 
     def step(self, batch_size: int | None = None, max_length: int | None = None) -> StepMemory:
         """The peak of one optimizer step over `batch_size` sequences of `max_length` tokens (default: the config's)."""
-        with _quiet():
+        with _apart():
             return self._step(batch_size or self.config.training.batch_size, max_length or self.config.data.max_length)
 
     def _step(self, batch_size: int, max_length: int) -> StepMemory:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from tiny_run import make_model_dir, write_run
 
@@ -272,3 +273,21 @@ def test_a_model_the_simulation_cannot_run_still_trains(
         capsys.readouterr().out.splitlines()[0] == "estimate: not available (RuntimeError: no fake kernel for this op)"
     )
     assert summary["estimated_step_peak_bytes"] is None and summary["steps"] == 1
+
+
+def test_the_estimate_leaves_the_run_as_it_would_be_without_it(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulation draws random numbers (its adapters' initialisation): the run's own must not move."""
+    from safetensors.torch import load_file
+
+    adapters = {}
+    for name in ("with", "without"):
+        if name == "without":
+            monkeypatch.setattr("peftkit.training.loop.Simulation", lambda *a, **k: 1 / 0)
+        path = write_run(tmp_path / name, model_dir, training={"max_steps": 2})
+        train(load_config(path), quiet=True)
+        adapters[name] = load_file(tmp_path / name / "run" / "adapter" / "adapter_model.safetensors")
+    assert adapters["with"].keys() == adapters["without"].keys()
+    for key, tensor in adapters["with"].items():
+        assert torch.equal(tensor, adapters["without"][key]), key
