@@ -177,13 +177,16 @@ def _peak_memory_gb() -> float:
 def _estimated_step(run: _Run) -> StepMemory | None:
     """The simulated peak of one step (the main process says it); None, saying why, if it cannot be simulated.
 
-    The estimate only informs: a model the simulation cannot run still trains.
+    The estimate only informs: a model the simulation cannot run still trains. A ConfigError
+    (a model that cannot be had or built) is the run's own error, said now rather than after loading.
     """
     if not run.main:
         return None
     try:
         step = Simulation(run.config, run.acc.device.type).step()
-    except Exception as error:  # noqa: BLE001 - any failure of the simulation leaves the run as it was
+    except ConfigError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any other failure of the simulation leaves the run as it was
         run.say(f"estimate: not available ({type(error).__name__}: {str(error).splitlines()[0]})")
         return None
     run.say(headline(step))
@@ -326,7 +329,6 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     acc, tc = run.acc, config.training
     resume_from, skipped, continues = _check_before_loading(run, resume, overwrite)
     started = time.perf_counter()
-    estimated = _estimated_step(run)
     run.tokenizer = load_tokenizer(config.model.name)
     run.pad_id = run.tokenizer.pad_token_id
     datasets = load_datasets(config.data, run.tokenizer, tc.seed)
@@ -336,6 +338,7 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     sequences = tc.batch_size * acc.num_processes * tc.gradient_accumulation_steps
     digests = data_digests(config.data)
     changed = check_resume(resume_from, config.to_dict(), digests, sequences, total_steps) if resume_from else ""
+    estimated = _estimated_step(run)  # before the model loads: a run too large for the device is told first
     model = load_model(config.model.name, config.model.dtype, config.base_quantization(), acc.device)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     adapt(model, config.method.name, **config.method.options)
