@@ -100,7 +100,10 @@ def check_model_source(name: str) -> None:
             raise ConfigError(f"model.name {name!r}: a local path without config.json, so not a transformers model.")
         return
     if not _is_hub_id(name):
-        raise ConfigError(f"model.name {name!r}: no such local directory.")
+        raise ConfigError(
+            f"model.name {name!r}: no such local directory; give a directory holding the model's config.json, "
+            f"a hub id (namespace/name), or {EMBEDDED_MODEL!r} (the embedded default)."
+        )
     if _offline():
         from huggingface_hub import try_to_load_from_cache
 

@@ -211,7 +211,7 @@ def test_data_files_need_not_exist(model_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        ("{tmp}/missing", r"model.name '.*missing': no such local directory"),
+        ("{tmp}/missing", r"model.name '.*missing': no such local directory; give a directory holding the model's"),
         ("{tmp}/empty", r"a local path without config.json"),
         ("{tmp}/alien", r"model.name '.*alien': transformers [\d.]+ cannot read its config.json: .*not-a-model"),
     ],

@@ -55,7 +55,10 @@ def test_offline_a_hub_id_not_in_the_cache_fails_at_once(tmp_path: Path, model_d
 def test_a_local_model_path_that_does_not_exist(tmp_path: Path, model_dir: Path, capsys) -> None:
     config = write_run(tmp_path, model_dir, model={"name": str(tmp_path / "models" / "mine")})
     message = fails_in_one_line(["train", str(config)], capsys)
-    assert message == f"model.name '{tmp_path / 'models' / 'mine'}': no such local directory."
+    assert message == (
+        f"model.name '{tmp_path / 'models' / 'mine'}': no such local directory; give a directory holding the "
+        "model's config.json, a hub id (namespace/name), or 'gemma-3-270m' (the embedded default)."
+    )
 
 
 def test_a_hub_that_cannot_be_reached_is_named(tmp_path: Path, model_dir: Path, capsys, monkeypatch) -> None:
