@@ -1,11 +1,10 @@
 """One training step of a run config, simulated on tensors that hold no data, with its live bytes counted.
 
 ```
- config.json ──► model skeleton (meta) ──► fake CPU tensors in model.dtype ──┐
-                 4-bit layers: bitsandbytes' Linear4bit over fake codes and  │
-                 scales of their exact packed sizes                          ▼
-   adapt(method) ─► checkpointing ─► optimizer (state made by a first step) ─► measured step:
-   CausalLMLoss(batch x max_length, every position labelled) ─► backward ─► clip ─► optimizer.step
+ config.json ──► skeleton on the meta device, in model.dtype ──► 4-bit layers (Linear4bit, codes and
+   scales at their exact packed sizes) ──► adapt(method), checkpointing ──► every tensor made fake
+   ──► optimizer (its state made by a first step) ──► the measured step: CausalLMLoss over
+   batch x max_length tokens, every position labelled ──► backward ──► clip ──► optimizer.step
 ```
 
 Everything runs through peftkit's own code (the adapters, the chunked loss, the
