@@ -128,11 +128,12 @@ def headline(step: StepMemory) -> str:
 class _Peaks:
     """The peak of a config's step at any batch size and length: simulated whole, or along the depths' line."""
 
-    def __init__(self, config: RunConfig, device_type: str, full: StepMemory, depth: int | None) -> None:
-        self.device_type, self.depth = device_type, depth
-        self._simulations: dict[tuple[str, int | None], Simulation] = {}
+    def __init__(self, config: RunConfig, simulation: Simulation, full: StepMemory) -> None:
+        """`simulation` is `config`'s, whole; `full` its step at the config's own batch and length."""
+        self.device_type, self.depth = simulation.device_type, simulation.num_layers
+        self._simulations: dict[tuple[str, int | None], Simulation] = {(repr(config.to_dict()), None): simulation}
         self.by_depth = False
-        if depth is not None and depth > FULL_DEPTH:
+        if self.depth is not None and self.depth > FULL_DEPTH:
             line = self._along_depths(config, full.batch_size, full.max_length)
             self.by_depth = abs(line - full.peak_bytes) <= DEPTH_TOLERANCE * full.peak_bytes
 
@@ -249,7 +250,7 @@ def estimate(config: RunConfig, gpu: str | None = None, device_type: str = "cuda
         result.gpu, result.gpu_bytes = parse_gpu(gpu)
         usable = int(result.gpu_bytes * USABLE)
         result.fits = step.peak_bytes <= usable
-        peaks = _Peaks(config, device_type, step, simulation.num_layers)
+        peaks = _Peaks(config, simulation, step)
         batch, length = config.training.batch_size, config.data.max_length
         limit = _max_positions(simulation)
         result.largest_batch_size = _largest(lambda b: peaks.peak(config, b, length), usable, 1, _MAX_BATCH, batch)

@@ -140,8 +140,9 @@ def test_a_config_that_fits_gets_no_suggestions(model_dir: Path) -> None:
 def test_a_deep_model_is_searched_along_the_line_through_two_small_depths(tmp_path: Path) -> None:
     deep = make_model_dir(tmp_path, hidden_size=64, intermediate_size=128, num_hidden_layers=12)
     config = config_of(deep, model={"gradient_checkpointing": True})
-    full = Simulation(config).step()
-    peaks = est._Peaks(config, "cuda", full, 12)
+    simulation = Simulation(config)
+    assert simulation.num_layers == 12
+    peaks = est._Peaks(config, simulation, simulation.step())
     assert peaks.by_depth  # the line meets the full simulation at the config's own batch and length
     other = Simulation(config).step(7, 96).peak_bytes
     assert peaks.peak(config, 7, 96) == pytest.approx(other, rel=0.01)
