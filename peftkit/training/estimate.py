@@ -25,7 +25,7 @@ from typing import Any
 
 from peftkit.errors import ConfigError
 from peftkit.training.config import RunConfig, apply_overrides, build_config
-from peftkit.training.simulate import CATEGORIES, Simulation, StepMemory
+from peftkit.training.simulate import CATEGORIES, Simulation, StepMemory, text_config
 
 __all__ = ["GPUS", "USABLE", "Estimate", "Suggestion", "parse_gpu", "estimate", "describe", "headline", "format_bytes"]
 
@@ -272,9 +272,8 @@ def sequence_unit(max_length: int) -> int:
 
 def _max_positions(simulation: Simulation) -> int:
     """The longest sequence the model takes (its max_position_embeddings), at most 1M tokens."""
-    config = simulation.model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return min(getattr(text_config, "max_position_embeddings", None) or 2**20, 2**20)
+    positions = getattr(text_config(simulation.model.config), "max_position_embeddings", None)
+    return min(positions or 2**20, 2**20)
 
 
 def describe(result: Estimate, config: RunConfig) -> list[str]:

@@ -64,7 +64,16 @@ from peftkit.training.models import model_config
 from peftkit.training.optim import build_optimizer
 from peftkit.weights import is_linear
 
-__all__ = ["CATEGORIES", "StepMemory", "LiveBytes", "Simulation", "counting", "layer_count", "with_layers"]
+__all__ = [
+    "CATEGORIES",
+    "StepMemory",
+    "LiveBytes",
+    "Simulation",
+    "counting",
+    "layer_count",
+    "text_config",
+    "with_layers",
+]
 
 CATEGORIES = (
     "base_weights",
@@ -145,11 +154,7 @@ class LiveBytes(TorchDispatchMode):
 
     def peak_bytes(self) -> int:
         """The largest total the log reached."""
-        total = peak = 0
-        for _, nbytes in self.log:
-            total += nbytes
-            peak = max(peak, total)
-        return peak
+        return _highest(self.log)[0]
 
 
 class _FakeStep(LiveBytes):
@@ -319,10 +324,14 @@ def _apart() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
+def text_config(config: Any) -> Any:
+    """The part of a transformers config that describes the language model (multimodal configs nest it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def layer_count(config: Any) -> int | None:
     """The number of transformer layers a transformers config asks for, if it says."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text_config, "num_hidden_layers", None)
+    return getattr(text_config(config), "num_hidden_layers", None)
 
 
 def with_layers(config: Any, num_layers: int) -> Any:
@@ -332,7 +341,7 @@ def with_layers(config: Any, num_layers: int) -> Any:
     count) are cut to match.
     """
     copy = config.__class__.from_dict(config.to_dict())
-    target = copy.get_text_config() if hasattr(copy, "get_text_config") else copy
+    target = text_config(copy)
     old = target.num_hidden_layers
     for key, value in list(vars(target).items()):
         if isinstance(value, list) and len(value) == old:
@@ -404,7 +413,6 @@ class Simulation:
     def _step(self, batch_size: int, max_length: int) -> StepMemory:
         tc = self.config.training
         categories: dict[int, str] = {}
-        marks: dict[str, int] = {}
         counter = _FakeStep(cpu_kernels=self.device_type == "cpu")
         with self.fake, counter:
             for category, tensor in _resident(self.model, self.optimizer):
@@ -421,13 +429,12 @@ class Simulation:
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
             micro_batches = min(tc.gradient_accumulation_steps, 2)  # the second sees the first's gradients
             for _ in range(micro_batches):
-                marks["forward"] = len(counter.log)
+                forward_start = len(counter.log)
                 autocast = torch.autocast("cpu", self.mixed) if self.mixed else nullcontext()
                 with autocast:
                     loss = loss_module(**batch) / micro_batches
-                marks["backward"] = len(counter.log)
                 alive = counter.alive()
-                for serial, nbytes in counter.log[marks["forward"] : marks["backward"]]:
+                for serial, nbytes in counter.log[forward_start:]:
                     if nbytes > 0 and serial in alive:  # made by the forward, kept for the backward
                         categories.setdefault(serial, "activations")
                 loss.backward()
@@ -447,13 +454,19 @@ class Simulation:
         return _peak(counter.log, categories, batch_size, max_length)
 
 
-def _peak(log: list[tuple[int, int]], categories: dict[int, str], batch_size: int, max_length: int) -> StepMemory:
-    """The largest total of `log`, and the bytes alive at that moment by category."""
+def _highest(log: list[tuple[int, int]]) -> tuple[int, int]:
+    """(the largest running total of `log`, the index of the entry that first reached it)."""
     total = peak = at = 0
     for index, (_, nbytes) in enumerate(log):
         total += nbytes
         if total > peak:
             peak, at = total, index
+    return peak, at
+
+
+def _peak(log: list[tuple[int, int]], categories: dict[int, str], batch_size: int, max_length: int) -> StepMemory:
+    """The largest total of `log`, and the bytes alive at that moment by category."""
+    peak, at = _highest(log)
     alive: dict[int, int] = {}
     for serial, nbytes in log[: at + 1]:
         if nbytes > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from tiny_run import make_model_dir, write_run
 from peftkit.cli import main
 from peftkit.errors import ConfigError
 from peftkit.training import estimate as est
-from peftkit.training.config import RunConfig, build_config, load_config
+from peftkit.training.config import RunConfig, apply_overrides, build_config, load_config
 from peftkit.training.loop import train
 from peftkit.training.simulate import CATEGORIES, Simulation
 
@@ -125,8 +126,6 @@ def test_suggestions_are_the_changed_configs_own_estimates(model_dir: Path) -> N
     for change, suggestion in changes.items():
         raw = raw_config(model_dir)
         overrides = change.split(" ")
-        from peftkit.training.config import apply_overrides
-
         changed = build_config(apply_overrides(raw, overrides), data_files=False)
         assert suggestion.peak_bytes == est.estimate(changed).peak_bytes < peak, change
         assert suggestion.fits == (suggestion.peak_bytes <= est.parse_gpu(gpu_of(peak * 0.75))[1] * est.USABLE)
@@ -227,7 +226,7 @@ def test_models_that_cannot_be_built_are_named(
     assert main(["estimate", str(path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("peftkit estimate: error: ")
-    assert pytest.importorskip("re").search(message, err), err
+    assert re.search(message, err), err
 
 
 def test_a_hub_id_offline_and_not_cached_says_what_to_pass(
