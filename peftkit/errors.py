@@ -111,3 +111,7 @@ class CheckpointError(AdapterFileError):
 
 class UntrustedCheckpointError(CheckpointError):
     """trainer_state.pt holds more than tensors and plain containers, so it is never unpickled."""
+
+
+class LossyMergeWarning(UserWarning):
+    """A merge into a lossy base (4-bit) changed the weights by more than the adapters' deltas."""

@@ -15,6 +15,7 @@ adapter compose by addition and the host never needs to know the method.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -177,6 +178,9 @@ class AdapterLayer(AdapterHost):
         super().__init__()
         self.base_layer = base_layer
         self.merged_adapters: list[str] = []
+        # Over a lossy base (4-bit), each merge keeps what restores the stored weight before it,
+        # with how many adapters were merged then: unmerging back to that count is exact.
+        self.restore_points: list[tuple[int, Callable[[], None]]] = []
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self.adapters_enabled and self.merged_adapters:

@@ -7,10 +7,15 @@ dtype (or re-quantized). An adapter that changes named parameters of its layer
 adds it to the layer's bias. A merge is all or nothing: every layer is checked
 (NaN or Inf, tied weights, an adapter that is no weight change) before the first
 one is written.
+
+Writing into a lossy base (a 4-bit layer re-quantizes `dequant(Wq) + delta`) adds an
+error of its own: the merge warns with it, per layer, and keeps the packed weight it
+replaced, so that unmerging puts the base back bit for bit instead of rounding twice.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -18,13 +23,13 @@ from torch import nn
 
 from peftkit.adapter_names import release_adapter_names
 from peftkit.anatomy import tied_parameters
-from peftkit.errors import AdapterStateError, MergeError
+from peftkit.errors import AdapterStateError, LossyMergeWarning, MergeError
 from peftkit.hosts import hosts
 from peftkit.inject import set_active_adapters
 from peftkit.layer import Adapter, AdapterLayer, ParameterAdapter, TrainableCopy
 from peftkit.pretrained import uninstall
 from peftkit.record import adapter_methods, forget_adapters, require_adapters
-from peftkit.weights import read_weight, write_weight
+from peftkit.weights import keep_weight, read_weight, write_weight
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "unload", "switch_merged_adapter"]
 
@@ -126,24 +131,23 @@ def _plan(model: nn.Module, chosen: Callable[[AdapterLayer], list[str]], verb: s
     return plan
 
 
-def _fold_layer(path: str, layer: AdapterLayer, names: list[str], sign: int) -> None:
-    """Fold `names` into one layer (sign as in `_fold`): all of them or, on an error, none."""
+def _fold_layer(path: str, layer: AdapterLayer, names: list[str], sign: int) -> float | None:
+    """Fold `names` into one layer (sign as in `_fold`): all of them or, on an error, none.
+
+    Returns the largest error a lossy base's write added (None: exact). Unmerging back to
+    a restore point puts the kept weight back instead of writing a difference.
+    """
     by_weight = [n for n in names if not isinstance(layer.adapters[n], ParameterAdapter)]
     where = f"{'merging' if sign > 0 else 'unmerging'} adapters {names} at {path!r}"
+    error = None
     if by_weight:
-        weight, in_place = _working_weight(layer.base_layer)
-        applied: list[str] = []
-        try:
-            for name in by_weight:
-                _fold(weight, layer.adapters[name], sign, where)
-                applied.append(name)
-        except Exception:
-            if in_place:  # a copy is simply not written back
-                for name in reversed(applied):
-                    _fold(weight, layer.adapters[name], -sign, where)
-            raise
-        if not in_place:
-            write_weight(layer.base_layer, weight)
+        remaining = len(layer.merged_adapters) - len(names)
+        point = next((i for i, (count, _) in enumerate(layer.restore_points) if count == remaining), None)
+        if sign < 0 and point is not None:  # the weight as it was with `remaining` merged; later points go too
+            layer.restore_points[point][1]()
+            del layer.restore_points[point:]
+        else:
+            error = _fold_weight(layer, by_weight, sign, where)
         for name in by_weight:
             _fold_bias(layer.base_layer, layer.adapters[name], sign)
     for name in names:
@@ -153,25 +157,73 @@ def _fold_layer(path: str, layer: AdapterLayer, names: list[str], sign: int) -> 
         layer.merged_adapters.extend(names)
     else:
         layer.merged_adapters[:] = [n for n in layer.merged_adapters if n not in names]
+    return error
 
 
-def _apply(plan: Plan, sign: int) -> None:
-    """Fold the plan in; should a layer still fail (a DoRA row of norm 0), the layers done are folded back."""
+def _fold_weight(layer: AdapterLayer, names: list[str], sign: int, where: str) -> float | None:
+    """Fold the weight changes of `names` into the base weight; a lossy base keeps a restore point first."""
+    weight, in_place = _working_weight(layer.base_layer)
+    applied: list[str] = []
+    try:
+        for name in names:
+            _fold(weight, layer.adapters[name], sign, where)
+            applied.append(name)
+    except Exception:
+        if in_place:  # a copy is simply not written back
+            for name in reversed(applied):
+                _fold(weight, layer.adapters[name], -sign, where)
+        raise
+    if in_place:
+        return None
+    restore = keep_weight(layer.base_layer) if sign > 0 else None
+    error = write_weight(layer.base_layer, weight)
+    if restore is not None:
+        layer.restore_points.append((len(layer.merged_adapters), restore))
+    return error
+
+
+def _apply(plan: Plan, sign: int) -> dict[str, float]:
+    """Fold the plan in; should a layer still fail (a DoRA row of norm 0), the layers done are folded back.
+
+    Returns the error each lossy layer's write added, by path.
+    """
     done: Plan = []
+    errors: dict[str, float] = {}
     try:
         for path, layer, names in plan:
-            _fold_layer(path, layer, names, sign)
+            error = _fold_layer(path, layer, names, sign)
             done.append((path, layer, names))
+            if error is not None:
+                errors[path] = error
     except Exception:
         for path, layer, names in reversed(done):
             _fold_layer(path, layer, names[::-1], -sign)
         raise
+    return errors
+
+
+def _warn_lossy(errors: dict[str, float]) -> None:
+    """Say which layers a merge re-quantized and by how much, largest first."""
+    if not errors:
+        return
+    worst = sorted(errors.items(), key=lambda item: -item[1])
+    shown = ", ".join(f"{path} {error:.3g}" for path, error in worst[:5])
+    more = f" and {len(worst) - 5} more" if len(worst) > 5 else ""
+    warnings.warn(
+        f"merging re-quantized {len(errors)} 4-bit layer(s): their weights now differ from dequant(Wq) + delta "
+        f"by up to {worst[0][1]:.3g} (max abs; {shown}{more}), so outputs differ from the unmerged model's. "
+        "unmerge() restores the model exactly; for an exact merged model write a dense one "
+        "(peftkit.quant.merge_and_dequantize, or `peftkit merge`).",
+        LossyMergeWarning,
+        stacklevel=3,
+    )
 
 
 def merge(model: nn.Module, adapter_names: str | list[str] | None = None) -> nn.Module:
     """Add the adapters' deltas (default: the active ones) into the base weights, in place.
 
-    All or nothing: every layer is checked before the first one is written.
+    All or nothing: every layer is checked before the first one is written. Into a 4-bit
+    base the merge is lossy: a `LossyMergeWarning` names the layers and the error.
     """
     if adapter_names is not None:
         adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -181,7 +233,7 @@ def merge(model: nn.Module, adapter_names: str | list[str] | None = None) -> nn.
         names = host.active_adapters if adapter_names is None else adapter_names
         return [n for n in names if n in host.adapters and n not in host.merged_adapters]
 
-    _apply(_plan(model, pending, "merging"), +1)
+    _warn_lossy(_apply(_plan(model, pending, "merging"), +1))
     return model
 
 

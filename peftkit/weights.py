@@ -33,6 +33,7 @@ __all__ = [
     "weight_access",
     "read_weight",
     "write_weight",
+    "keep_weight",
     "layer_features",
     "is_linear",
     "fan_in_fan_out",
@@ -45,11 +46,18 @@ _CONV1D = "transformers.pytorch_utils.Conv1D"
 
 @dataclass(frozen=True)
 class WeightAccess:
-    """How to get a dense canonical weight out of a layer type, and put one back."""
+    """How to get a dense canonical weight out of a layer type, and put one back.
+
+    A lossy layout (a 4-bit base) declares `keep`: it captures what restores the layer's
+    stored weight exactly and returns the callable that does so, which is how an unmerge
+    undoes a merge without a second rounding. Its `write` returns the largest absolute
+    error the write added (`max |read(layer) - weight|`); an exact layout's returns None.
+    """
 
     read: Callable[[nn.Module], torch.Tensor]
-    write: Callable[[nn.Module, torch.Tensor], None]
+    write: Callable[[nn.Module, torch.Tensor], float | None]
     features: Callable[[nn.Module], tuple[int, int]]
+    keep: Callable[[nn.Module], Callable[[], None]] | None = None
 
 
 _ACCESS: dict[str, WeightAccess] = {}
@@ -105,9 +113,18 @@ def read_weight(layer: nn.Module) -> torch.Tensor:
     return _require(layer).read(layer)
 
 
-def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
-    """Store a dense `[out, in, ...]` weight back into the layer, in place."""
-    _require(layer).write(layer, weight)
+def write_weight(layer: nn.Module, weight: torch.Tensor) -> float | None:
+    """Store a dense `[out, in, ...]` weight back into the layer, in place.
+
+    Returns the largest absolute error a lossy layout's write added, None for an exact one.
+    """
+    return _require(layer).write(layer, weight)
+
+
+def keep_weight(layer: nn.Module) -> Callable[[], None] | None:
+    """For a lossy layout, the callable that restores the layer's stored weight as it is now; else None."""
+    keep = _require(layer).keep
+    return keep(layer) if keep is not None else None
 
 
 def layer_features(layer: nn.Module) -> tuple[int, int]:

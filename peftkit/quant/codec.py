@@ -7,7 +7,8 @@
     └──────────────┘  ◄─────────────── │ weights (scales 8-bit too: double quant)   │
                         dequantize     └────────────────────────────────────────────┘
     forward: y = x @ dequant(Wq).T + b, computed in `compute_dtype`
-    merge:   Wq <- quant(dequant(Wq) + delta)   (lossy; `requantization_errors` says how much)
+    merge:   Wq <- quant(dequant(Wq) + delta)   (lossy: merge warns with the error; unmerge puts
+                                                 the packed weight it kept back, exactly)
 ```
 
 With `peftkit.quant.convert`, the only peftkit code that imports bitsandbytes;
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, Literal
 
@@ -32,8 +33,8 @@ from peftkit.anatomy import output_head
 from peftkit.dtypes import DTYPES
 from peftkit.errors import ConfigError, MergeError
 from peftkit.targets import candidate_modules, matches_pattern
-from peftkit.validation import check_types
-from peftkit.weights import WeightAccess, layer_features, read_weight
+from peftkit.validation import check_pattern, check_types
+from peftkit.weights import WeightAccess, is_linear, layer_features, read_weight
 
 try:
     import bitsandbytes.functional as bnb_functional
@@ -58,6 +59,7 @@ __all__ = [
     "packed_on_meta",
     "dequantize",
     "requantize",
+    "keep_packed",
     "dequantized_copy",
     "quant_state_tensors",
     "sliced_forward",
@@ -84,8 +86,9 @@ class QuantizationConfig:
             `in_features` 64 does not divide, as bitsandbytes' CPU kernels need.
         compute_dtype: dtype the dequantized weight is multiplied in. None picks
             bfloat16 on a CUDA device with native support, else float32.
-        skip_modules: modules left in full precision, as names or a regex (matched
-            like `target_modules`). None keeps the model's output head.
+        skip_modules: modules left in full precision besides the output head, as names
+            or a regex (matched like `target_modules`); each must match a module. `[]`
+            quantizes the head too.
         storage_dtype: the dtype the packed 4-bit codes are stored in (bitsandbytes'
             `quant_storage`): None is its packed uint8; a float dtype lets FSDP shard the
             4-bit weights together with the model's other float tensors.
@@ -105,6 +108,7 @@ class QuantizationConfig:
             raise ConfigError(
                 f"QuantizationConfig.bits must be 4 (only 4-bit NF4/FP4 is supported for now), got {self.bits}."
             )
+        check_pattern("QuantizationConfig.skip_modules", self.skip_modules)
         if self.blocksize is not None and self.blocksize not in BLOCKSIZES:
             raise ConfigError(
                 f"QuantizationConfig.blocksize must be one of {', '.join(map(str, BLOCKSIZES))} "
@@ -112,11 +116,28 @@ class QuantizationConfig:
             )
 
     def dense_modules(self, model: nn.Module) -> set[str]:
-        """Paths of the modules this config keeps in full precision: `skip_modules`, else the output head."""
-        if self.skip_modules is not None:
-            return {name for name, _ in candidate_modules(model) if matches_pattern(name, self.skip_modules)}
+        """Paths of the modules this config keeps in full precision: the output head and `skip_modules`.
+
+        `skip_modules: []` is the one way to quantize the head too. An entry that matches no
+        module is an error: a typo would otherwise quantize what it meant to keep.
+        """
+        if self.skip_modules == []:
+            return set()
+        modules = list(candidate_modules(model))
         head = output_head(model)
-        return {name for name, module in candidate_modules(model) if head is not None and module is head}
+        dense = {name for name, module in modules if head is not None and module is head}
+        patterns = [self.skip_modules] if isinstance(self.skip_modules, str) else self.skip_modules or []
+        for pattern in patterns:
+            rule = pattern if isinstance(self.skip_modules, str) else [pattern]
+            matched = {name for name, _ in modules if matches_pattern(name, rule)}
+            if not matched:
+                linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules if is_linear(module)})
+                raise ConfigError(
+                    f"QuantizationConfig.skip_modules entry {pattern!r} matches no module of {type(model).__name__}; "
+                    f"its linear layers are named: {', '.join(linear) or '(none)'}."
+                )
+            dense |= matched
+        return dense
 
     def storage(self) -> torch.dtype:
         """The torch dtype the packed codes are stored in."""
@@ -297,17 +318,33 @@ def dequantize(layer: Linear4bit) -> torch.Tensor:
     return bnb_functional.dequantize_4bit(layer.weight.data, state)
 
 
-def requantize(layer: Linear4bit, weight: torch.Tensor) -> None:
+def requantize(layer: Linear4bit, weight: torch.Tensor) -> float:
     """Quantize the dense `weight` into `layer` in place, with the layer's own settings (lossy).
 
-    The largest absolute error this adds, `max |dequant(quant(W)) - W|`, is kept on the
-    layer as `requantization_error` (see `requantization_errors`).
+    Returns the largest absolute error this adds, `max |dequant(quant(W)) - W|`, also kept
+    on the layer as `requantization_error` (see `requantization_errors`).
     """
     state = _quant_state(layer)
     old = layer.weight
     target = weight.detach().to(device=old.device, dtype=state.dtype)
     _store(layer, target, old.blocksize, old.compress_statistics, old.quant_type, old.quant_storage)
     layer.requantization_error = (dequantize(layer).float() - weight.detach().float()).abs().max().item()
+    return layer.requantization_error
+
+
+def keep_packed(layer: Linear4bit) -> Callable[[], None]:
+    """The callable that puts back the layer's packed weight as it is now, bit for bit.
+
+    `requantize` stores a new `Params4bit` rather than writing into the old one, so
+    holding on to the old one (its codes and quantization state) is all it takes.
+    """
+    packed = layer.weight
+
+    def restore() -> None:
+        layer.weight = packed
+        layer.__dict__.pop("requantization_error", None)
+
+    return restore
 
 
 def dequantized_copy(layer: Linear4bit, dtype: torch.dtype | None = None) -> nn.Linear:
@@ -427,6 +464,6 @@ def _eight_bit(layer: nn.Module, *_: Any) -> torch.Tensor:
 def weight_layouts() -> dict[type, WeightAccess]:
     """The `peftkit.weight_layouts` entry point: how the core reads and writes bitsandbytes layers."""
     return {
-        Linear4bit: WeightAccess(read=dequantize, write=requantize, features=_features),
+        Linear4bit: WeightAccess(read=dequantize, write=requantize, features=_features, keep=keep_packed),
         Linear8bitLt: WeightAccess(read=_eight_bit, write=_eight_bit, features=_features),
     }
