@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from peftkit.validation import check_types
+from peftkit.validation import check_pattern, check_types
 
 __all__ = ["MethodConfig", "peft_option"]
 
@@ -52,4 +52,7 @@ class MethodConfig:
     bias: Literal["none", "all", "lora_only"] = peft_option("none", "bias")
 
     def __post_init__(self) -> None:
-        check_types(self, type(self).__name__)
+        where = type(self).__name__
+        check_types(self, where)
+        check_pattern(f"{where}.target_modules", self.target_modules)
+        check_pattern(f"{where}.exclude_modules", self.exclude_modules)

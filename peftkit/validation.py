@@ -8,6 +8,7 @@ from a mapping, rejecting unknown keys with the closest valid one.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 
 from peftkit.errors import ConfigError, did_you_mean
 
-__all__ = ["check_types", "from_options", "option_names", "option_aliases", "describe_type"]
+__all__ = ["check_types", "check_pattern", "from_options", "option_names", "option_aliases", "describe_type"]
 
 T = TypeVar("T")
 
@@ -34,6 +35,15 @@ def option_aliases(cls: type) -> dict[str, str]:
         for alias in f.metadata.get("aliases", ())
         if alias != f.name
     }
+
+
+def check_pattern(option: str, pattern: Any) -> None:
+    """ConfigError naming `option` when `pattern` is a string that is no valid regex (a list holds plain names)."""
+    if isinstance(pattern, str):
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ConfigError(f"{option} {pattern!r} is not a valid regular expression ({error}).") from None
 
 
 def from_options(cls: type[T], options: Mapping[str, Any], where: str) -> T:

@@ -19,6 +19,11 @@ from peftkit.errors import ConfigError
         ({"bias": "some"}, "LoraConfig.bias must be 'none' | 'all' | 'lora_only', got 'some'"),
         ({"target_modules": ["q_proj", 3]}, "LoraConfig.target_modules must be list[str] | str | None"),
         ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] must be a positive integer"),
+        # Invalid regexes used to escape as re.error from deep inside the matching.
+        ({"target_modules": "["}, "LoraConfig.target_modules '[' is not a valid regular expression (unterminated"),
+        ({"exclude_modules": "(q"}, "LoraConfig.exclude_modules '(q' is not a valid regular expression (missing )"),
+        ({"rank_pattern": {"q_proj[": 2}}, "LoraConfig.rank_pattern key 'q_proj[' is not a valid regular expression"),
+        ({"alpha_pattern": {"*": 2}}, "LoraConfig.alpha_pattern key '*' is not a valid regular expression"),
     ],
 )
 def test_bad_option_values_name_the_field(options: dict, message: str) -> None:

@@ -38,6 +38,7 @@ from peftkit import (
 )
 from peftkit.hosts import add_adapter
 from peftkit.targets import candidate_modules, find_targets
+from peftkit.validation import check_pattern
 from variants.lora_layers import LoraConv, LoraEmbedding, LoraLinear, LoraMultiheadAttention, LoraParameter
 from variants.trainable_tokens import trainable_tokens
 
@@ -85,7 +86,8 @@ class LoraConfig(MethodConfig):
             of the input embedding, or `{embedding module name: ids}`.
         target_parameters: parameters to adapt where there is no layer to wrap (MoE
             experts as bare 2-D/3-D tensors), by full path or `.`-suffix, e.g.
-            `["experts.gate_up_proj"]`. Pass `target_modules=[]` to adapt only these.
+            `["experts.gate_up_proj"]`. Pass `target_modules=[]` to adapt only these (on a
+            model type without default targets, leaving it unset does the same, as in PEFT).
     """
 
     r: int = peft_option(8, "r", aliases=("rank", "lora_rank"))
@@ -107,6 +109,9 @@ class LoraConfig(MethodConfig):
                 raise ConfigError(f"{where}.{key} must be a positive integer, got {rank}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{where}.dropout must be in [0, 1), got {self.dropout}.")
+        for option in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, option):
+                check_pattern(f"{where}.{option} key", key)
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """This module's (r, alpha): a pattern entry if one matches, as PEFT resolves them."""
@@ -178,6 +183,15 @@ class LoRA(AdapterMethod):
             target_parameters=None,
         )
         return type(self).from_options(**options)
+
+    def resolved_config(self, model: nn.Module) -> LoraConfig:
+        """`target_modules=None` is the model type's default, as for every method; on a model without
+        one, `target_parameters` alone adapts just those parameters (PEFT's rule for both)."""
+        if self.config.target_modules is None and self.config.target_parameters:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            if model_type not in self.default_targets:
+                return dataclasses.replace(self.config, target_modules=[])
+        return super().resolved_config(model)
 
     def attach(self, model: nn.Module, adapter_name: str) -> list[str]:
         """The layers of `target_modules`, the modules holding `target_parameters`, the embeddings of tokens.

@@ -74,7 +74,10 @@ def resolve_compute_dtype_here(config: Any) -> torch.dtype:
 def skipped_modules(skeleton: nn.Module, config: Any, where: str) -> list[str]:
     """Paths of the linear layers that stay dense; ConfigError if no linear layer is left to quantize."""
     linear = [name for name, module in candidate_modules(skeleton) if is_linear(module)]
-    dense = config.dense_modules(skeleton)
+    try:
+        dense = config.dense_modules(skeleton)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
     skipped = [name for name in linear if name in dense]
     if len(skipped) == len(linear):
         raise ConfigError(

@@ -97,7 +97,8 @@ def test_options_reach_the_stored_layers() -> None:
     state = model.model.layers[0].self_attn.q_proj.weight.quant_state
     assert (state.quant_type, state.blocksize, state.nested) == ("fp4", 128, False)
     assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
-    assert isinstance(model.lm_head, bnb.nn.Linear4bit)  # an explicit skip list replaces the default
+    assert type(model.lm_head) is nn.Linear  # the head stays dense beside an explicit skip list
+    assert isinstance(quantize_model(llama_128(), QuantizationConfig(skip_modules=[])).lm_head, bnb.nn.Linear4bit)
     assert model.model.layers[0].self_attn.q_proj.compute_dtype == torch.float32  # the CPU default
 
 
@@ -232,3 +233,19 @@ def test_import_peftkit_and_method_discovery_do_not_import_bitsandbytes() -> Non
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_a_skip_pattern_that_matches_nothing_is_refused_and_nothing_is_quantized() -> None:
+    # It used to quantize the output head without a word.
+    model = tiny_llama()
+    with pytest.raises(ConfigError) as error:
+        quantize_model(model, QuantizationConfig(skip_modules=["nonexistent_layer"]))
+    assert str(error.value) == (
+        "QuantizationConfig.skip_modules entry 'nonexistent_layer' matches no module of LlamaForCausalLM; "
+        "its linear layers are named: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj."
+    )
+    assert linear_paths(model, bnb.nn.Linear4bit) == []
+    with pytest.raises(ConfigError, match=r"entry 'nothing_.\*' matches no module"):
+        quantize_model(model, QuantizationConfig(skip_modules="nothing_.*"))
+    with pytest.raises(ConfigError, match=r"QuantizationConfig.skip_modules '\[' is not a valid regular expression"):
+        QuantizationConfig(skip_modules="[")

@@ -192,6 +192,12 @@ def test_qlora_under_train_loads_straight_into_4bit(
         ({"blocksize": 128}, r"model\.quantization\.blocksize 128: loading straight into 4 bits .* blocksize 64"),
         ({"quant": "nf4"}, r"model\.quantization has no option 'quant'\. Did you mean 'quant_type'\?"),
         ({"skip_modules": ".*"}, r"model\.quantization: LlamaForCausalLM has no linear layer .* outside skip_modules"),
+        (
+            {"skip_modules": ["nonexistent_layer"]},
+            r"model\.quantization: QuantizationConfig\.skip_modules entry 'nonexistent_layer' matches no module "
+            r"of LlamaForCausalLM; its linear layers are named: down_proj, gate_proj, k_proj, lm_head, o_proj",
+        ),
+        ({"skip_modules": "["}, r"model\.quantization: QuantizationConfig\.skip_modules '\[' is not a valid regular"),
     ],
 )
 def test_bad_quantization_is_refused_at_config_check(

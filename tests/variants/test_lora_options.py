@@ -280,3 +280,34 @@ def test_target_parameters_refusals_are_typed() -> None:
         peftkit.adapt(tiny_llama(), "lora", target_modules=[], target_parameters=["layers.0.input_layernorm.weight"])
     with pytest.raises(peftkit.TargetNotFoundError, match="target_modules=\\[\\] selects no layer"):
         peftkit.adapt(tiny_llama(), "lora", target_modules=[], trainable_token_indices=TOKENS)
+
+
+class MLP(nn.Module):
+    """PEFT's test model "MLP 1 using nn.Parameter LoRA": no config, so no default targets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin0 = nn.Linear(10, 20)
+        self.lin1 = nn.Linear(20, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def test_target_parameters_without_target_modules_as_peft_writes_and_reads(tmp_path: Path) -> None:
+    # It used to be refused with "no default target_modules".
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(1))
+    config = peft.LoraConfig(target_modules=None, target_parameters=["lin0.weight"], init_lora_weights=False)
+    theirs = peft.get_peft_model(MLP(), config)
+    theirs.save_pretrained(tmp_path)
+    assert read_adapter_config(tmp_path)["target_modules"] is None
+    loaded = peftkit.load_adapter(MLP(), tmp_path)
+    assert [path for path, _ in peftkit.hosts.hosts(loaded)] == ["lin0"]
+    torch.testing.assert_close(loaded(x), theirs(x), atol=OUTPUT_ATOL, rtol=0)
+    ours = peftkit.adapt(MLP(), "lora", target_parameters=["lin0.weight"])
+    assert [path for path, _ in peftkit.hosts.hosts(ours)] == ["lin0"]
+    # A model type with default targets gets them too, as PEFT's does (Mixtral: q_proj, v_proj).
+    mixtral = peftkit.adapt(tiny_mixtral(), "lora", target_parameters=EXPERTS)
+    adapted_leaves = {path.rsplit(".", 1)[-1] for path, _ in peftkit.hosts.hosts(mixtral)}
+    assert adapted_leaves == {"q_proj", "v_proj", "experts"}
