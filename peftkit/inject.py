@@ -20,7 +20,7 @@ from peftkit.hosts import hosts
 from peftkit.layer import AdapterLayer
 from peftkit.method import AdapterMethod
 from peftkit.pretrained import install as install_pretrained
-from peftkit.record import DEFAULT_ADAPTER, adapter_methods, record_for_update, require_adapters
+from peftkit.record import DEFAULT_ADAPTER, adapter_method, adapter_methods, record_for_update, require_adapters
 from peftkit.registry import get_method
 from peftkit.routing import BASE_NAMES
 from peftkit.undo import restore_on_failure
@@ -54,6 +54,7 @@ def adapt(
         raise TypeError("pass options either in the method instance or as keywords, not both.")
     methods = adapter_methods(model)
     _check_adapter_name(adapter_name)
+    _refuse_peft_wrapped(model)
     in_place = [f"{n!r} ({m.name})" for n, m in methods.items() if m.trains_in_place]
     if in_place:
         raise AdapterStateError(
@@ -73,6 +74,23 @@ def adapt(
     accept_adapter_names(model)
     install_pretrained(model)
     return model
+
+
+def _refuse_peft_wrapped(model: nn.Module) -> None:
+    """Say so when HF PEFT has wrapped the model already: its layers are no plain layers to adapt."""
+    wrapped = next(
+        ((path, module) for path, module in model.named_modules() if type(module).__module__.split(".")[0] == "peft"),
+        None,
+    )
+    if wrapped is not None:
+        path, module = wrapped
+        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        where = f" ({kind} at {path!r})" if path else f" ({kind})"
+        raise ConfigError(
+            f"this model is already adapted by HF PEFT{where}; peftkit adapts a plain model. Take PEFT's adapter "
+            "off first (model.unload() or model.merge_and_unload() on the PeftModel), or load the saved PEFT "
+            "adapter onto the plain model with peftkit.load_adapter(model, directory)."
+        )
 
 
 def _check_adapter_name(name: Any) -> None:
@@ -117,7 +135,7 @@ def mark_trainable(model: nn.Module, adapter_name: str) -> None:
     require_adapters(model, [adapter_name])
     for param in model.parameters():
         param.requires_grad_(False)
-    for tensor in adapter_methods(model)[adapter_name].trainable_state(model, adapter_name).values():
+    for tensor in adapter_method(model, adapter_name).trainable_state(model, adapter_name).values():
         if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
             tensor.requires_grad_(True)
 

@@ -33,7 +33,7 @@ from peftkit.files import atomic_write, atomic_write_json, check_writable, desti
 from peftkit.hosts import hosts
 from peftkit.layer import AdapterLayer
 from peftkit.method import AdapterMethod
-from peftkit.record import DEFAULT_ADAPTER, adapted_model, adapter_methods
+from peftkit.record import DEFAULT_ADAPTER, adapted_model, adapter_method
 from peftkit.registry import available_methods, get_method, method_reference
 from peftkit.targets import portable_target_modules
 from peftkit.validation import option_names
@@ -66,7 +66,7 @@ def _peft_key(path: str, adapter_name: str) -> str:
 def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
     """The live tensors that make up one adapter, under PEFT's key names."""
     model = adapted_model(model)
-    method = adapter_methods(model)[adapter_name]
+    method = adapter_method(model, adapter_name)
     return {_peft_key(path, adapter_name): t for path, t in method.trainable_state(model, adapter_name).items()}
 
 
@@ -77,7 +77,7 @@ def method_options(method: AdapterMethod) -> dict[str, Any]:
 def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, Any]:
     """The adapter_config.json content PEFT would write for this adapter."""
     model = adapted_model(model)
-    method = adapter_methods(model)[adapter_name]
+    method = adapter_method(model, adapter_name)
     targeted = {
         path: host.base_layer
         for path, host in hosts(model)
@@ -115,7 +115,7 @@ def save_adapter(
     """
     model = adapted_model(model)
     directory = Path(directory)
-    method = adapter_methods(model)[name]
+    method = adapter_method(model, name)
     config = peft_config(model, name)
     values = {path: (state_dict or {}).get(path, t) for path, t in method.trainable_state(model, name).items()}
     tensors = {_peft_key(path, name): t.detach().to("cpu").clone().contiguous() for path, t in values.items()}

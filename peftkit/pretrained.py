@@ -43,7 +43,7 @@ from peftkit.errors import AdapterNotFoundError, AdapterStateError, ConfigError,
 from peftkit.files import atomic_write_json
 from peftkit.hosts import hosts
 from peftkit.peft_format import PEFT_PREFIX, WEIGHTS_NAME, adapter_state_dict, save_adapter
-from peftkit.record import DEFAULT_ADAPTER, adapter_methods
+from peftkit.record import DEFAULT_ADAPTER, adapter_method, adapter_methods
 
 __all__ = ["install", "uninstall", "save_pretrained", "load_state_dict", "active_adapters"]
 
@@ -133,7 +133,7 @@ def _write_resume_index(model: nn.Module, root: Path, adapter_names: list[str]) 
     weight_map = {
         path: _directory_of(Path(), name).joinpath(WEIGHTS_NAME).as_posix()
         for name in adapter_names
-        for path in adapter_methods(model)[name].trainable_state(model, name)
+        for path in adapter_method(model, name).trainable_state(model, name)
     }
     if weight_map:
         note = "peftkit: adapter tensors only, for Trainer(resume_from_checkpoint=...); the base model is not here."
@@ -150,7 +150,7 @@ def _to_model_paths(model: nn.Module, peft_named: Mapping[str, torch.Tensor]) ->
             "Call peftkit.set_active_adapters(model, name) with one name first."
         )
     name = active[0]
-    paths = {id(t): path for path, t in adapter_methods(model)[name].trainable_state(model, name).items()}
+    paths = {id(t): path for path, t in adapter_method(model, name).trainable_state(model, name).items()}
     to_path = {key: paths[id(t)] for key, t in adapter_state_dict(model, name).items()}
     missing, unexpected = sorted(to_path.keys() - peft_named.keys()), sorted(peft_named.keys() - to_path.keys())
     if missing or unexpected:

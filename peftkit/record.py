@@ -19,6 +19,7 @@ __all__ = [
     "record_for_update",
     "forget_adapters",
     "require_adapters",
+    "adapter_method",
 ]
 
 DEFAULT_ADAPTER = "default"
@@ -60,9 +61,18 @@ def forget_adapters(model: nn.Module) -> None:
 
 def require_adapters(model: nn.Module, names: list[str]) -> None:
     """Raise AdapterNotFoundError for the first of `names` the model has no adapter under."""
-    known = adapter_methods(model)
     for name in names:
-        if name not in known:
+        adapter_method(model, name)
+
+
+def adapter_method(model: nn.Module, name: str) -> AdapterMethod:
+    """The method of adapter `name`; AdapterNotFoundError naming the adapters the model has."""
+    known = adapter_methods(model)
+    if name not in known:
+        if not known:
             raise AdapterNotFoundError(
-                f"model has no adapter named {name!r}; adapters: {', '.join(known) or '(none)'}."
+                f"{type(model).__name__} has no peftkit adapters (asked for {name!r}); "
+                "adapt it (peftkit.adapt) or load one (peftkit.load_adapter) first."
             )
+        raise AdapterNotFoundError(f"model has no adapter named {name!r}; adapters: {', '.join(known)}.")
+    return known[name]

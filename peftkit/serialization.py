@@ -29,7 +29,7 @@ from peftkit.peft_format import (
     read_adapter_config,
     read_adapter_tensors,
 )
-from peftkit.record import DEFAULT_ADAPTER, adapter_methods
+from peftkit.record import DEFAULT_ADAPTER, adapted_model, adapter_methods
 from peftkit.registry import get_method
 from peftkit.undo import restore_on_failure
 
@@ -74,24 +74,18 @@ def copy_adapter_tensors(
 ) -> None:
     """Copy saved tensors (PEFT key names) into the live adapter, after checking names and shapes.
 
-    Nothing is copied unless every tensor fits, so a mismatch leaves the adapter as it was;
-    `source` (a directory or file) is named in the error.
+    Nothing is copied unless every tensor fits and is finite (a corrupt file's bytes read
+    as NaN), so a bad file leaves the adapter as it was; `source` (a directory or file) is
+    named in the error.
     """
+    _check_finite(tensors, source)
     expected = adapter_state_dict(model, adapter_name)
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
     if missing or unexpected:
-        raise ShapeMismatchError(
-            f"adapter in {str(source)!r} does not fit this model: "
-            + (f"{len(missing)} tensor(s) missing (e.g. {missing[:3]})" if missing else "")
-            + ("; " if missing and unexpected else "")
-            + (
-                f"{len(unexpected)} tensor(s) name modules this model lacks (e.g. {unexpected[:3]})"
-                if unexpected
-                else ""
-            )
-            + "."
-        )
+        problems = [f"{len(missing)} tensor(s) missing (e.g. {missing[:3]})"] if missing else []
+        problems += _unexpected_tensors(model, adapter_name, unexpected)
+        raise ShapeMismatchError(f"adapter in {str(source)!r} does not fit this model: {'; '.join(problems)}.")
     for key, target in expected.items():
         if target.shape != tensors[key].shape:
             local = key.removeprefix(PEFT_PREFIX)
@@ -106,6 +100,40 @@ def copy_adapter_tensors(
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+
+
+def _unexpected_tensors(model: nn.Module, adapter_name: str, keys: list[str]) -> list[str]:
+    """Why saved tensors have no place in the live adapter: the module is missing, untargeted, or has no such tensor.
+
+    A config that lists fewer modules than the file holds tensors for is told apart from
+    an adapter for another model: the model has those modules, the config does not target them.
+    """
+    modules = dict(adapted_model(model).named_modules())
+    adapted = {path for path, host in hosts(model) if adapter_name in getattr(host, "adapters", {})}
+    groups: dict[str, list[str]] = {"lacks": [], "untargeted": [], "extra": []}
+    for key in keys:
+        parts = key.removeprefix(PEFT_PREFIX).split(".")
+        # An adapter tensor is its module's path plus one or two parts (`lora_A.weight`, `lora_magnitude_vector`).
+        owner = next((".".join(parts[:-n]) for n in (1, 2) if ".".join(parts[:-n]) in modules), None)
+        groups["lacks" if owner is None else "extra" if owner in adapted else "untargeted"].append(key)
+    texts = {
+        "lacks": "name modules this model lacks",
+        "untargeted": "belong to modules of this model that adapter_config.json does not target "
+        "(its target_modules lists fewer modules than the file has tensors for)",
+        "extra": "are not part of this method's adapter on modules it does target",
+    }
+    return [f"{len(found)} tensor(s) {texts[group]} (e.g. {found[:3]})" for group, found in groups.items() if found]
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], source: str | os.PathLike[str]) -> None:
+    """AdapterFileError naming the file and the first tensor that holds NaN or Inf."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not (finite := torch.isfinite(tensor)).all():
+            path = Path(source) / WEIGHTS_NAME if Path(source).is_dir() else Path(source)
+            raise AdapterFileError(
+                f"{path}: tensor {key!r} holds {int((~finite).sum())} NaN/Inf value(s) of {tensor.numel()}; "
+                "the file is corrupt (or was saved from a run that diverged). Nothing was loaded."
+            )
 
 
 def _settings(adapter: nn.Module) -> dict[str, Any]:

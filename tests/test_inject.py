@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from conftest import MODEL_BUILDERS, model_output, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, train_steps
@@ -203,3 +204,15 @@ def test_adapter_state_is_found_through_wrappers(tmp_path: Path) -> None:
             )
     finally:
         dist.destroy_process_group()
+
+
+def test_a_model_wrapped_by_peft_is_named_as_such() -> None:
+    # It used to say "q_proj is a Linear, which this method cannot adapt".
+    wrapped = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"]))
+    inner = wrapped.base_model.model
+    for model, found in [(wrapped, "(peft.peft_model.PeftModel)"), (inner, "(peft.tuners.lora.layer.Linear at ")]:
+        with pytest.raises(peftkit.ConfigError) as error:
+            peftkit.adapt(model, "lora", target_modules=["q_proj"])
+        assert str(error.value).startswith(f"this model is already adapted by HF PEFT {found}")
+        assert "peftkit.load_adapter(model, directory)" in str(error.value)
+    assert peftkit.list_adapters(inner) == [] and type(inner.model.layers[0].self_attn.k_proj) is nn.Linear

@@ -220,3 +220,63 @@ def test_edited_use_dora_loads_the_method_the_json_names(tmp_path: Path) -> None
     with pytest.warns(UserWarning, match=r"use_dora \(json False, peftkit True\).*loading as lora"):
         ours = peftkit.load_adapter(tiny_llama(), tmp_path)
     assert peftkit.adapter_methods(ours)["default"].name == "lora"
+
+
+def test_a_corrupt_adapter_file_is_refused_naming_the_tensor(tmp_path: Path) -> None:
+    # 64 bytes overwritten with 0xFF used to load silently: NaN inside q_proj.
+    peftkit.save_adapter(trained("llama"), tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    header = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
+    with safe_open(str(weights), framework="pt") as handle:
+        first = sorted(handle.keys(), key=lambda k: handle.get_slice(k).get_shape())[0]
+    data = bytearray(weights.read_bytes())
+    data[header : header + 64] = b"\xff" * 64
+    weights.write_bytes(bytes(data))
+    model = tiny_llama()
+    with pytest.raises(AdapterFileError) as error:
+        peftkit.load_adapter(model, tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{weights}: tensor 'base_model.model.model.layers.") and "NaN/Inf value(s)" in message
+    assert "Nothing was loaded." in message and first  # the file has tensors to corrupt
+    assert peftkit.list_adapters(model) == []
+
+
+def test_saving_an_adapter_the_model_lacks_names_the_ones_it_has(tmp_path: Path) -> None:
+    # Both used to raise a bare KeyError.
+    with pytest.raises(peftkit.AdapterNotFoundError) as error:
+        peftkit.save_adapter(tiny_llama(), tmp_path / "a")
+    assert str(error.value) == (
+        "LlamaForCausalLM has no peftkit adapters (asked for 'default'); "
+        "adapt it (peftkit.adapt) or load one (peftkit.load_adapter) first."
+    )
+    with pytest.raises(peftkit.AdapterNotFoundError, match=r"^model has no adapter named 'nope'; adapters: default\.$"):
+        peftkit.save_adapter(trained("llama"), tmp_path / "b", "nope")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tensors_the_config_does_not_target_are_told_apart_from_missing_modules(tmp_path: Path) -> None:
+    # They used to be reported as tensors that "name modules this model lacks".
+    model = peftkit.adapt(tiny_llama(), "lora", r=2, target_modules=["q_proj", "v_proj"])
+    peftkit.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj"]}))
+    with pytest.warns(UserWarning, match="changed after peftkit saved it"):
+        with pytest.raises(ShapeMismatchError) as error:
+            peftkit.load_adapter(tiny_llama(), tmp_path)
+    assert "4 tensor(s) belong to modules of this model that adapter_config.json does not target" in str(error.value)
+    assert "self_attn.v_proj.lora_A.weight" in str(error.value) and "lacks" not in str(error.value)
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    extra = "base_model.model.model.layers.0.self_attn.q_proj.lora_extra.weight"
+    save_file(
+        {**tensors, extra: torch.zeros(2), "base_model.model.model.nowhere.lora_A.weight": torch.zeros(2)},
+        tmp_path / "adapter_model.safetensors",
+    )
+    with pytest.raises(ShapeMismatchError) as error:
+        peftkit.load_adapter(tiny_llama(), tmp_path)
+    message = str(error.value)
+    assert (
+        "1 tensor(s) name modules this model lacks (e.g. ['base_model.model.model.nowhere.lora_A.weight'])" in message
+    )
+    assert f"1 tensor(s) are not part of this method's adapter on modules it does target (e.g. ['{extra}'])" in message
