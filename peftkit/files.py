@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import DestinationError
+from peftkit.units import format_bytes
 
 __all__ = [
     "atomic_write",
@@ -39,6 +40,39 @@ def _ordinary_file_mode() -> int:
     return _ordinary_mode(0o666)
 
 
+# What a probe writes beside a writer that failed: more than a nearly full disk still takes.
+_PROBE_BYTES = 1 << 20
+
+
+@contextmanager
+def _writer_errors(directory: Path) -> Iterator[None]:
+    """A writer's own error (safetensors' SafetensorError, torch.save's RuntimeError) as the OSError behind it.
+
+    Writers that are not Python's file API report a full disk or a read-only mount in their
+    own types, without an errno. While the failed file still holds its space, a probe write
+    of 1 MiB beside it tells whether the destination is to blame; if so, the probe's OSError
+    (ENOSPC, EROFS, ...) is raised from the writer's error, else the writer's error stands.
+    """
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as error:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
+            try:
+                with open(fd, "wb", closefd=False) as handle:  # a buffered write retries short writes
+                    handle.write(bytes(_PROBE_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as probe_error:
+            if probe_error.errno in _UNWRITABLE:
+                raise OSError(probe_error.errno, os.strerror(probe_error.errno), str(directory)) from error
+        raise
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)` on a temp file beside `path`, fsync it, then rename over `path`."""
     path = Path(path)
@@ -47,7 +81,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        write(tmp_path)
+        with _writer_errors(path.parent):
+            write(tmp_path)
         # After the write: some writers (safetensors) replace the file. Readable like any
         # other file, e.g. by a server running as another user.
         os.chmod(tmp_path, _ordinary_file_mode())
@@ -85,7 +120,8 @@ def atomic_directory(path: str | os.PathLike[str], replace: bool = False) -> Ite
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, _ordinary_mode(0o777))
     try:
-        yield tmp
+        with _writer_errors(path.parent):
+            yield tmp
         if not path.exists():
             os.replace(tmp, path)
             return
@@ -129,8 +165,16 @@ def destination_errors(path: str | os.PathLike[str], name: str | None = None) ->
             raise
         where = name or repr(str(path))
         failed = f" ({cause.filename})" if cause.filename and str(cause.filename) != str(path) else ""
-        advice = "free some space" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+        advice = "make it writable"
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            advice = f"{_free_space(Path(cause.filename or path))} free there; free some space"
         raise DestinationError(
             f"cannot write {where}: {cause.strerror or cause} ({errno.errorcode[cause.errno]}){failed}; "
             f"{advice}, or choose another destination."
         ) from cause
+
+
+def _free_space(path: Path) -> str:
+    """The space left on the file system holding `path` (or its nearest existing parent), for a message."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    return format_bytes(shutil.disk_usage(existing).free)

