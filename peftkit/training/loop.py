@@ -39,7 +39,7 @@ from peftkit.training.data import (
     generation_prompt,
     load_datasets,
 )
-from peftkit.training.estimate import format_bytes, headline
+from peftkit.training.estimate import headline
 from peftkit.training.loss import CausalLMLoss, loss_chunk_size
 from peftkit.training.models import check_model_source, generate_text, load_model, load_tokenizer
 from peftkit.training.optim import build_optimizer
@@ -52,6 +52,7 @@ from peftkit.training.rundir import (
     writing,
 )
 from peftkit.training.simulate import Simulation, StepMemory, counting
+from peftkit.units import format_bytes
 
 __all__ = ["TrainResult", "train"]
 
@@ -167,11 +168,11 @@ def _dropped(datasets: Datasets, max_length: int) -> str:
     return f" (dropped from {'; '.join(said)})" if said else ""
 
 
-def _peak_memory_gb() -> float:
-    """Peak GPU memory allocated, else the process's peak resident memory (GB)."""
+def _peak_memory_bytes() -> int:
+    """Peak GPU memory allocated, else the process's peak resident memory."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _estimated_step(run: _Run) -> StepMemory | None:
@@ -263,14 +264,16 @@ def _train_step(
 def _say_summary(run: _Run, summary: dict[str, Any], window: int) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     estimated, measured = summary["estimated_step_peak_bytes"], summary["measured_step_peak_bytes"]
-    where = "allocated on the GPU" if torch.cuda.is_available() else "live tensors, steps 1-2"
-    step = f"step peak {format_bytes(measured)} ({where})" if measured else ""
-    if estimated and measured:
-        step += f", estimated {format_bytes(estimated)} (full-length sequences, every token labelled)"
+    gpu = torch.cuda.is_available()
+    memory = f"{'GPU peak allocated' if gpu else 'process peak RSS'} {format_bytes(summary['peak_memory_bytes'])}"
+    if measured:
+        where = "allocated on the GPU" if gpu else "live tensors, steps 1-2"
+        memory += f", training step peak {format_bytes(measured)} measured ({where})"
+        if estimated:
+            memory += f" / {format_bytes(estimated)} estimated (full-length sequences, every token labelled)"
     run.say(
-        f"done in {summary['time_s']:.0f} s | peak memory {summary['peak_memory_gb']:.2f} GB | "
-        + (f"{step} | " if step else "")
-        + f"train loss {fmt(summary['train_loss'])} (mean of last {window} steps) | "
+        f"done in {summary['time_s']:.0f} s | {memory} | "
+        f"train loss {fmt(summary['train_loss'])} (mean of last {window} steps) | "
         f"validation loss {fmt(summary['val_loss_start'])} -> {fmt(summary['val_loss'])} | "
         f"adapter: {summary['adapter']}"
     )
@@ -357,9 +360,11 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     acc.wait_for_everyone()  # every process has checked the directory before the main one changes it
     discarded: list[str] = []
     if run.main:
-        discarded = start_writing(run.out, config.to_dict(), overwrite, start if continues else None)
+        discarded, dropped = start_writing(run.out, config.to_dict(), overwrite, start if continues else None)
         if discarded:
             run.say(f"--resume: deleted {', '.join(discarded)}, past the resumed step {start}.")
+        if dropped:
+            run.say(f"--resume: dropped {dropped} line(s) past step {start} from metrics.jsonl; they are logged anew.")
     run.say(
         f"peftkit: {config.method.name} on {config.model.name} | trainable {trainable:,} / {total:,} params "
         f"({100 * trainable / total:.2f}%) | base weights {base_bytes / 1e9:.2f} GB | {len(train_set)} train / "
@@ -419,7 +424,8 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     summary = {
         "steps": total_steps,
         "time_s": round(time.perf_counter() - started, 1),
-        "peak_memory_gb": round(_peak_memory_gb(), 2),
+        "peak_memory_bytes": (peak := _peak_memory_bytes()),
+        "peak_memory_gb": round(peak / 1e9, 2),
         "estimated_step_peak_bytes": estimated.peak_bytes if estimated else None,
         "measured_step_peak_bytes": _measured_step_peak(run),
         "train_loss": sum(window) / len(window) if window else None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -136,16 +137,48 @@ def discard_later_checkpoints(out: Path, step: int) -> list[str]:
     return sorted(p.name for p in later)
 
 
-def start_writing(out: Path, config: dict[str, Any], overwrite: bool, resumed_step: int | None) -> list[str]:
-    """Make `out` this run's: clear another run (`overwrite`), or the checkpoints past the one
-    resumed from it; then write the config in force as `config.yaml`. Returns the checkpoints deleted."""
+def cut_metrics(out: Path, step: int) -> int:
+    """Drop what `metrics.jsonl` holds of the attempt after `step`, the one resumed: the resumed run
+    logs it again (from its validation at `step` on), so plots and compare read one line per step.
+    Kept: lines of earlier steps and the training loss of `step`; dropped: later lines, records at
+    `step` the resumed run writes anew, an earlier finish's summary. Rewritten atomically; returns
+    how many lines went."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _before_resume(line, step)]
+    if len(kept) < len(lines):
+        atomic_write(path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
+    return len(lines) - len(kept)
+
+
+def _before_resume(line: str, step: int) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False  # cut short by the crash
+    logged = record.get("step") if isinstance(record, dict) else None
+    if not isinstance(logged, int):
+        return False  # the summary
+    return logged < step or (logged == step and "loss" in record)
+
+
+def start_writing(
+    out: Path, config: dict[str, Any], overwrite: bool, resumed_step: int | None
+) -> tuple[list[str], int]:
+    """Make `out` this run's: clear another run (`overwrite`), or what came after the step resumed
+    (later checkpoints, metrics lines); then write the config in force as `config.yaml`.
+    Returns the checkpoints deleted and the number of metrics lines dropped."""
     text = yaml.safe_dump(config, sort_keys=False)
     with writing(out):
         if overwrite:
             clear_run(out)
-        discarded = discard_later_checkpoints(out, resumed_step) if resumed_step is not None else []
+        discarded, dropped = [], 0
+        if resumed_step is not None:
+            discarded, dropped = discard_later_checkpoints(out, resumed_step), cut_metrics(out, resumed_step)
         atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return discarded
+    return discarded, dropped
 
 
 def _flat(config: dict[str, Any]) -> dict[str, Any]:

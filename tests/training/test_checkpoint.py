@@ -173,3 +173,27 @@ def test_a_pickled_trainer_state_is_not_trusted(tmp_path: Path, model_dir: Path,
     assert f"error: {trainer} is not trusted: it holds objects that torch.load(weights_only=True) refuses" in err
     assert "Delete step-000004 to resume from an earlier checkpoint" in err
     assert not (tmp_path / "unpickled").exists()
+
+
+def test_resume_after_a_kill_logs_each_step_once(tmp_path: Path, model_dir: Path) -> None:
+    # Killed after logging steps 5 and 6 but before checkpoint 6 was whole: the resumed run logs
+    # 5 and 6 again, and used to leave both attempts' lines in metrics.jsonl.
+    path = write_run(
+        tmp_path, model_dir, training={"max_steps": 6, "log_every": 1}, output={"save_every": 2, "keep_last": 3}
+    )
+    config = load_config(path)
+    config.eval.every = 2
+    train(config, quiet=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    uninterrupted = [json.loads(line) for line in metrics.read_text().splitlines()]
+    (tmp_path / "run" / "checkpoints" / "step-000006" / "state.json").unlink()  # not whole: the kill
+    train(config, resume=True, quiet=True)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+
+    def steps(rows: list[dict], key: str) -> list[int]:
+        return [r["step"] for r in rows if key in r]
+
+    assert steps(records, "loss") == [1, 2, 3, 4, 5, 6] == steps(uninterrupted, "loss")
+    assert steps(records, "val_loss") == [0, 2, 4, 6] == steps(uninterrupted, "val_loss")  # 4's is the resumed run's
+    assert sum("summary" in r for r in records) == 1 and steps(records, "resumed_from") == [4]
+    assert [r["loss"] for r in records if "loss" in r] == [r["loss"] for r in uninterrupted if "loss" in r]

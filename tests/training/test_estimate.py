@@ -18,6 +18,7 @@ from peftkit.training import estimate as est
 from peftkit.training.config import RunConfig, apply_overrides, build_config, load_config
 from peftkit.training.loop import train
 from peftkit.training.simulate import CATEGORIES, Simulation
+from peftkit.units import format_bytes
 
 GIB, MIB = 2**30, 2**20
 LORA = {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"}
@@ -257,7 +258,11 @@ def test_train_says_the_estimate_and_the_measured_step_peak(
     estimated, measured = summary["estimated_step_peak_bytes"], summary["measured_step_peak_bytes"]
     # The run's sequences are shorter than max_length, and only completions are labelled: below the estimate.
     assert 0.5 * estimated < measured <= estimated, (estimated, measured)
-    assert f"estimated {est.format_bytes(estimated)}" in out[-1] and "(live tensors, steps 1-2)" in out[-1]
+    # One unit (GiB/MiB) for every figure on the last line, each named; no decimal GB beside them.
+    last = out[-1]
+    assert f"process peak RSS {format_bytes(summary['peak_memory_bytes'])}, " in last
+    assert f"training step peak {format_bytes(measured)} measured (live tensors, steps 1-2)" in last
+    assert f" / {format_bytes(estimated)} estimated (full-length sequences" in last and " GB" not in last
 
 
 def test_a_model_the_simulation_cannot_run_still_trains(
