@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=600)
     parser.add_argument("--validation", type=int, default=150)
     parser.add_argument("--train", type=int, default=4000)
-    parser.add_argument("--general", type=int, default=120, help="paragraphs of general.txt")
+    parser.add_argument("--general", type=int, default=32, help="paragraphs of general.txt")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     text = Path(args.csv).read_text(encoding="utf-8", errors="replace") if args.csv else download_csv()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,25 +33,21 @@ SCORING_NAME = "scoring.json"  # what the parent tells it to score
 
 def score_model(model: nn.Module, tokenizer: Any, config: RunConfig, scoring: dict[str, Any]) -> dict[str, Any]:
     """Predictions and per-example scores on data.test, and the loss on the forgetting text (None if absent)."""
+    # In the model's own dtype, without autocast: under no_grad, bfloat16 autocast on a CPU without bf16
+    # instructions ran 17x slower than float32 (64 test prompts: 83 s against 4.8 s on Gemma-3-270M).
     result: dict[str, Any] = {"test": None, "forgetting_loss": None}
-    autocast = (
-        torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
-        if config.training.mixed_precision == "bf16"
-        else nullcontext()
-    )
     batch_size = config.eval.batch_size
-    with autocast:
-        if config.data.test:
-            prompts, references = zip(*test_pairs(read_records(config.data.test), tokenizer), strict=True)
-            if scoring["metric"] == "label":
-                predictions = label_predictions(model, tokenizer, prompts, scoring["labels"], batch_size)
-            else:
-                predictions = generate_batch(model, tokenizer, prompts, config.eval.max_new_tokens, batch_size)
-            scores = score_predictions(scoring["metric"], predictions, references)
-            result["test"] = {"metric": scoring["metric"], "predictions": predictions, "scores": scores}
-        if scoring.get("forgetting"):
-            records = read_records(scoring["forgetting"])
-            result["forgetting_loss"] = text_loss(model, tokenizer, records, config.data.max_length, batch_size)
+    if config.data.test:
+        prompts, references = zip(*test_pairs(read_records(config.data.test), tokenizer), strict=True)
+        if scoring["metric"] == "label":
+            predictions = label_predictions(model, tokenizer, prompts, scoring["labels"], batch_size)
+        else:
+            predictions = generate_batch(model, tokenizer, prompts, config.eval.max_new_tokens, batch_size)
+        scores = score_predictions(scoring["metric"], predictions, references)
+        result["test"] = {"metric": scoring["metric"], "predictions": predictions, "scores": scores}
+    if scoring.get("forgetting"):
+        records = read_records(scoring["forgetting"])
+        result["forgetting_loss"] = text_loss(model, tokenizer, records, config.data.max_length, batch_size)
     return result
 
 

@@ -103,7 +103,12 @@ def _spread(stat: tuple[float, float | None] | None, spec: str, unit: str = "") 
     if stat is None:
         return "–"
     mean, sd = stat
-    return f"{mean:{spec}}" + (f" ± {sd:{spec}}" if sd is not None else "") + unit
+    return f"{mean:{spec}}" + (f" ± {sd:{spec.lstrip('+')}}" if sd is not None else "") + unit
+
+
+def _scale(comparison: Comparison) -> tuple[float, str]:
+    """Paired differences in the unit the verdict shows: percentage points for 0/1 scores."""
+    return (100.0, " (in percentage points)") if comparison.metric in ("label", "exact_match") else (1.0, "")
 
 
 def _count(count: int | None) -> str:
@@ -150,12 +155,13 @@ def _verdict_words(comparison: Comparison) -> list[str]:
     best = trained[0]
     spec = ".3f" if comparison.metric is None else ".1f"
     lines = [f"- **Best quality: `{best.name}`** ({_spread(best.quality, spec)})."]
+    scale, _ = _scale(comparison)
     close = []
     for m in trained[1:]:
         difference = comparison.pair(best.name, m.name)
         ways = _cheaper(m, best)
         if difference is not None and not difference.significant and ways:
-            close.append(f"`{m.name}` ({difference.mean:+.2f}, p = {difference.p_value:.2g}; {', '.join(ways)})")
+            close.append(f"`{m.name}` ({scale * difference.mean:+.2f}, p = {difference.p_value:.2g}; {', '.join(ways)})")
     if comparison.metric is None:
         lines.append("- No test set was scored, so no paired test: quality is the validation loss.")
     elif close:
@@ -180,10 +186,11 @@ def _verdict_words(comparison: Comparison) -> list[str]:
 def _pairs_section(comparison: Comparison) -> list[str]:
     if not comparison.pairs:
         return []
+    scale, unit = _scale(comparison)
     lines = [
         "## Paired differences",
         "",
-        "A − B on the same test examples and seeds (the base model pairs with every seed): the mean difference, "
+        f"A − B on the same test examples and seeds (the base model pairs with every seed): the mean difference{unit}, "
         "its 95% percentile bootstrap interval over test examples (20,000 resamples, seeds pooled), and a "
         "two-sided paired test: McNemar's exact test on the discordant (seed, example) pairs for 0/1 scores, "
         "a sign-flip permutation test on the per-example differences otherwise.",
@@ -192,10 +199,12 @@ def _pairs_section(comparison: Comparison) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for a, b, d in comparison.pairs:
-        lines.append(f"| `{a}` − `{b}` | {d.mean:+.2f} | [{d.low:+.2f}, {d.high:+.2f}] | {d.test} | "
+        lines.append(f"| `{a}` − `{b}` | {scale * d.mean:+.2f} | [{scale * d.low:+.2f}, {scale * d.high:+.2f}] | {d.test} | "
                      f"{d.p_value:.2g} | {'yes' if d.significant else 'no'} |")
-    yes = [f"`{a}` − `{b}` ({d.mean:+.2f})" for a, b, d in comparison.pairs if d.significant]
-    no = [f"`{a}` − `{b}` ({d.mean:+.2f}, p = {d.p_value:.2g})" for a, b, d in comparison.pairs if not d.significant]
+    yes = [f"`{a}` − `{b}` ({scale * d.mean:+.2f}, p = {d.p_value:.2g})" for a, b, d in comparison.pairs if d.significant]
+    no = [
+        f"`{a}` − `{b}` ({scale * d.mean:+.2f}, p = {d.p_value:.2g})" for a, b, d in comparison.pairs if not d.significant
+    ]
     lines += ["", f"Significant at {ALPHA}: {', '.join(yes) or 'none'}.  ",
               f"Not significant (within noise): {', '.join(no) or 'none'}."]
     return lines

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.anatomy import output_head
 from peftkit.errors import ConfigError
 from peftkit.training.data import IGNORE_INDEX, collate, encode, generation_prompt, read_records
+from peftkit.training.loss import CausalLMLoss, loss_chunk_size
 
 __all__ = [
     "BUILT_IN_METRICS",
@@ -102,28 +104,41 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _answer_logits(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Each row's logits at position `last` only: the head over every position would cost more than the
+    model with a large vocabulary (Gemma's 262k words), as in `CausalLMLoss`."""
+    body, head = getattr(model, "base_model", model), output_head(model)
+    rows = torch.arange(len(last), device=input_ids.device)
+    if body is model or head is None:
+        return model(input_ids=input_ids, attention_mask=mask).logits[rows, last]
+    hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    return head(hidden[rows, last])
+
+
 def label_predictions(
     model: nn.Module, tokenizer: Any, prompts: Sequence[str], labels: Sequence[str], batch_size: int
 ) -> list[str]:
-    """The label whose token scores highest after each prompt (batched, right-padded)."""
+    """The label whose token scores highest after each prompt (batched by length, right-padded)."""
     tokens = torch.tensor(label_tokens(labels, tokenizer))
     ids = [list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) for prompt in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
     pad = tokenizer.pad_token_id
-    predictions: list[str] = []
+    device = _device(model)
+    predictions: list[str] = [""] * len(ids)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for start in range(0, len(ids), batch_size):
-            chunk = ids[start : start + batch_size]
+            positions = order[start : start + batch_size]
+            chunk = [ids[i] for i in positions]
             width = max(len(row) for row in chunk)
-            input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in chunk])
-            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in chunk])
-            device = _device(model)
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-            last = torch.tensor([len(row) - 1 for row in chunk], device=logits.device)
-            at_answer = logits[torch.arange(len(chunk), device=logits.device), last]
-            best = at_answer[:, tokens.to(logits.device)].float().argmax(dim=-1)
-            predictions += [labels[i] for i in best.tolist()]
+            input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in chunk], device=device)
+            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in chunk], device=device)
+            last = torch.tensor([len(row) - 1 for row in chunk], device=device)
+            at_answer = _answer_logits(model, input_ids, mask, last)
+            best = at_answer[:, tokens.to(at_answer.device)].float().argmax(dim=-1)
+            for position, choice in zip(positions, best.tolist(), strict=True):
+                predictions[position] = labels[choice]
     model.train(was_training)
     return predictions
 
@@ -190,19 +205,17 @@ def macro_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
 def text_loss(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int, batch_size: int) -> float:
     """Token-weighted next-token loss of `model` on plain-text records (the forgetting measure)."""
     examples = [encode(record, tokenizer, "text", max_length) for record in records]
+    loss = CausalLMLoss(model, loss_chunk_size(None, getattr(model.config, "vocab_size", 0)))
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(_device(model)) for k, v in collate(examples[start : start + batch_size], tokenizer.pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-            targets = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            total += loss.item()
-            count += int((targets != IGNORE_INDEX).sum())
+            batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
+            batch = {key: value.to(_device(model)) for key, value in batch.items()}
+            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += loss(**batch).item() * tokens
+            count += tokens
     model.train(was_training)
     return total / count
 
