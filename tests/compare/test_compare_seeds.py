@@ -15,7 +15,7 @@ from tiny_run import make_model_dir, tiny_tokenizer, write_records, write_run
 from peftkit.cli import main
 from peftkit.compare import compare
 from peftkit.compare.plan import compare_settings, plan_runs
-from peftkit.compare.scoring import label_predictions, scoring_spec
+from peftkit.compare.scoring import generate_batch, label_predictions, macro_f1, score_predictions, scoring_spec
 from peftkit.errors import ConfigError
 
 LABELS = ["a", "b", "c"]  # one byte each: one token of the byte-level tokenizer
@@ -161,3 +161,38 @@ def test_plan_names_runs_by_entry_and_seed(tmp_path: Path, model_dir: Path) -> N
     ]
     assert runs[4].config["training"]["weight_decay"] == 0.1 and runs[2].config["training"]["weight_decay"] == 0.0
     assert runs[4].config["training"]["seed"] == 5 and runs[0].base
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.training.models import generate_text
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = tiny_tokenizer()
+    prompts = ["n=1:", "n=22:", "a longer prompt n=333:"]  # left padding must not change a continuation
+    batched = generate_batch(model, tokenizer, prompts, max_new_tokens=5, batch_size=3)
+    assert batched == [generate_text(model, tokenizer, prompt, 5) for prompt in prompts]
+    assert tokenizer.padding_side == "right"  # restored
+
+
+def test_per_example_scores_by_metric() -> None:
+    assert score_predictions("exact_match", [" The  Cat", "dog"], ["the cat", "cat"]) == [1.0, 0.0]
+    assert score_predictions("label", [" a", " b"], [" a", " a"]) == [1.0, 0.0]
+    chrf = score_predictions("chrf", ["the cat sat", "xyz"], ["the cat sat", "the cat sat"])
+    assert chrf[0] == pytest.approx(100.0) and 0 <= chrf[1] < 20
+    assert macro_f1(["a", "a", "b", "c"], ["a", "b", "b", "c"]) == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_missing_data_names_the_preparation_script(tmp_path: Path, model_dir: Path, capsys) -> None:
+    config = _config(tmp_path, model_dir, methods=["lora"])
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["test"] = "data/sentiment/test.jsonl"
+    config.write_text(yaml.safe_dump(raw))
+    (tmp_path / "prepare_sentiment.py").write_text("")
+    assert main(["compare", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "peftkit compare: error: data.test: file 'data/sentiment/test.jsonl' does not exist. "
+        f"Prepare the data first: python {tmp_path / 'prepare_sentiment.py'}."
+    )
