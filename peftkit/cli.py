@@ -184,7 +184,7 @@ def _estimate(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from peftkit.compare import compare
 
-    compare(args.config, args.set, args.methods, args.ranks, args.targets, args.out)
+    compare(args.config, args.set, args.methods, args.ranks, args.targets, args.out, seeds=args.seeds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", help="comma-separated method names, e.g. lora,dora,qlora,qdora")
     compare.add_argument("--ranks", help="comma-separated values of r, e.g. 4,16")
     compare.add_argument("--targets", help="comma-separated target sets: attn, all-linear, or q_proj+v_proj")
+    compare.add_argument("--seeds", type=int, metavar="N", help="run every method with seeds 0..N-1")
     compare.add_argument("--out", help="output directory (default runs/compare)")
     compare.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
     compare.set_defaults(run=_compare)

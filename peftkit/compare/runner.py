@@ -2,8 +2,9 @@
 
 Each run is a child process (`peftkit.compare.child`), so its peak memory is its own
 and a crash or an impossible option becomes a failed row while the others go on.
-The numbers are read from what training records anyway (`metrics.jsonl` and its end
-summary); the child adds only the parameter counts.
+The training numbers are read from what training records anyway (`metrics.jsonl` and its
+end summary); the child adds the parameter counts and the test scores. The base row's
+child only loads and scores the model.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from typing import Any, TextIO
 import yaml
 from sacrebleu.metrics import BLEU, CHRF
 
-from peftkit.compare.child import RESULT_NAME
+from peftkit.compare.child import RESULT_NAME, SCORING_NAME
 from peftkit.compare.plan import RunSpec
+from peftkit.compare.scoring import macro_f1
 from peftkit.peft_format import WEIGHTS_NAME
 
-__all__ = ["task_scores", "collect_run", "run_plan"]
+__all__ = ["task_scores", "test_summary", "collect_run", "run_plan"]
 
 
 def task_scores(samples: Sequence[dict[str, str]]) -> dict[str, float | None]:
@@ -44,8 +46,31 @@ def task_scores(samples: Sequence[dict[str, str]]) -> dict[str, float | None]:
     }
 
 
-def collect_run(spec: RunSpec) -> dict[str, Any]:
-    """The row of a finished run, from its metrics.jsonl, adapter file and the child's counts."""
+def test_summary(result: dict[str, Any], references: Sequence[str] | None) -> dict[str, Any]:
+    """The test-set fields of a row: the metric's mean (percent for 0/1 and per-example percent scores),
+    macro-F1 for labels, per-example scores and predictions, and the forgetting loss."""
+    test = result.get("test")
+    row: dict[str, Any] = {"forgetting_loss": result.get("forgetting_loss"), "test_score": None, "macro_f1": None}
+    if test is None:
+        return {**row, "test_scores": None, "predictions": None}
+    scores = test["scores"]
+    percent = 100 if test["metric"] in ("label", "exact_match") else 1
+    row["test_score"] = percent * sum(scores) / len(scores)
+    if test["metric"] == "label" and references is not None:
+        row["macro_f1"] = 100 * macro_f1(test["predictions"], references)
+    return {**row, "test_scores": scores, "predictions": test["predictions"]}
+
+
+def _base_row(spec: RunSpec, references: Sequence[str] | None) -> dict[str, Any]:
+    counts = json.loads((spec.dir / RESULT_NAME).read_text(encoding="utf-8"))
+    return {**_row_head(spec, "ok"), "total_params": counts["total_params"], "trainable_params": 0,
+            "trainable_pct": 0.0, **test_summary(counts, references)}
+
+
+def collect_run(spec: RunSpec, references: Sequence[str] | None = None) -> dict[str, Any]:
+    """The row of a finished run, from its metrics.jsonl, adapter file and the child's result."""
+    if spec.base:
+        return _base_row(spec, references)
     records = [json.loads(line) for line in (spec.dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     summary = next(r["summary"] for r in reversed(records) if "summary" in r)
     steps = [r for r in records if "loss" in r]
@@ -66,6 +91,7 @@ def collect_run(spec: RunSpec) -> dict[str, Any]:
         "trainable_pct": 100 * counts["trainable_params"] / counts["total_params"],
         "adapter_mb": adapter.stat().st_size / 1e6,
         "peak_memory_gb": summary["peak_memory_gb"],
+        "measured_step_peak_bytes": summary.get("measured_step_peak_bytes"),
         "step_time_s": median(step_times) if step_times else None,
         "tokens_per_s": median(r["tokens_per_s"] for r in steps) if steps else None,
         "time_s": summary["time_s"],
@@ -77,6 +103,7 @@ def collect_run(spec: RunSpec) -> dict[str, Any]:
         **task_scores(generated[-1] if generated else []),
         "chrf_start": task_scores(generated[0])["chrf"] if len(generated) > 1 else None,
         "curve": curve,
+        **test_summary(counts, references),
     }
 
 
@@ -85,6 +112,8 @@ def _row_head(spec: RunSpec, status: str, error: str | None = None) -> dict[str,
     options = {key: value for key, value in method.items() if key != "name"}
     return {
         "name": spec.name,
+        "group": spec.group or spec.name,
+        "seed": spec.seed,
         "method": spec.method,
         "rank": spec.rank,
         "targets": spec.targets,
@@ -131,7 +160,9 @@ def _steps_done(metrics: Path) -> int:
     return sum('"loss"' in line for line in metrics.read_text(encoding="utf-8").splitlines())
 
 
-def _run_one(spec: RunSpec, index: int, progress: _Progress, timeout_s: float | None) -> dict[str, Any]:
+def _run_one(
+    spec: RunSpec, index: int, progress: _Progress, timeout_s: float | None, scoring: dict[str, Any]
+) -> dict[str, Any]:
     """Train `spec` in a child process and return its row (failed, with the message, if it did not finish)."""
     if spec.error is not None:
         progress.show(index, f"{spec.name}: FAILED: {spec.error}", final=True)
@@ -140,9 +171,12 @@ def _run_one(spec: RunSpec, index: int, progress: _Progress, timeout_s: float | 
     spec.dir.mkdir(parents=True)
     run_yaml, log = spec.dir / "run.yaml", spec.dir / "log.txt"
     run_yaml.write_text(yaml.safe_dump(spec.config, sort_keys=False), encoding="utf-8")
+    scoring_json = spec.dir / SCORING_NAME
+    scoring_json.write_text(json.dumps({**scoring, "base": spec.base}), encoding="utf-8")
     progress.show(index, f"{spec.name}: running", final=not progress.live)
     command = [sys.executable, "-m", "peftkit.compare.child", str(run_yaml), str(spec.dir / RESULT_NAME)]
-    total_steps = spec.config["training"]["max_steps"]
+    command.append(str(scoring_json))
+    total_steps = spec.config["training"]["max_steps"] if not spec.base else None
     started = time.monotonic()
     with open(log, "w", encoding="utf-8") as output:
         child = subprocess.Popen(
@@ -168,15 +202,28 @@ def _run_one(spec: RunSpec, index: int, progress: _Progress, timeout_s: float | 
         error = _failure(child.returncode, log)
         progress.show(index, f"{spec.name}: FAILED: {error}", final=True)
         return _row_head(spec, "failed", error)
-    row = collect_run(spec)
-    quality = f" | chrF {row['chrf']:.1f}" if row["chrf"] is not None else ""
-    progress.show(index, f"{spec.name}: done in {row['time_s']:.0f} s | val loss {row['val_loss']:.4f}{quality}", True)
+    row = collect_run(spec, scoring.get("references"))
+    parts = [f"{spec.name}: done in {time.monotonic() - started:.0f} s"]
+    if row.get("val_loss") is not None:
+        parts.append(f"val loss {row['val_loss']:.4f}")
+    if row["test_score"] is not None:
+        parts.append(f"test {scoring['metric']} {row['test_score']:.1f}")
+    if row["forgetting_loss"] is not None:
+        parts.append(f"forgetting-text loss {row['forgetting_loss']:.4f}")
+    progress.show(index, " | ".join(parts), True)
     return row
 
 
 def run_plan(
-    runs: Sequence[RunSpec], timeout_s: float | None = None, stream: TextIO | None = None
+    runs: Sequence[RunSpec],
+    timeout_s: float | None = None,
+    stream: TextIO | None = None,
+    scoring: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every planned run in turn, each in its own process; one row per run, in plan order."""
+    """Run every planned run in turn, each in its own process; one row per run, in plan order.
+
+    `scoring` tells each child what to score after training (metric, labels, forgetting file).
+    """
     progress = _Progress(len(runs), stream)
-    return [_run_one(spec, index, progress, timeout_s) for index, spec in enumerate(runs, 1)]
+    scoring = scoring or {"metric": "exact_match"}
+    return [_run_one(spec, index, progress, timeout_s, scoring) for index, spec in enumerate(runs, 1)]

@@ -39,6 +39,7 @@ __all__ = [
     "apply_overrides",
     "build_config",
     "yaml_numbers",
+    "resolve_file",
 ]
 
 
@@ -136,11 +137,15 @@ class MethodSection:
 
 @dataclasses.dataclass
 class DataConfig(_Section):
-    """Local JSONL/text files; `format: auto` picks text, prompt/completion or messages per file."""
+    """Local JSONL/text files; `format: auto` picks text, prompt/completion or messages per file.
+
+    `test` is held out from training and validation: `peftkit compare` scores every run on all of it.
+    """
 
     section = "data"
     train: str = ""
     validation: str | None = None
+    test: str | None = None
     validation_split: float = 0.0
     format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
     max_length: int = 256
@@ -282,12 +287,14 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
 
 def _resolve_data_files(data: DataConfig, base: Path | None) -> None:
-    data.train = _resolve_file(data.train, base, "data.train")
+    data.train = resolve_file(data.train, base, "data.train")
     if data.validation:
-        data.validation = _resolve_file(data.validation, base, "data.validation")
+        data.validation = resolve_file(data.validation, base, "data.validation")
+    if data.test:
+        data.test = resolve_file(data.test, base, "data.test")
 
 
-def _resolve_file(path: str, base: Path | None, key: str) -> str:
+def resolve_file(path: str, base: Path | None, key: str) -> str:
     """A data path as given (relative to the working directory), else beside the config file."""
     candidates = [Path(path)] + ([base / path] if base is not None and not Path(path).is_absolute() else [])
     for candidate in candidates:

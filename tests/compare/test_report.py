@@ -92,11 +92,12 @@ def test_report_ranks_runs_and_lists_failures(tmp_path: Path) -> None:
     report = write_report(rows, tmp_path, META).read_text()
     assert [row["name"] for row in rank_rows(rows)] == ["dora", "lora", "qlora"]
     assert report.index("| 1 | `dora` |") < report.index("| 2 | `lora` |")
-    assert "| 1 | `dora` | 2.650 → **1.050** | 2.86 | 20.0 → 40.0 | 20.0 | 0% | 1.150 | 3.00M (1.11%) |" in report
-    assert "| 12.00 MB | 4.20 GB | 2.5 s | 300 | 310 s |" in report
+    assert "| 1 | `dora` | – | – | 2.650 → 1.050 | 20.0 → 40.0 | 1.150 | 3.00M | 12.00 MB | 4.200 GB | 2.5 s | 300 |" in report
+    assert "| `dora` (dora) | 1 | **1.050** | – | – | 4.200 GB | 2.50 s | 3.00M |" in report  # the verdict
+    assert "Best quality: `dora`" in report and "No test set was scored" in report
     assert "- `qlora`: killed by SIGKILL (out of memory?)" in report
     assert "Run on 2025-01-02 03:04 UTC" in report and "Machine: Linux x86_64, a CPU (2 cores)." in report
-    assert "- 80 steps x 8 sequences, learning rate 0.0003 (cosine, 8 warmup steps), seed 0" in report
+    assert "- budget: every run takes the same 80 steps x 8 sequences in the same order for a seed" in report
     assert '| `lora` | lora | `{"alpha": 32, "r": 16}` |' in report
 
 
@@ -115,13 +116,13 @@ def test_results_files_hold_one_row_per_run(tmp_path: Path) -> None:
 def test_plots_are_pngs_and_leave_out_empty_panels(tmp_path: Path) -> None:
     write_report([_row("lora", 1.10), _row("dora", 1.05), FAILED], tmp_path / "with", META)
     write_report([_row("lora", 1.10, chrf=None), _row("dora", 1.05, chrf=None)], tmp_path / "without", META)
-    names = ["memory.png", "quality.png", "time.png", "val_loss.png"]
+    names = ["cost.png", "pareto.png", "quality.png", "val_loss.png"]
     assert sorted(p.name for p in (tmp_path / "with").glob("*.png")) == names
     sizes = {name: _png_size(tmp_path / "with" / name) for name in names}
     assert all(width > 400 and height > 200 for width, height in sizes.values())
-    # Quality has loss, chrF and BLEU panels with references, only loss without: a third of the width.
-    assert _png_size(tmp_path / "without" / "quality.png")[0] < sizes["quality.png"][0] / 2
-    assert _png_size(tmp_path / "without" / "memory.png") == sizes["memory.png"]
+    # Memory and time panels in both; the quality plot has one panel (validation loss) here.
+    assert _png_size(tmp_path / "without" / "cost.png") == sizes["cost.png"]
+    assert _png_size(tmp_path / "with" / "quality.png")[0] < sizes["cost.png"][0]
 
 
 def test_report_without_finished_runs(tmp_path: Path) -> None:

@@ -77,6 +77,7 @@ def test_resolved_config_round_trips(config_file: Path) -> None:
         ("training.lerning_rate=0.1", ConfigError, ["lerning_rate", "Did you mean 'learning_rate'"]),
         ("training.batch_size=four", ConfigError, ["training.batch_size", "int", "'four'"]),
         ("data.train=missing.jsonl", ConfigError, ["data.train", "missing.jsonl", "does not exist"]),
+        ("data.test=missing.jsonl", ConfigError, ["data.test", "missing.jsonl", "does not exist"]),
         ("method.name=lorra", UnknownMethodError, ["'lorra'", "Did you mean 'lora'"]),
         ("method.alhpa=8", ConfigError, ["'alhpa'", "'lora'", "Did you mean 'alpha'"]),
         ("method.r=0", ConfigError, ["method 'lora'", "r must be a positive integer"]),
