@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from peftkit.compare.analysis import analysis_section
+from peftkit.compare.figures import save_figure
 from peftkit.files import atomic_write, atomic_write_json
 
 __all__ = ["CSV_COLUMNS", "machine_description", "rank_rows", "write_plots", "write_report"]
@@ -89,11 +91,6 @@ def rank_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return done + [row for row in rows if row["status"] != "ok"]
 
 
-def _save(figure: Any, path: Path) -> None:
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
-
-
 def _bar_figure(rows: Sequence[dict[str, Any]], title: str, panels: list[tuple[str, str]]) -> Any | None:
     import matplotlib.pyplot as plt
 
@@ -131,13 +128,13 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[tuple[str, st
         axis.set(xlabel="step", ylabel="validation loss", title="Validation loss against step")
         axis.grid(alpha=0.3)
         axis.legend()
-        _save(figure, out / "val_loss.png")
+        save_figure(figure, out / "val_loss.png")
         plt.close(figure)
         written.append(("val_loss.png", "Validation loss against step"))
     for name, title, panels in BAR_PLOTS:
         figure = _bar_figure(done, title, panels) if done else None
         if figure is not None:
-            _save(figure, out / name)
+            save_figure(figure, out / name)
             plt.close(figure)
             written.append((name, title))
     return written
@@ -266,5 +263,6 @@ def write_report(runs: Sequence[dict[str, Any]], out: str | os.PathLike[str], me
     plots = write_plots(runs, out)
     report = out / "REPORT.md"
     text = _markdown(runs, meta, plots)
+    text += analysis_section(rank_rows(runs), out / "runs", meta["shared"]["model"]["name"])
     atomic_write(report, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return report

@@ -1,0 +1,141 @@
+"""`peftkit analyze`'s plots, and the short analysis section of `peftkit compare`'s report.
+
+The plots follow the LoRA paper's section 7 figures: the spectrum of ΔW per layer type,
+the subspace similarity φ as a heatmap, and the effective rank by layer depth.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from peftkit.analysis import analyze
+from peftkit.compare.figures import save_figure
+from peftkit.errors import PeftkitError
+from peftkit.training.models import load_model
+
+__all__ = ["write_analysis_plots", "analysis_section"]
+
+
+def _spectrum(result: dict[str, Any], plt: Any) -> Any:
+    by_type: dict[str, list[list[float]]] = defaultdict(list)
+    for path, layer in result["layers"].items():
+        by_type[path.rpartition(".")[2]].append(layer["singular_values"])
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for kind, spectra in sorted(by_type.items()):
+        width = min(len(s) for s in spectra)
+        mean = [statistics.fmean(s[i] for s in spectra) for i in range(width)]
+        axis.plot(range(1, width + 1), mean, marker="o", markersize=3, label=kind)
+    axis.set(xlabel="i", ylabel="σ_i of ΔW (mean over layers)", yscale="log", title="Spectrum of ΔW by layer type")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return figure
+
+
+def _similarity(grids: dict[str, list[list[float]]], plt: Any) -> Any:
+    figure, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids) + 1, 3.6), squeeze=False)
+    for axis, (kind, grid) in zip(axes[0], sorted(grids.items()), strict=True):
+        image = axis.imshow(
+            grid,
+            vmin=0,
+            vmax=1,
+            cmap="viridis",
+            aspect="auto",
+            origin="lower",
+            extent=(0.5, len(grid[0]) + 0.5, 0.5, len(grid) + 0.5),
+        )
+        axis.set(title=kind, xlabel="j (--against)", ylabel="i (adapter)")
+    figure.colorbar(image, ax=axes[0][-1], label="φ(i, j)")  # beside the last panel: tight_layout keeps working
+    figure.suptitle("Subspace similarity φ(i, j), mean over layers")
+    return figure
+
+
+def _depth(result: dict[str, Any], plt: Any) -> Any | None:
+    by_type: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for path, layer in result["layers"].items():
+        if layer["depth"] is not None:
+            by_type[path.rpartition(".")[2]].append((layer["depth"], layer["effective_rank_99"]))
+    if not by_type:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for kind, points in sorted(by_type.items()):
+        depths, ranks = zip(*sorted(points), strict=True)
+        axis.plot(depths, ranks, marker="o", markersize=3, label=kind)
+    axis.set(xlabel="layer (depth)", ylabel="effective rank at 99% energy", title="Effective rank of ΔW by depth")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return figure
+
+
+def write_analysis_plots(result: dict[str, Any], out: Path) -> list[str]:
+    """PNG plots of an `analyze` result under `out`; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {"spectrum.png": _spectrum(result, plt), "effective_rank.png": _depth(result, plt)}
+    grids = result["summary"].get("similarity_by_type")
+    if grids:
+        figures["similarity.png"] = _similarity(grids, plt)
+    written = []
+    for name, figure in figures.items():
+        if figure is not None:
+            save_figure(figure, out / name)
+            plt.close(figure)
+            written.append(str(out / name))
+    return written
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
+def analysis_section(rows: Sequence[dict[str, Any]], runs_dir: Path, base_name: str) -> str:
+    """The report's "What the adapters learned" section: a row per finished LoRA-family run, "" if none.
+
+    The base `base_name` is loaded once, dense, for the amplification factor (over the
+    dense weights for a 4-bit run too; intruder dimensions are left to `peftkit analyze`).
+    """
+    done = [row for row in rows if row["status"] == "ok"]
+    base = load_model(base_name).eval() if done else None
+    lines = []
+    for row in done:
+        try:
+            summary = analyze(runs_dir / row["name"] / "adapter", base=base, intruder_k=0)["summary"]
+        except PeftkitError:  # not a LoRA-family method (bottleneck, full, head): nothing to say
+            continue
+        types = summary["by_type"].values()
+        weighted = {
+            key: sum(t[key] * t["layers"] for t in types) / summary["layers"]
+            for key in ("effective_rank_90_mean", "effective_rank_99_mean", "entropy_rank_mean", "frobenius_mean")
+        }
+        amplified = [t["amplification_mean"] * t["layers"] for t in types]
+        suggested = ", ".join(f"{kind} {r}" for kind, r in summary["recommended_rank"].items())
+        lines.append(
+            f"| `{row['name']}` | {row['rank']} | {_cell(weighted['effective_rank_90_mean'])} | "
+            f"{_cell(weighted['effective_rank_99_mean'])} | {_cell(weighted['entropy_rank_mean'])} | "
+            f"{_cell(weighted['frobenius_mean'])} | {_cell(sum(amplified) / summary['layers'])} | {suggested} |"
+        )
+    if not lines:
+        return ""
+    return "\n".join(
+        [
+            "",
+            "## What the adapters learned",
+            "",
+            "Per LoRA-family run, the update ΔW = s·BA of each adapted layer (DoRA: its direction), mean over layers: "
+            "the effective rank (fewest singular values holding 90% / 99% of the energy), the entropy-based "
+            "effective rank, ||ΔW||_F, the amplification factor ||ΔW||_F / ||U^T W V||_F (Hu et al., section 7.3) "
+            "and the 99% rank per layer type as a suggested rank. `peftkit analyze runs/<run>/adapter --base MODEL` "
+            "gives them per layer, with intruder dimensions.",
+            "",
+            "| run | r | eff. rank 90% | eff. rank 99% | entropy rank | mean ‖ΔW‖_F | amplification "
+            "| suggested r by type |",
+            "|---|---|---|---|---|---|---|---|",
+            *lines,
+        ]
+    ) + "\n"
