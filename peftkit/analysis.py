@@ -109,8 +109,11 @@ def _update(method: AdapterMethod, path: str, params: dict[str, torch.Tensor], s
     return LayerUpdate(factored_svd(*factors), down.shape[0], params.get(LORA_MAGNITUDE))
 
 
-def read_low_rank_adapter(directory: str | os.PathLike[str]) -> LowRankFile:
-    """Read a LoRA-family adapter directory; ConfigError naming what can be analysed for any other method."""
+def read_low_rank_adapter(directory: str | os.PathLike[str] | LowRankFile) -> LowRankFile:
+    """Read a LoRA-family adapter directory (one read already is returned as it is); ConfigError naming what can
+    be analysed for any other method."""
+    if isinstance(directory, LowRankFile):
+        return directory
     directory = Path(directory)
     config = read_adapter_config(directory)
     tensors, metadata = read_adapter_tensors(directory / WEIGHTS_NAME)
@@ -278,14 +281,14 @@ def check_intruder_options(k: int, threshold: float) -> None:
 
 
 def analyze(
-    adapter: str | os.PathLike[str],
+    adapter: str | os.PathLike[str] | LowRankFile,
     *,
     base: nn.Module | None = None,
-    against: str | os.PathLike[str] | None = None,
+    against: str | os.PathLike[str] | LowRankFile | None = None,
     intruder_k: int = 10,
     intruder_threshold: float = 0.5,
 ) -> dict[str, Any]:
-    """Analyse the LoRA-family adapter in directory `adapter`; a JSON-ready dict (see the README's analysis section).
+    """Analyse the LoRA-family adapter in directory `adapter` (or read already); a JSON-ready dict (README: Analysis).
 
     Args:
         base: the base model (loaded, e.g. `peftkit.training.models.load_model`) for the

@@ -188,23 +188,22 @@ def _analyze(args: argparse.Namespace) -> None:
         raise ConfigError("--prompt is for the logit change of --truncate; give --truncate K --out DIR too.")
     check_intruder_options(args.intruder_k, args.intruder_threshold)
     source = read_low_rank_adapter(args.adapter)  # a wrong or non-LoRA adapter fails before any model loads
-    if args.against:
-        read_low_rank_adapter(args.against)
+    against = read_low_rank_adapter(args.against) if args.against else None
     if args.truncate is not None:
         check_truncation(source, args.truncate)
         _check_destination(Path(args.out), {"the adapter": Path(args.adapter)}, args.force)
         check_writable(args.out)  # before the base loads
     base = _analysis_base(args.base, source.method) if args.base else None
     result = analyze(
-        args.adapter,
+        source,
         base=base,
-        against=args.against,
+        against=against,
         intruder_k=args.intruder_k,
         intruder_threshold=args.intruder_threshold,
     )
     if args.truncate is not None:
         with destination_errors(args.out):
-            truncate_adapter(args.adapter, args.truncate, args.out)
+            truncate_adapter(source, args.truncate, args.out)
         result["truncation"] = {"rank": args.truncate, "out": args.out}
         if base is not None:
             result["truncation"]["logit_change"] = _truncation_logits(base, args)

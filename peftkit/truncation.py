@@ -44,7 +44,7 @@ def check_truncation(source: LowRankFile, rank: int) -> None:
         )
 
 
-def truncate_adapter(adapter: str | os.PathLike[str], rank: int, out: str | os.PathLike[str]) -> Path:
+def truncate_adapter(adapter: str | os.PathLike[str] | LowRankFile, rank: int, out: str | os.PathLike[str]) -> Path:
     """Write `adapter` cut to rank `rank` to directory `out` (PEFT's format); returns `out`.
 
     ConfigError (see `check_truncation`) before anything is written.

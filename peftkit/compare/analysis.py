@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peftkit.analysis import analyze
+from peftkit.analysis import LowRankFile, analyze, read_low_rank_adapter
 from peftkit.compare.figures import save_figure
 from peftkit.errors import PeftkitError
 from peftkit.training.models import load_model
@@ -94,34 +94,40 @@ def _cell(value: float | None) -> str:
     return "–" if value is None else f"{value:.3g}"
 
 
+def _lora_adapters(rows: Sequence[dict[str, Any]], runs_dir: Path) -> dict[str, LowRankFile]:
+    """Run name -> its adapter, for the finished runs of a LoRA-family method."""
+    found = {}
+    for row in rows:
+        if row["status"] == "ok":
+            try:
+                found[row["name"]] = read_low_rank_adapter(runs_dir / row["name"] / "adapter")
+            except PeftkitError:  # not a LoRA-family method (bottleneck, full, head): nothing to say
+                continue
+    return found
+
+
 def analysis_section(rows: Sequence[dict[str, Any]], runs_dir: Path, base_name: str) -> str:
     """The report's "What the adapters learned" section: a row per finished LoRA-family run, "" if none.
 
     The base `base_name` is loaded once, dense, for the amplification factor (over the
     dense weights for a 4-bit run too; intruder dimensions are left to `peftkit analyze`).
     """
-    done = [row for row in rows if row["status"] == "ok"]
-    base = load_model(base_name).eval() if done else None
-    lines = []
-    for row in done:
-        try:
-            summary = analyze(runs_dir / row["name"] / "adapter", base=base, intruder_k=0)["summary"]
-        except PeftkitError:  # not a LoRA-family method (bottleneck, full, head): nothing to say
-            continue
-        types = summary["by_type"].values()
-        weighted = {
-            key: sum(t[key] * t["layers"] for t in types) / summary["layers"]
-            for key in ("effective_rank_90_mean", "effective_rank_99_mean", "entropy_rank_mean", "frobenius_mean")
-        }
-        amplified = [t["amplification_mean"] * t["layers"] for t in types]
-        suggested = ", ".join(f"{kind} {r}" for kind, r in summary["recommended_rank"].items())
-        lines.append(
-            f"| `{row['name']}` | {row['rank']} | {_cell(weighted['effective_rank_90_mean'])} | "
-            f"{_cell(weighted['effective_rank_99_mean'])} | {_cell(weighted['entropy_rank_mean'])} | "
-            f"{_cell(weighted['frobenius_mean'])} | {_cell(sum(amplified) / summary['layers'])} | {suggested} |"
-        )
-    if not lines:
+    adapters = _lora_adapters(rows, runs_dir)
+    if not adapters:
         return ""
+    base = load_model(base_name).eval()
+    lines = []
+    for row in rows:
+        if row["name"] not in adapters:
+            continue
+        result = analyze(adapters[row["name"]], base=base, intruder_k=0)
+        means = {
+            key: statistics.fmean(layer[key] for layer in result["layers"].values())
+            for key in ("effective_rank_90", "effective_rank_99", "entropy_rank", "frobenius", "amplification")
+        }
+        suggested = ", ".join(f"{kind} {r}" for kind, r in result["summary"]["recommended_rank"].items())
+        cells = [f"`{row['name']}`", str(row["rank"]), *map(_cell, means.values()), suggested]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(
         [
             "",
