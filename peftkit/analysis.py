@@ -3,7 +3,8 @@
 Reads any PEFT-format LoRA file (peftkit's or PEFT's): for every adapted linear layer
 the spectrum of its update `ΔW = s·B A` (taken from the factors, see
 `peftkit.spectrum`), effective ranks, and with a base model the amplification factor
-and intruder dimensions; against a second adapter the subspace similarity φ. Results
+and intruder dimensions; against a second adapter the subspace similarity φ (over the
+right singular vectors as the paper, and over the left ones as an extra key). Results
 are plain dicts, lists and floats, ready for `json.dumps`. A DoRA adapter is analysed
 through its direction's update, with its magnitude change as extra keys; a QLoRA/QDoRA
 adapter over the base it was trained on (give a base loaded in 4 bits to measure
@@ -258,9 +259,13 @@ def _check_comparable(first: LowRankFile, second: LowRankFile) -> None:
             )
 
 
-def _similarity(first: LowRankFile, second: LowRankFile) -> tuple[dict[str, Any], dict[str, Any]]:
-    """φ grids per layer, and per layer type their mean over layers (equal ranks within a type)."""
-    grids = {path: subspace_similarity(first.layers[path].svd.v, update.svd.v) for path, update in second.layers.items()}
+def _similarity(first: LowRankFile, second: LowRankFile, side: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """φ grids per layer over the `side` ("v": right, "u": left) singular vectors of ΔW, and per layer type
+    their mean over layers (for types whose layers share their ranks)."""
+    grids = {
+        path: subspace_similarity(getattr(first.layers[path].svd, side), getattr(update.svd, side))
+        for path, update in second.layers.items()
+    }
     by_type: dict[str, list[torch.Tensor]] = defaultdict(list)
     for path, grid in grids.items():
         by_type[layer_type(path)].append(grid)
@@ -314,7 +319,10 @@ def analyze(
     if base is not None:
         result["summary"].update(intruder_k=intruder_k, intruder_threshold=intruder_threshold)
     if second is not None:
-        result["similarity"], result["summary"]["similarity_by_type"] = _similarity(first, second)
+        # The paper's φ is over the input side (A's row space); the output side (B's column space) is
+        # the one training fills from zero, so it shows what was learned when A barely left its init.
+        result["similarity"], result["summary"]["similarity_by_type"] = _similarity(first, second, "v")
+        result["similarity_left"], result["summary"]["similarity_left_by_type"] = _similarity(first, second, "u")
         result["summary"]["against"] = _summary(second, {p: _layer(u, p) for p, u in second.layers.items()})
     return result
 
@@ -349,8 +357,10 @@ def describe_analysis(result: dict[str, Any]) -> list[str]:
     if summary.get("skipped_tensors"):
         lines.append(f"Not analysed (not linear LoRA layers): {len(summary['skipped_tensors'])} tensors.")
     if "similarity_by_type" in summary:
-        first = ", ".join(f"{kind} {grid[0][0]:.2f}" for kind, grid in summary["similarity_by_type"].items())
-        lines += ["", f"Subspace similarity φ(1, 1) with {summary['against']['adapter']}: {first}"]
+        lines += ["", f"Subspace similarity φ(1, 1) with {summary['against']['adapter']} (mean over layers):"]
+        sides = (("right (input side, as the paper)", "similarity_by_type"), ("left", "similarity_left_by_type"))
+        for side, key in sides:
+            lines.append(f"  {side}: " + ", ".join(f"{kind} {grid[0][0]:.2f}" for kind, grid in summary[key].items()))
     if "truncation" in result:
         cut = result["truncation"]
         lines += ["", f"Wrote the adapter truncated to rank {cut['rank']} to {cut['out']}."]

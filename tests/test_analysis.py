@@ -201,3 +201,32 @@ def test_an_adapter_written_by_peft_analyses_the_same(tmp_path: Path) -> None:
     for path, layer in theirs["layers"].items():
         assert layer["singular_values"] == pytest.approx(mine["layers"][path]["singular_values"], rel=1e-6)
         assert layer["singular_values"][0] > 0
+
+
+def test_a_qlora_adapter_is_measured_over_the_dequantized_base(tmp_path: Path) -> None:
+    from peftkit.quant import dequantize, quantize_model
+
+    directory = _saved(tmp_path, "qlora")
+    assert peftkit.analyze(directory)["summary"]["method"] == "qlora"
+    base = quantize_model(tiny_llama())
+    layer = peftkit.analyze(directory, base=base, intruder_k=0)["layers"][Q]
+    weight = dequantize(base.get_submodule(Q)).double()
+    u, s, vh = torch.linalg.svd(_dense_delta(directory, Q))
+    expected = float(torch.linalg.matrix_norm(s[:4].diag()) / torch.linalg.matrix_norm(u[:, :4].T @ weight @ vh[:4].T))
+    assert layer["amplification"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_left_similarity_sees_the_output_side(tmp_path: Path) -> None:
+    first = _saved(tmp_path, target_modules=["q_proj"])
+    tensors = load_file(str(first / WEIGHTS_NAME))
+    for key in [k for k in tensors if k.endswith("lora_A.weight")]:  # same B (output side), another A
+        tensors[key] = torch.randn(tensors[key].shape, generator=torch.Generator().manual_seed(7))
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file(tensors, str(other / WEIGHTS_NAME))
+    (other / CONFIG_NAME).write_text((first / CONFIG_NAME).read_text())
+    result = peftkit.analyze(first, against=other)
+    # B's column space is shared, so the full-rank left spans agree; the right spans differ.
+    assert result["similarity_left"][Q][3][3] == pytest.approx(1.0, abs=1e-9)
+    assert result["similarity"][Q][3][3] < 0.9
+    assert result["summary"]["similarity_left_by_type"]["q_proj"][3][3] == pytest.approx(1.0, abs=1e-9)

@@ -35,21 +35,30 @@ def _spectrum(result: dict[str, Any], plt: Any) -> Any:
     return figure
 
 
-def _similarity(grids: dict[str, list[list[float]]], plt: Any) -> Any:
-    figure, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids) + 1, 3.6), squeeze=False)
-    for axis, (kind, grid) in zip(axes[0], sorted(grids.items()), strict=True):
-        image = axis.imshow(
-            grid,
-            vmin=0,
-            vmax=1,
-            cmap="viridis",
-            aspect="auto",
-            origin="lower",
-            extent=(0.5, len(grid[0]) + 0.5, 0.5, len(grid) + 0.5),
-        )
-        axis.set(title=kind, xlabel="j (--against)", ylabel="i (adapter)")
-    figure.colorbar(image, ax=axes[0][-1], label="φ(i, j)")  # beside the last panel: tight_layout keeps working
-    figure.suptitle("Subspace similarity φ(i, j), mean over layers")
+def _similarity(sides: dict[str, dict[str, list[list[float]]]], plt: Any) -> Any:
+    """One row of heatmaps per side (right, left singular vectors), one panel per layer type."""
+    kinds = sorted(next(iter(sides.values())))
+    figure, axes = plt.subplots(
+        len(sides), len(kinds), figsize=(2.6 * len(kinds) + 1, 2.8 * len(sides) + 0.6), squeeze=False
+    )
+    for row, (side, grids) in zip(axes, sides.items(), strict=True):
+        for axis, kind in zip(row, kinds, strict=True):
+            grid = grids[kind]
+            image = axis.imshow(
+                grid,
+                vmin=0,
+                vmax=1,
+                cmap="viridis",
+                aspect="auto",
+                origin="lower",
+                extent=(0.5, len(grid[0]) + 0.5, 0.5, len(grid) + 0.5),
+            )
+            axis.set_title(f"{kind} ({side})", fontsize=9)
+        row[0].set_ylabel("i (adapter)")
+        figure.colorbar(image, ax=row[-1], label="φ(i, j)")  # beside the last panel: tight_layout keeps working
+    for axis in axes[-1]:
+        axis.set_xlabel("j (--against)")
+    figure.suptitle("Subspace similarity φ(i, j) of the singular vectors of ΔW, mean over layers")
     return figure
 
 
@@ -78,9 +87,10 @@ def write_analysis_plots(result: dict[str, Any], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     figures = {"spectrum.png": _spectrum(result, plt), "effective_rank.png": _depth(result, plt)}
-    grids = result["summary"].get("similarity_by_type")
-    if grids:
-        figures["similarity.png"] = _similarity(grids, plt)
+    summary = result["summary"]
+    if summary.get("similarity_by_type"):
+        sides = {"right": summary["similarity_by_type"], "left": summary["similarity_left_by_type"]}
+        figures["similarity.png"] = _similarity(sides, plt)
     written = []
     for name, figure in figures.items():
         if figure is not None:
