@@ -7,6 +7,7 @@ peftkit.save_adapter(model, "out/adapter")   # HF PEFT's format
 """
 
 from peftkit import logs  # noqa: F401  (quiets third-party log noise; see there)
+from peftkit.analysis import analyze
 from peftkit.combine import combine_adapters
 from peftkit.errors import (
     AdapterExistsError,
@@ -76,6 +77,7 @@ __all__ = [
     "adapt",
     "adapter_methods",
     "adapter_state_dict",
+    "analyze",
     "combine_adapters",
     "hot_swap_adapter",
     "list_adapters",

@@ -1,4 +1,4 @@
-"""The `peftkit` command: train, estimate, generate, merge, methods, inspect, compare.
+"""The `peftkit` command: train, estimate, generate, merge, methods, inspect, analyze, compare.
 
 Every error peftkit raises on purpose (a bad config key, a missing file, an
 unknown method) ends the command with one line on stderr and exit status 2.
@@ -85,7 +85,7 @@ def _merge(args: argparse.Namespace) -> None:
     if not base:
         raise PeftkitError(f"{args.adapter_dir} does not name its base model; pass --base MODEL.")
     out = Path(args.out)
-    _check_merge_destination(out, {"the base model": Path(base), "the adapter": Path(args.adapter_dir)}, args.force)
+    _check_destination(out, {"the base model": Path(base), "the adapter": Path(args.adapter_dir)}, args.force)
     check_writable(out)  # before minutes of loading
     base_model = load_model(base, quantization=quantization)
     dtype = base_model.dtype  # a 4-bit base comes back dense in the dtype it was loaded in
@@ -120,10 +120,10 @@ def _merged(model: Any, dtype: torch.dtype) -> Any:
     return model
 
 
-def _check_merge_destination(out: Path, inputs: dict[str, Path], force: bool) -> None:
+def _check_destination(out: Path, inputs: dict[str, Path], force: bool) -> None:
     """Refuse an --out that is a file, holds an input, or is a directory in use (unless --force)."""
     if out.exists() and not out.is_dir():
-        raise DestinationError(f"--out {str(out)!r} is an existing file; give a directory for the merged model.")
+        raise DestinationError(f"--out {str(out)!r} is an existing file; give a directory.")
     for what, path in inputs.items():
         if path.exists() and path.resolve().is_relative_to(out.resolve()):
             raise DestinationError(
@@ -168,6 +168,69 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"targets:    {json.dumps(config.get('target_modules'))}")
     print(f"parameters: {sum(t.numel() for t in tensors.values()):,}")
     print(f"size:       {weights.stat().st_size / 1e6:.2f} MB ({weights.name})")
+
+
+# Prompts for the logit change of a truncated adapter when none are given: short, of different kinds.
+TRUNCATE_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "name[The Eagle], eatType[coffee shop], food[Japanese], priceRange[moderate]",
+)
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    from peftkit.analysis import analyze, check_intruder_options, describe_analysis, read_low_rank_adapter
+    from peftkit.truncation import check_truncation, truncate_adapter
+
+    if (args.truncate is None) != (args.out is None):
+        raise ConfigError("--truncate K and --out DIR go together: give both to write a truncated adapter.")
+    if args.prompt and args.truncate is None:
+        raise ConfigError("--prompt is for the logit change of --truncate; give --truncate K --out DIR too.")
+    check_intruder_options(args.intruder_k, args.intruder_threshold)
+    source = read_low_rank_adapter(args.adapter)  # a wrong or non-LoRA adapter fails before any model loads
+    against = read_low_rank_adapter(args.against) if args.against else None
+    if args.truncate is not None:
+        check_truncation(source, args.truncate)
+        _check_destination(Path(args.out), {"the adapter": Path(args.adapter)}, args.force)
+        check_writable(args.out)  # before the base loads
+    base = _analysis_base(args.base, source.method) if args.base else None
+    result = analyze(
+        source,
+        base=base,
+        against=against,
+        intruder_k=args.intruder_k,
+        intruder_threshold=args.intruder_threshold,
+    )
+    if args.truncate is not None:
+        with destination_errors(args.out):
+            truncate_adapter(source, args.truncate, args.out)
+        result["truncation"] = {"rank": args.truncate, "out": args.out}
+        if base is not None:
+            result["truncation"]["logit_change"] = _truncation_logits(base, args)
+    if args.plots:
+        from peftkit.compare.analysis import write_analysis_plots
+
+        result["plots"] = write_analysis_plots(result, Path(args.plots))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("\n".join(describe_analysis(result)))
+
+
+def _analysis_base(name: str, method: Any) -> Any:
+    """The base model for `--base`, in 4 bits when the adapter was trained over a 4-bit base (qlora, qdora)."""
+    from peftkit.training.models import load_model
+
+    return load_model(name, quantization=method.base_quantization()).eval()
+
+
+def _truncation_logits(base: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from peftkit.training.models import load_tokenizer
+    from peftkit.truncation import logit_change
+
+    tokenizer = load_tokenizer(args.base)
+    inputs = [tokenizer(text, return_tensors="pt")["input_ids"][0] for text in args.prompt or TRUNCATE_PROMPTS]
+    return logit_change(base, args.adapter, args.out, inputs)
 
 
 def _estimate(args: argparse.Namespace) -> None:
@@ -242,6 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     estimate.add_argument("--json", action="store_true", help="print one JSON object (bytes)")
     estimate.set_defaults(run=_estimate)
+
+    analyze = commands.add_parser(
+        "analyze", help="what a LoRA-family adapter learned: spectra, effective ranks, amplification, similarity"
+    )
+    analyze.add_argument("adapter", help="an adapter directory (peftkit's or HF PEFT's LoRA format)")
+    analyze.add_argument("--base", help="the base model (hub id, local path, gemma-3-270m): amplification, intruders")
+    analyze.add_argument("--against", metavar="ADAPTER2", help="a second adapter of the same base: subspace similarity")
+    analyze.add_argument("--json", action="store_true", help="print one JSON object")
+    analyze.add_argument("--plots", metavar="DIR", help="write PNG plots (spectra, similarity, effective rank) there")
+    analyze.add_argument("--truncate", type=int, metavar="K", help="write the adapter cut to rank K by SVD to --out")
+    analyze.add_argument("--out", metavar="DIR", help="where --truncate writes (a PEFT LoRA adapter)")
+    analyze.add_argument("--force", action="store_true", help="replace --out if it is an existing directory")
+    analyze.add_argument(
+        "--prompt", action="append", help="a prompt for --truncate's logit change with --base (repeatable)"
+    )
+    analyze.add_argument("--intruder-k", type=int, default=10, help="top singular vectors checked (default 10)")
+    analyze.add_argument(
+        "--intruder-threshold", type=float, default=0.5, help="cosine below which one is an intruder (default 0.5)"
+    )
+    analyze.set_defaults(run=_analyze)
 
     compare = commands.add_parser("compare", help="train methods x ranks x target sets side by side; write a report")
     compare.add_argument("config", help="the runs' YAML file (its compare: section says the same as the flags)")

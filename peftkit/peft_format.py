@@ -50,12 +50,21 @@ __all__ = [
     "read_adapter_config",
     "read_adapter_tensors",
     "method_from_config",
+    "LORA_DOWN",
+    "LORA_UP",
+    "LORA_MAGNITUDE",
+    "lora_layer_tensors",
+    "write_adapter_files",
 ]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 METADATA_KEY = "peftkit"
+# A LoRA layer's tensors in PEFT's files: A (r x in), B (out x r), DoRA's magnitude (out).
+LORA_DOWN = "lora_A.weight"
+LORA_UP = "lora_B.weight"
+LORA_MAGNITUDE = "lora_magnitude_vector"
 
 
 def _peft_key(path: str, adapter_name: str) -> str:
@@ -121,12 +130,26 @@ def save_adapter(
     tensors = {_peft_key(path, name): t.detach().to("cpu").clone().contiguous() for path, t in values.items()}
     # The JSON as written, so loading can tell which of its fields were edited since.
     record = {"method": method_reference(type(method)), "options": method_options(method), "adapter_config": config}
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(record)}
+    return write_adapter_files(directory, config, tensors, {METADATA_KEY: json.dumps(record)})
+
+
+def write_adapter_files(
+    directory: str | os.PathLike[str],
+    config: dict[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write adapter_config.json and the safetensors file (PEFT key names) to `directory`, both or neither.
+
+    Without peftkit's record in `metadata` the file reads back as PEFT would read it.
+    """
+    directory = Path(directory)
+    header = {"format": "pt", **(metadata or {})}
 
     def write(tmp: Path) -> None:
         # The config is renamed into place only once the weights are written, and the
         # weights right after it: a full disk or a failed write leaves neither file new.
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_file(dict(tensors), str(tmp), metadata=header)
         atomic_write_json(directory / CONFIG_NAME, config)
 
     check_writable(directory / CONFIG_NAME)
@@ -139,6 +162,28 @@ def save_adapter(
             shutil.rmtree(directory, ignore_errors=True)
         raise
     return directory
+
+
+def lora_layer_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """A PEFT LoRA file's tensors by layer: `{module path in the base model: {lora_A.weight: ..., ...}}`.
+
+    A layer is a module with a 2-D `lora_A.weight` (linear layers; a convolution's
+    kernels are 4-D). The second value lists the keys of every other tensor (embedding
+    or convolution LoRA, trainable token rows, modules_to_save), so a caller can say what it left out.
+    """
+    layers = {
+        key.removeprefix(PEFT_PREFIX).removesuffix("." + LORA_DOWN): {}
+        for key, tensor in tensors.items()
+        if key.endswith("." + LORA_DOWN) and tensor.dim() == 2
+    }
+    others = []
+    for key, tensor in tensors.items():
+        module, _, name = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if module in layers and name:
+            layers[module]["lora_" + name] = tensor
+        else:
+            others.append(key)
+    return layers, others
 
 
 def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:

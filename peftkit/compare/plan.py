@@ -26,11 +26,11 @@ import yaml
 from torch import nn
 
 from peftkit.anatomy import attention_projections
+from peftkit.compare.scoring import check_metric
+from peftkit.compare.summary import BASE
 from peftkit.errors import ConfigError, did_you_mean
 from peftkit.registry import available_methods, get_method
 from peftkit.targets import ALL_LINEAR, candidate_modules, distinguishing_suffixes
-from peftkit.compare.scoring import check_metric
-from peftkit.compare.summary import BASE
 from peftkit.training.config import TrainingConfig, build_config
 from peftkit.training.models import model_skeleton
 from peftkit.validation import check_types, from_options, option_names
@@ -270,14 +270,18 @@ def plan_runs(raw: dict[str, Any], base_dir: Path | None, settings: CompareConfi
                 options = {**_method_options(entry.name, base_options, rank), **entry.options}
                 if target is not None:
                     options["target_modules"] = target[1]
-                group = "-".join([entry.label] + ([f"r{rank}"] if rank is not None else []) + ([target[0]] if target else []))
+                group = "-".join(
+                    [entry.label] + ([f"r{rank}"] if rank is not None else []) + ([target[0]] if target else [])
+                )
                 for seed in seeds:
                     name = f"{group}-s{seed}" if len(seeds) > 1 else group
                     config = copy.deepcopy(base)
                     config["method"] = {"name": entry.name, **options}
                     config["training"].update(entry.training, seed=seed)
                     config["output"]["dir"] = str(Path(settings.out) / "runs" / name)
-                    spec = RunSpec(name, entry.name, rank, target[0] if target else None, config, group=group, seed=seed)
+                    spec = RunSpec(
+                        name, entry.name, rank, target[0] if target else None, config, group=group, seed=seed
+                    )
                     try:
                         build_config(config)
                     except ConfigError as error:

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from peftkit.compare.figures import save_figure
 from peftkit.compare.stats import mean_sd
 from peftkit.compare.summary import Comparison, MethodSummary
-from peftkit.files import atomic_write
 
 __all__ = ["quality_label", "write_plots"]
 
@@ -33,8 +33,7 @@ def quality_label(comparison: Comparison) -> str:
 def _save(figure: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    save_figure(figure, path)
     plt.close(figure)
 
 
@@ -79,7 +78,9 @@ def _pareto_figure(comparison: Comparison) -> Any | None:
             (x, x_sd), (y, y_sd) = getattr(m, cost), m.quality
             axis.errorbar(x, y, xerr=x_sd or 0.0, yerr=y_sd or 0.0, fmt="o", capsize=3)
             axis.annotate(m.name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        front = sorted((m for m in shown if m.name in comparison.fronts.get(cost, [])), key=lambda m: getattr(m, cost)[0])
+        front = sorted(
+            (m for m in shown if m.name in comparison.fronts.get(cost, [])), key=lambda m: getattr(m, cost)[0]
+        )
         if len(front) > 1:
             axis.plot([getattr(m, cost)[0] for m in front], [m.quality[0] for m in front], "--", color="gray")
         if base is not None:
@@ -106,8 +107,15 @@ def _curve_figure(rows: Sequence[dict[str, Any]], comparison: Comparison) -> Any
     for name in ranked + [name for name in curves if name not in ranked]:
         steps = sorted(curves[name])
         stats = [mean_sd(curves[name][step]) for step in steps]
-        axis.errorbar(steps, [m for m, _ in stats], yerr=[sd or 0.0 for _, sd in stats], marker="o", markersize=3,
-                      capsize=2, label=name)
+        axis.errorbar(
+            steps,
+            [m for m, _ in stats],
+            yerr=[sd or 0.0 for _, sd in stats],
+            marker="o",
+            markersize=3,
+            capsize=2,
+            label=name,
+        )
     axis.set(xlabel="step", ylabel="validation loss", title="Validation loss against step (mean ± sd over seeds)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
@@ -126,14 +134,20 @@ def write_plots(rows: Sequence[dict[str, Any]], comparison: Comparison, out: Pat
             "Quality per method (mean ± sd over seeds)",
             _panel_figure(
                 methods,
-                [("quality", quality_label(comparison)), ("macro_f1", "test macro-F1 (%)"),
-                 ("forgetting", "forgetting: loss change on general text")],
+                [
+                    ("quality", quality_label(comparison)),
+                    ("macro_f1", "test macro-F1 (%)"),
+                    ("forgetting", "forgetting: loss change on general text"),
+                ],
                 "Quality",
             ),
         ),
         ("pareto.png", "Quality against memory and time", _pareto_figure(comparison)),
-        ("cost.png", "Cost per method (mean ± sd over seeds)",
-         _panel_figure([m for m in methods if not m.is_base], _COSTS, "Cost")),
+        (
+            "cost.png",
+            "Cost per method (mean ± sd over seeds)",
+            _panel_figure([m for m in methods if not m.is_base], _COSTS, "Cost"),
+        ),
         ("val_loss.png", "Validation loss against step", _curve_figure(rows, comparison)),
     ]
     written = []

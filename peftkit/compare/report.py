@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from peftkit.compare.analysis import analysis_section
 from peftkit.compare.plots import quality_label, write_plots
 from peftkit.compare.stats import ALPHA
 from peftkit.compare.summary import Comparison, MethodSummary, step_peak_gb, summarise
@@ -59,6 +60,8 @@ CSV_COLUMNS = [
     "forgetting_loss",
     "options",
 ]
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
@@ -118,8 +121,16 @@ def _count(count: int | None) -> str:
 
 
 def _verdict_table(comparison: Comparison) -> list[str]:
-    header = ["method", "seeds", quality_label(comparison), "macro-F1 (%)", "forgetting (Δ loss)",
-              "step peak memory", "step time", "trainable params"]
+    header = [
+        "method",
+        "seeds",
+        quality_label(comparison),
+        "macro-F1 (%)",
+        "forgetting (Δ loss)",
+        "step peak memory",
+        "step time",
+        "trainable params",
+    ]
     spec = ".3f" if comparison.metric is None else ".1f"
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in comparison.methods:
@@ -161,14 +172,18 @@ def _verdict_words(comparison: Comparison) -> list[str]:
         difference = comparison.pair(best.name, m.name)
         ways = _cheaper(m, best)
         if difference is not None and not difference.significant and ways:
-            close.append(f"`{m.name}` ({scale * difference.mean:+.2f}, p = {difference.p_value:.2g}; {', '.join(ways)})")
+            close.append(
+                f"`{m.name}` ({scale * difference.mean:+.2f}, p = {difference.p_value:.2g}; {', '.join(ways)})"
+            )
     if comparison.metric is None:
         lines.append("- No test set was scored, so no paired test: quality is the validation loss.")
     elif close:
         lines.append(f"- **Within noise of it and cheaper:** {'; '.join(close)}.")
     else:
-        lines.append(f"- No cheaper method is within noise of it (every paired test against it has p < {ALPHA}, "
-                     "or costs no less).")
+        lines.append(
+            f"- No cheaper method is within noise of it (every paired test against it has p < {ALPHA}, "
+            "or costs no less)."
+        )
     for key, name in (("memory_gb", "memory"), ("step_time_s", "step time")):
         if comparison.fronts.get(key):
             front = ", ".join(f"`{n}`" for n in comparison.fronts[key])
@@ -178,8 +193,11 @@ def _verdict_words(comparison: Comparison) -> list[str]:
         above = [(m, comparison.pair(m.name, base.name)) for m in trained]
         significant = [f"`{m.name}`" for m, d in above if d is not None and d.significant and d.mean > 0]
         others = [f"`{m.name}`" for m, d in above if d is not None and not (d.significant and d.mean > 0)]
-        lines.append(f"- Significantly above the base model ({_spread(base.quality, spec)}): "
-                     + (", ".join(significant) or "none") + (f"; not: {', '.join(others)}." if others else "."))
+        lines.append(
+            f"- Significantly above the base model ({_spread(base.quality, spec)}): "
+            + (", ".join(significant) or "none")
+            + (f"; not: {', '.join(others)}." if others else ".")
+        )
     return lines
 
 
@@ -199,20 +217,42 @@ def _pairs_section(comparison: Comparison) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for a, b, d in comparison.pairs:
-        lines.append(f"| `{a}` − `{b}` | {scale * d.mean:+.2f} | [{scale * d.low:+.2f}, {scale * d.high:+.2f}] | {d.test} | "
-                     f"{d.p_value:.2g} | {'yes' if d.significant else 'no'} |")
-    yes = [f"`{a}` − `{b}` ({scale * d.mean:+.2f}, p = {d.p_value:.2g})" for a, b, d in comparison.pairs if d.significant]
-    no = [
-        f"`{a}` − `{b}` ({scale * d.mean:+.2f}, p = {d.p_value:.2g})" for a, b, d in comparison.pairs if not d.significant
+        lines.append(
+            f"| `{a}` − `{b}` | {scale * d.mean:+.2f} | [{scale * d.low:+.2f}, {scale * d.high:+.2f}] | {d.test} | "
+            f"{d.p_value:.2g} | {'yes' if d.significant else 'no'} |"
+        )
+    yes = [
+        f"`{a}` − `{b}` ({scale * d.mean:+.2f}, p = {d.p_value:.2g})" for a, b, d in comparison.pairs if d.significant
     ]
-    lines += ["", f"Significant at {ALPHA}: {', '.join(yes) or 'none'}.  ",
-              f"Not significant (within noise): {', '.join(no) or 'none'}."]
+    no = [
+        f"`{a}` − `{b}` ({scale * d.mean:+.2f}, p = {d.p_value:.2g})"
+        for a, b, d in comparison.pairs
+        if not d.significant
+    ]
+    lines += [
+        "",
+        f"Significant at {ALPHA}: {', '.join(yes) or 'none'}.  ",
+        f"Not significant (within noise): {', '.join(no) or 'none'}.",
+    ]
     return lines
 
 
 def _runs_table(rows: Sequence[dict[str, Any]]) -> list[str]:
-    header = ["#", "run", "seed", "test score", "val loss (start → end)", "chrF of samples (start → end)",
-              "train loss", "trainable params", "adapter", "step peak", "step time", "tokens/s", "total time"]
+    header = [
+        "#",
+        "run",
+        "seed",
+        "test score",
+        "val loss (start → end)",
+        "chrF of samples (start → end)",
+        "train loss",
+        "trainable params",
+        "adapter",
+        "step peak",
+        "step time",
+        "tokens/s",
+        "total time",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for place, row in enumerate(rows, 1):
         cells = [
@@ -250,11 +290,15 @@ def _setup(meta: dict[str, Any]) -> list[str]:
         f"- seeds {meta.get('seeds')}: each drives adapter init, data order and dropout",
     ]
     if meta.get("metric") and data.get("test"):
-        lines.append(f"- task metric `{meta['metric']}` on every example of the test set, after training "
-                     "(and for the untrained base model)")
+        lines.append(
+            f"- task metric `{meta['metric']}` on every example of the test set, after training "
+            "(and for the untrained base model)"
+        )
     if meta.get("forgetting"):
-        lines.append(f"- forgetting: the loss on `{meta['forgetting']}` (text no task data came from), trained minus "
-                     "base: positive means worse elsewhere")
+        lines.append(
+            f"- forgetting: the loss on `{meta['forgetting']}` (text no task data came from), trained minus "
+            "base: positive means worse elsewhere"
+        )
     if meta.get("wall_time_s"):
         lines.append(f"- wall time of the whole comparison: {meta['wall_time_s'] / 60:.1f} min")
     return lines
@@ -321,5 +365,6 @@ def write_report(runs: Sequence[dict[str, Any]], out: str | os.PathLike[str], me
     plots = write_plots(runs, comparison, out)
     report = out / "REPORT.md"
     text = _markdown(runs, meta, comparison, plots)
+    text += analysis_section(rank_rows(runs), out / "runs", meta["shared"]["model"]["name"])
     atomic_write(report, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return report

@@ -63,8 +63,13 @@ def test_summary(result: dict[str, Any], references: Sequence[str] | None) -> di
 
 def _base_row(spec: RunSpec, references: Sequence[str] | None) -> dict[str, Any]:
     counts = json.loads((spec.dir / RESULT_NAME).read_text(encoding="utf-8"))
-    return {**_row_head(spec, "ok"), "total_params": counts["total_params"], "trainable_params": 0,
-            "trainable_pct": 0.0, **test_summary(counts, references)}
+    return {
+        **_row_head(spec, "ok"),
+        "total_params": counts["total_params"],
+        "trainable_params": 0,
+        "trainable_pct": 0.0,
+        **test_summary(counts, references),
+    }
 
 
 def collect_run(spec: RunSpec, references: Sequence[str] | None = None) -> dict[str, Any]:

@@ -178,7 +178,9 @@ def score_predictions(metric: str, predictions: Sequence[str], references: Seque
         from sacrebleu.metrics import BLEU, CHRF
 
         scorer = CHRF() if metric == "chrf" else BLEU(effective_order=True)
-        return [scorer.sentence_score(p.strip(), [r.strip()]).score for p, r in zip(predictions, references, strict=True)]
+        return [
+            scorer.sentence_score(p.strip(), [r.strip()]).score for p, r in zip(predictions, references, strict=True)
+        ]
     scores = metric_function(metric)(list(predictions), list(references))
     try:
         values = [float(value) for value in scores]
@@ -202,7 +204,9 @@ def macro_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
     return sum(scores) / len(scores)
 
 
-def text_loss(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int, batch_size: int) -> float:
+def text_loss(
+    model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int, batch_size: int
+) -> float:
     """Token-weighted next-token loss of `model` on plain-text records (the forgetting measure)."""
     examples = [encode(record, tokenizer, "text", max_length) for record in records]
     loss = CausalLMLoss(model, loss_chunk_size(None, getattr(model.config, "vocab_size", 0)))

@@ -81,21 +81,27 @@ def _summaries(rows: Sequence[dict[str, Any]], use_test: bool) -> list[MethodSum
         forgetting = (
             None
             if base_forgetting is None or name == BASE
-            else _stat(members, lambda r: None if r.get("forgetting_loss") is None else r["forgetting_loss"] - base_forgetting)
+            else _stat(
+                members, lambda r: None if r.get("forgetting_loss") is None else r["forgetting_loss"] - base_forgetting
+            )
         )
         summaries.append(
             MethodSummary(
                 name=name,
                 method=members[0]["method"],
                 seeds=[row.get("seed", 0) for row in members],
-                quality=_stat(members, lambda r: r.get("test_score")) if use_test else _stat(members, lambda r: r.get("val_loss")),
+                quality=_stat(members, lambda r: r.get("test_score"))
+                if use_test
+                else _stat(members, lambda r: r.get("val_loss")),
                 macro_f1=_stat(members, lambda r: r.get("macro_f1")),
                 val_loss=_stat(members, lambda r: r.get("val_loss")),
                 forgetting=forgetting,
                 memory_gb=_stat(members, step_peak_gb),
                 step_time_s=_stat(members, lambda r: r.get("step_time_s")),
                 trainable_params=members[0].get("trainable_params"),
-                scores={row.get("seed", 0): row["test_scores"] for row in members if row.get("test_scores") is not None},
+                scores={
+                    row.get("seed", 0): row["test_scores"] for row in members if row.get("test_scores") is not None
+                },
             )
         )
     return summaries

@@ -39,8 +39,12 @@ def _config(root: Path, model_dir: Path, **compare_section) -> Path:
     write_records(root / "valid.jsonl", _labelled(8, 2))
     raw["data"]["test"] = str(write_records(root / "test.jsonl", _labelled(12, 3)))
     (root / "general.txt").write_text("Some general text.\n\nAnother paragraph of it.\n", encoding="utf-8")
-    raw["compare"] = {"out": str(root / "out"), "metric": "label", "forgetting": str(root / "general.txt"),
-                      **compare_section}
+    raw["compare"] = {
+        "out": str(root / "out"),
+        "metric": "label",
+        "forgetting": str(root / "general.txt"),
+        **compare_section,
+    }
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -112,16 +116,22 @@ def test_label_scoring_is_the_argmax_over_the_label_tokens(model_dir: Path) -> N
 
 def test_bad_scoring_input_fails_before_any_run(tmp_path: Path, model_dir: Path, monkeypatch) -> None:
     tokenizer = tiny_tokenizer()
-    test = write_records(tmp_path / "t.jsonl", [{"prompt": "x", "completion": "yes"}, {"prompt": "y", "completion": "no"}])
+    test = write_records(
+        tmp_path / "t.jsonl", [{"prompt": "x", "completion": "yes"}, {"prompt": "y", "completion": "no"}]
+    )
     with pytest.raises(ConfigError, match=r"label 'no' tokenizes as 2 tokens \['n', 'o'\]"):
         scoring_spec("label", None, str(test), None, tokenizer)
     with pytest.raises(ConfigError, match=r"references \['no', 'yes'\] that are not among compare.labels \['a'\]"):
         scoring_spec("label", ["a"], str(test), None, tokenizer)
     with pytest.raises(ConfigError, match="module 'no_such_pkg.metrics' does not import"):
         compare_settings({"methods": ["lora"], "metric": "no_such_pkg.metrics:score"})
-    (tmp_path / "my_metrics.py").write_text("def one(p, r):\n    return [1.0]\n\ndef good(p, r):\n    return [0.5] * len(p)\n")
+    (tmp_path / "my_metrics.py").write_text(
+        "def one(p, r):\n    return [1.0]\n\ndef good(p, r):\n    return [0.5] * len(p)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ConfigError, match=r"'my_metrics:one' must return one finite number per example \(2\), got list"):
+    with pytest.raises(
+        ConfigError, match=r"'my_metrics:one' must return one finite number per example \(2\), got list"
+    ):
         scoring_spec("my_metrics:one", None, str(test), None, tokenizer)
     assert scoring_spec("my_metrics:good", None, str(test), None, tokenizer)["references"] == ["yes", "no"]
     with pytest.raises(ConfigError, match=r"compare.seeds must be list\[int\] \| None, got \['0'\]"):
@@ -152,11 +162,19 @@ def test_read_only_output_fails_before_any_run(tmp_path: Path, model_dir: Path, 
 def test_plan_names_runs_by_entry_and_seed(tmp_path: Path, model_dir: Path) -> None:
     raw = yaml.safe_load(_config(tmp_path, model_dir).read_text())
     raw.pop("compare")
-    settings = compare_settings({"methods": ["head", {"name": "lora", "label": "lora-b", "weight_decay": 0.1}],
-                                 "seeds": [3, 5], "out": str(tmp_path / "o")})
+    settings = compare_settings(
+        {
+            "methods": ["head", {"name": "lora", "label": "lora-b", "weight_decay": 0.1}],
+            "seeds": [3, 5],
+            "out": str(tmp_path / "o"),
+        }
+    )
     runs = plan_runs(raw, tmp_path, settings)
     assert [(r.name, r.group, r.seed) for r in runs] == [
-        ("base", "base", 3), ("head-s3", "head", 3), ("head-s5", "head", 5), ("lora-b-s3", "lora-b", 3),
+        ("base", "base", 3),
+        ("head-s3", "head", 3),
+        ("head-s5", "head", 5),
+        ("lora-b-s3", "lora-b", 3),
         ("lora-b-s5", "lora-b", 5),
     ]
     assert runs[4].config["training"]["weight_decay"] == 0.1 and runs[2].config["training"]["weight_decay"] == 0.0

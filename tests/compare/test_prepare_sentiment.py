@@ -21,14 +21,20 @@ def test_prepare_writes_balanced_disjoint_splits(tmp_path: Path) -> None:
     rows = ["sentiment,confidence,text"]
     for label in ("negative", "neutral", "positive"):
         rows += [f"{label},1.0,{label} tweet number {i}" for i in range(6)]
-    rows += ["positive,0.4,an unsure positive tweet", "negative,,no confidence given", "negative,1.0,Negative  tweet number 0"]
+    rows += [
+        "positive,0.4,an unsure positive tweet",
+        "negative,,no confidence given",
+        "negative,1.0,Negative  tweet number 0",
+    ]
     csv_path = tmp_path / "tweets.csv"
     csv_path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     out = tmp_path / "out"
     args = ["--csv", str(csv_path), "--out", str(out), "--test", "6", "--validation", "3", "--train", "30"]
     assert _script().main([*args, "--general", "5"]) == 0
-    splits = {name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
-              for name in ("train", "valid", "test")}
+    splits = {
+        name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        for name in ("train", "valid", "test")
+    }
     for name, size in (("test", 6), ("valid", 3), ("train", 9)):  # 6 per label: 2 test, 1 valid, 3 left each
         counts = collections.Counter(r["completion"] for r in splits[name])
         assert counts == {" negative": size // 3, " neutral": size // 3, " positive": size // 3}

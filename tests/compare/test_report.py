@@ -92,7 +92,10 @@ def test_report_ranks_runs_and_lists_failures(tmp_path: Path) -> None:
     report = write_report(rows, tmp_path, META).read_text()
     assert [row["name"] for row in rank_rows(rows)] == ["dora", "lora", "qlora"]
     assert report.index("| 1 | `dora` |") < report.index("| 2 | `lora` |")
-    assert "| 1 | `dora` | – | – | 2.650 → 1.050 | 20.0 → 40.0 | 1.150 | 3.00M | 12.00 MB | 4.200 GB | 2.5 s | 300 |" in report
+    assert (
+        "| 1 | `dora` | – | – | 2.650 → 1.050 | 20.0 → 40.0 | 1.150 | 3.00M | 12.00 MB | 4.200 GB | 2.5 s | 300 |"
+        in report
+    )
     assert "| `dora` (dora) | 1 | **1.050** | – | – | 4.200 GB | 2.50 s | 3.00M |" in report  # the verdict
     assert "Best quality: `dora`" in report and "No test set was scored" in report
     assert "- `qlora`: killed by SIGKILL (out of memory?)" in report

@@ -57,15 +57,26 @@ def test_pareto_front() -> None:
 
 
 def _row(group: str, seed: int, scores: list[float], memory: float | None = 1e9) -> dict:
-    return {"name": f"{group}-s{seed}", "group": group, "seed": seed, "method": group, "status": "ok",
-            "test_scores": scores, "test_score": 100 * sum(scores) / len(scores), "measured_step_peak_bytes": memory,
-            "step_time_s": 1.0, "trainable_params": 10, "forgetting_loss": 2.0 + seed}
+    return {
+        "name": f"{group}-s{seed}",
+        "group": group,
+        "seed": seed,
+        "method": group,
+        "status": "ok",
+        "test_scores": scores,
+        "test_score": 100 * sum(scores) / len(scores),
+        "measured_step_peak_bytes": memory,
+        "step_time_s": 1.0,
+        "trainable_params": 10,
+        "forgetting_loss": 2.0 + seed,
+    }
 
 
 def test_summarise_groups_seeds_and_pairs_on_common_seeds() -> None:
     rows = [
         {**_row("base", 0, [0, 0, 0, 1], None), "forgetting_loss": 2.0},
-        _row("lora", 0, [1, 1, 0, 1]), _row("lora", 1, [1, 1, 1, 1]),
+        _row("lora", 0, [1, 1, 0, 1]),
+        _row("lora", 1, [1, 1, 1, 1]),
         _row("dora", 1, [1, 0, 0, 1]),  # seed 0 failed: pairs with lora's seed 1 only
         {"name": "dora-s0", "group": "dora", "seed": 0, "method": "dora", "status": "failed"},
     ]
