@@ -140,7 +140,8 @@ def initialize_eva(
         path: host.base_layer
         for path, host in hosts(model)
         if isinstance(host, AdapterLayer)
-        and isinstance(host.adapters.get(adapter_name), LoraLinear)
+        and adapter_name in host.adapters
+        and isinstance(host.adapters[adapter_name], LoraLinear)
         and is_linear(host.base_layer)
     }
     moments, shared = _collect(model, layers, batches, config.eva_batches)

@@ -158,6 +158,8 @@ def initialize_from_weights(
         if current.is_meta:
             continue
         original = source(path)
+        if original is not None and original.shape != current.shape:
+            original = original.T  # stored [in, out] (GPT-2's Conv1D)
         weight = (current if original is None else original).detach().to(current.device, torch.float32)
         if init == "pissa":
             down, up = svd_factors(weight, adapter.r, adapter.scaling, pissa_niter)
