@@ -330,7 +330,7 @@ class LoRA(AdapterMethod):
         roles = {}
         for path, module in self._low_rank_modules(model, adapter_name):
             if isinstance(module, LoraEmbedding):
-                roles.update({f"{path}.{name}": "embedding" for name, _ in module.named_parameters(recurse=False)})
+                roles.update({f"{path}.{name}": "embedding" for name in ("lora_embedding_A", "lora_embedding_B")})
             else:
                 roles.update({f"{path}.lora_B.{name}": "up" for name, _ in module.lora_B.named_parameters()})
         return roles
