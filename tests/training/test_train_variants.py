@@ -1,0 +1,66 @@
+"""`peftkit train` with LoRA's inits and training variants: EVA reads the run's first batches, LoRA+ groups
+the optimizer, a PiSSA run saves an adapter for the original base, LoftQ under model.quantization."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+from tiny_run import make_model_dir, write_run
+
+import peftkit
+from peftkit.errors import ConfigError
+from peftkit.training.config import TrainingConfig, load_config
+from peftkit.training.loop import _param_groups, train
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_eva_loraplus_freeze_a_run(tmp_path: Path, model_dir: Path) -> None:
+    method = {"init": "eva", "eva_batches": 2, "target_modules": ["q_proj", "o_proj", "down_proj"]}
+    path = write_run(tmp_path, model_dir, method=method, training={"max_steps": 3, "loraplus_lr_ratio": 4})
+    result = train(load_config(path, ["method.freeze_a=true"]), quiet=True)  # as --set gives it
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "eva"
+    ranks = {p: h.adapters["default"].r for p, h in peftkit.hosts.hosts(result.model)}
+    assert sum(ranks.values()) == 4 * 6 and len(set(ranks.values())) > 1
+    assert config["rank_pattern"] == {p: r for p, r in ranks.items() if r != 4}
+    assert not any(h.adapters["default"].lora_A.weight.requires_grad for _, h in peftkit.hosts.hosts(result.model))
+
+
+def test_pissa_run_saves_for_the_original_base(tmp_path: Path, model_dir: Path) -> None:
+    path = write_run(tmp_path, model_dir, method={"init": "pissa"}, training={"max_steps": 2})
+    result = train(load_config(path), quiet=True)
+    ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    expected = result.model(input_ids=ids).logits
+    from transformers import AutoModelForCausalLM
+
+    loaded = peftkit.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "run" / "adapter")
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_loftq_under_model_quantization_reads_the_checkpoint(tmp_path: Path, model_dir: Path) -> None:
+    path = write_run(
+        tmp_path, model_dir, method={"name": "qlora", "init": "loftq"}, model={"quantization": {}},
+        training={"max_steps": 1},
+    )
+    result = train(load_config(path), quiet=True)
+    assert sum(1 for _ in peftkit.hosts.hosts(result.model)) > 0
+
+
+@pytest.mark.parametrize("value", [0, -1.5])
+def test_loraplus_ratio_must_be_positive(value: float) -> None:
+    with pytest.raises(ConfigError, match=f"training.loraplus_lr_ratio must be above 0 \\(or null\\), got {value}"):
+        TrainingConfig(loraplus_lr_ratio=value)
+
+
+def test_loraplus_needs_low_rank_pairs() -> None:
+    model = peftkit.adapt(tiny_llama(), "bottleneck")
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio needs a method of low-rank pairs.*bottleneck has none"):
+        _param_groups(model, TrainingConfig(loraplus_lr_ratio=4))
