@@ -15,6 +15,7 @@ import peftkit
 from peftkit.errors import ConfigError
 from peftkit.training.config import TrainingConfig, load_config
 from peftkit.training.loop import _param_groups, train
+from peftkit.training.simulate import Simulation
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +65,15 @@ def test_loraplus_needs_low_rank_pairs() -> None:
     model = peftkit.adapt(tiny_llama(), "bottleneck")
     with pytest.raises(ConfigError, match="loraplus_lr_ratio needs a method of low-rank pairs.*bottleneck has none"):
         _param_groups(model, TrainingConfig(loraplus_lr_ratio=4))
+
+
+def test_freeze_a_estimate_counts_no_gradient_or_state_for_a(tmp_path: Path, model_dir: Path) -> None:
+    """The estimate's simulated model trains B only: A gets no gradient and no AdamW state."""
+    trained, states = {}, {}
+    for frozen in (False, True):
+        path = write_run(tmp_path / str(frozen), model_dir, method={"r": 8, "freeze_a": frozen})
+        simulation = Simulation(load_config(path, data_files=False))
+        trained[frozen] = sum(p.numel() for p in simulation.model.parameters() if p.requires_grad)
+        states[frozen] = len(simulation.optimizer.state)
+    pairs = states[False] // 2
+    assert states[True] == pairs and trained[True] < trained[False]
