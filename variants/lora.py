@@ -160,6 +160,10 @@ class LoraConfig(MethodConfig):
         return {option: keys for option, keys in unmatched.items() if keys}
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdapterLayer) else module
+
+
 def _matches(key: str, module_name: str) -> bool:
     """PEFT's rule for a pattern key: a regex matched against a whole trailing part of the path."""
     return re.match(rf"(.*\.)?({key})$", module_name) is not None
@@ -224,7 +228,7 @@ class LoRA(AdapterMethod):
         init = self.config.init
         if init in WEIGHT_INITS:
             check_weight_init_targets(model, init, layers, needs_4bit=init == "loftq")
-        if self.config.freeze_a and any(isinstance(model.get_submodule(p), nn.Embedding) for p in layers):
+        if self.config.freeze_a and any(isinstance(_unwrapped(model.get_submodule(p)), nn.Embedding) for p in layers):
             raise UnsupportedModuleError(
                 "freeze_a=True trains B only, but an embedding's LoRA starts with A at zero (B random), so nothing "
                 "would train; leave embeddings out of target_modules or drop freeze_a."
