@@ -135,8 +135,10 @@ def mark_trainable(model: nn.Module, adapter_name: str) -> None:
     require_adapters(model, [adapter_name])
     for param in model.parameters():
         param.requires_grad_(False)
-    for tensor in adapter_method(model, adapter_name).trainable_state(model, adapter_name).values():
-        if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
+    method = adapter_method(model, adapter_name)
+    frozen = {id(tensor) for tensor in method.frozen_tensors(model, adapter_name)}
+    for tensor in method.trainable_state(model, adapter_name).values():
+        if isinstance(tensor, nn.Parameter) and tensor.is_floating_point() and id(tensor) not in frozen:
             tensor.requires_grad_(True)
 
 

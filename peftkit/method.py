@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -135,6 +136,42 @@ class AdapterMethod(ABC):
         (full fine-tuning, a head) overrides this.
         """
         return adapter_tensors(model, adapter_name, self.config.bias)
+
+    def frozen_tensors(self, model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
+        """Tensors of `trainable_state` that are saved but not trained (LoRA-FA's A): no gradient, no optimizer state."""
+        return []
+
+    def parameter_roles(self, model: nn.Module, adapter_name: str) -> dict[str, str] | None:
+        """Model path -> `"up"` or `"embedding"` for tensors outside the default `"down"` role, or None when the
+        method has no low-rank pairs. LoRA+ gives the `"up"` factors (B) a higher learning rate."""
+        return None
+
+    def needs_data(self) -> bool:
+        """Whether the adapter starts from statistics of training data (`initialize_from_data`), as EVA does."""
+        return False
+
+    def initialize_from_data(
+        self, model: nn.Module, adapter_name: str, batches: Iterable[Mapping[str, torch.Tensor]]
+    ) -> None:
+        """Initialise the adapter from model inputs (dicts of tensors for `model(**batch)`); see `needs_data`."""
+
+    def saved_form(
+        self, model: nn.Module, adapter_name: str, values: dict[str, torch.Tensor]
+    ) -> tuple[AdapterMethod, dict[str, torch.Tensor]]:
+        """The method and tensors (model path -> tensor) to write for this adapter; by default as they are.
+
+        A method whose init changed the base weights (PiSSA) writes what loads on the original base instead.
+        """
+        return self, values
+
+    def for_loading(self) -> AdapterMethod:
+        """This method as it rebuilds a saved adapter: saved tensors replace the init, so an init that
+        reads data or changes the base is not run again."""
+        return self
+
+    def peft_fields(self) -> dict[str, Any]:
+        """adapter_config.json fields whose value is not one option's (LoRA's `init_lora_weights`)."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"

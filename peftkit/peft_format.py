@@ -83,10 +83,12 @@ def method_options(method: AdapterMethod) -> dict[str, Any]:
     return {f.name: getattr(method.config, f.name) for f in dataclasses.fields(method.config)}
 
 
-def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, Any]:
-    """The adapter_config.json content PEFT would write for this adapter."""
+def peft_config(
+    model: nn.Module, adapter_name: str = DEFAULT_ADAPTER, method: AdapterMethod | None = None
+) -> dict[str, Any]:
+    """The adapter_config.json content PEFT would write for this adapter (as `method`, default its own)."""
     model = adapted_model(model)
-    method = adapter_method(model, adapter_name)
+    method = method or adapter_method(model, adapter_name)
     targeted = {
         path: host.base_layer
         for path, host in hosts(model)
@@ -96,6 +98,7 @@ def peft_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[s
     }
     config: dict[str, Any] = {key: getattr(method.config, name) for name, key in _peft_fields(type(method)).items()}
     config.update(method.peft_markers)
+    config.update(method.peft_fields())
     if method.peft_type is not None:  # PEFT warns and corrects it on load when the targets store [in, out]
         config["fan_in_fan_out"] = any(fan_in_fan_out(base) for base in targeted.values())
     config.update(
@@ -125,8 +128,9 @@ def save_adapter(
     model = adapted_model(model)
     directory = Path(directory)
     method = adapter_method(model, name)
-    config = peft_config(model, name)
     values = {path: (state_dict or {}).get(path, t) for path, t in method.trainable_state(model, name).items()}
+    method, values = method.saved_form(model, name, values)
+    config = peft_config(model, name, method)
     tensors = {_peft_key(path, name): t.detach().to("cpu").clone().contiguous() for path, t in values.items()}
     # The JSON as written, so loading can tell which of its fields were edited since.
     record = {"method": method_reference(type(method)), "options": method_options(method), "adapter_config": config}

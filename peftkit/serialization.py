@@ -58,6 +58,7 @@ def load_adapter(
     elif isinstance(method, str):
         saved = method_options(method_from_config(config, metadata, directory / CONFIG_NAME))
         method = get_method(method).from_options(**saved)
+    method = method.for_loading()
     with restore_on_failure(model):  # a file that does not fit leaves no adapter, and no quantized base
         adapt(model, method, name)
         copy_adapter_tensors(model, name, tensors, directory)
@@ -164,7 +165,7 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike[str], name: 
                 raise AdapterStateError(f"adapter {name!r} is merged into {path!r}; unmerge it before hot-swapping.")
             live, fresh = (
                 _settings(host.adapters[name]),
-                _settings(incoming.create_adapter(host.base_layer, path)),
+                _settings(incoming.for_loading().create_adapter(host.base_layer, path)),
             )
             if live != fresh:
                 differing = {

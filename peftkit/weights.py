@@ -17,7 +17,9 @@ Convolutions keep their `[out, in / groups, *kernel]` kernel as it is.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
@@ -37,6 +39,10 @@ __all__ = [
     "layer_features",
     "is_linear",
     "fan_in_fan_out",
+    "WeightSource",
+    "set_weight_source",
+    "weight_source",
+    "using_weight_source",
 ]
 
 LAYOUT_ENTRY_POINT_GROUP = "peftkit.weight_layouts"
@@ -164,3 +170,41 @@ register_weight_access(nn.Conv2d, _direct)
 register_weight_access(nn.Conv3d, _direct)
 register_weight_access(_CONV1D, _transposed)
 register_weight_access(nn.Embedding, _transposed)
+
+
+# A model's full-precision weights where its layers hold packed (4-bit) ones: module path -> `[out, in]`.
+WeightSource = Callable[[str], torch.Tensor | None]
+_SOURCES: weakref.WeakKeyDictionary[nn.Module, WeightSource] = weakref.WeakKeyDictionary()
+
+
+def _no_source(path: str) -> None:
+    return None
+
+
+def set_weight_source(model: nn.Module, source: WeightSource | None) -> None:
+    """Tell inits that read the base weight (PiSSA, LoftQ) where `model`'s full-precision weights are.
+
+    A model loaded straight into 4 bits has only quantized layers; its loader can name a
+    reader of the checkpoint, called one layer at a time, so the full-precision model
+    never has to exist whole in memory. None forgets it.
+    """
+    if source is None:
+        _SOURCES.pop(model, None)
+    else:
+        _SOURCES[model] = source
+
+
+def weight_source(model: nn.Module) -> WeightSource:
+    """`model`'s full-precision weight reader: module path -> `[out, in]` tensor, or None where unknown."""
+    return _SOURCES.get(model, _no_source)
+
+
+@contextmanager
+def using_weight_source(model: nn.Module, source: WeightSource) -> Iterator[None]:
+    """`source` for the duration (e.g. the dense weights of layers being quantized), then the previous one."""
+    previous = _SOURCES.get(model)
+    _SOURCES[model] = source
+    try:
+        yield
+    finally:
+        set_weight_source(model, previous)

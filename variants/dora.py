@@ -73,6 +73,12 @@ class MagnitudeDirection(Adapter):
         # n at merge time, needed to invert the merge exactly (the merged weight has another norm).
         self.register_buffer("merged_norm", None, persistent=False)
 
+    def start_from(self, down: torch.Tensor, up: torch.Tensor, base_layer: nn.Module) -> None:
+        """LoRA's weight-init start, then `m = ||W' + s B A||` on the changed base (PEFT inits DoRA after it)."""
+        super().start_from(down, up, base_layer)
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(self.per_output(self.weight_norm(read_weight(base_layer))))
+
     def per_output(self, values: torch.Tensor) -> torch.Tensor:
         """One value per output feature, shaped to broadcast over the layer's output (and as PEFT stores `m`)."""
         return values

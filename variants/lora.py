@@ -21,8 +21,10 @@ import dataclasses
 import math
 import re
 import warnings
-from typing import ClassVar, Literal
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, ClassVar, Literal
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -36,9 +38,11 @@ from peftkit import (
     UnsupportedModuleError,
     peft_option,
 )
-from peftkit.hosts import add_adapter
+from peftkit.hosts import add_adapter, hosts
 from peftkit.targets import candidate_modules, find_targets
 from peftkit.validation import check_pattern
+from peftkit.weights import weight_source
+from variants.lora_init import WEIGHT_INITS, check_weight_init_targets, initialize_from_weights
 from variants.lora_layers import LoraConv, LoraEmbedding, LoraLinear, LoraMultiheadAttention, LoraParameter
 from variants.trainable_tokens import trainable_tokens
 
@@ -77,7 +81,18 @@ class LoraConfig(MethodConfig):
         alpha: scale numerator: the update is multiplied by `alpha / r`.
         dropout: dropout on the input of the low-rank path.
         rslora: scale by `alpha / sqrt(r)` instead, which keeps high ranks stable.
-        init: `kaiming` (uniform, as nn.Linear) or `gaussian` (std 1/r) for A.
+        init: where the adapter starts. `kaiming` (A uniform, as nn.Linear; B zero) or
+            `gaussian` (A with std 1/r); `pissa`, `olora`, `loftq` start from the base
+            weight and change it (see `variants.lora_init`; linear layers only, loftq
+            over a 4-bit base); `eva` from the SVD of each layer's inputs over the first
+            training batches (see `variants.lora_eva`).
+        pissa_niter: 0 for PiSSA's exact SVD; k > 0 for a randomized SVD with k subspace
+            iterations (PEFT's `pissa_niter_k`), much faster on large layers.
+        loftq_iter: LoftQ's alternations of quantizing and SVD.
+        eva_rho: EVA's bound on rank redistribution: a layer gets at most
+            `round(r * eva_rho)` (>= 1; 1 keeps every layer at r).
+        eva_batches: how many training batches EVA's SVD reads.
+        freeze_a: LoRA-FA: train B only; A stays as initialised (no gradient, no optimizer state).
         rank_pattern: per-module rank, `{regex or name suffix: r}`.
         alpha_pattern: per-module alpha, likewise.
         lora_bias: give B a trained bias (zero at the start) that merges into the base
@@ -94,7 +109,12 @@ class LoraConfig(MethodConfig):
     alpha: float = peft_option(8, "lora_alpha")
     dropout: float = peft_option(0.0, "lora_dropout")
     rslora: bool = peft_option(False, "use_rslora")
-    init: Literal["kaiming", "gaussian"] = peft_option("kaiming")
+    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq", "eva"] = peft_option("kaiming")
+    pissa_niter: int = peft_option(0)
+    loftq_iter: int = peft_option(1)
+    eva_rho: float = peft_option(2.0)
+    eva_batches: int = peft_option(8)
+    freeze_a: bool = peft_option(False)
     rank_pattern: dict[str, int] = peft_option({}, "rank_pattern")
     alpha_pattern: dict[str, float] = peft_option({}, "alpha_pattern")
     lora_bias: bool = peft_option(False, "lora_bias")
@@ -112,6 +132,19 @@ class LoraConfig(MethodConfig):
         for option in ("rank_pattern", "alpha_pattern"):
             for key in getattr(self, option):
                 check_pattern(f"{where}.{option} key", key)
+        for key, value, least in [
+            ("pissa_niter", self.pissa_niter, 0),
+            ("loftq_iter", self.loftq_iter, 1),
+            ("eva_rho", self.eva_rho, 1),
+            ("eva_batches", self.eva_batches, 1),
+        ]:
+            if value < least:
+                raise ConfigError(f"{where}.{key} must be {least} or more, got {value}.")
+        if self.init in WEIGHT_INITS and self.target_parameters:
+            raise ConfigError(
+                f"{where}.init {self.init!r} is defined for linear layers, not bare parameters; got "
+                f"target_parameters={self.target_parameters!r}. Use init 'kaiming' or 'gaussian' with them."
+            )
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """This module's (r, alpha): a pattern entry if one matches, as PEFT resolves them."""
@@ -130,6 +163,10 @@ class LoraConfig(MethodConfig):
             for option in ("rank_pattern", "alpha_pattern")
         }
         return {option: keys for option, keys in unmatched.items() if keys}
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdapterLayer) else module
 
 
 def _matches(key: str, module_name: str) -> bool:
@@ -181,6 +218,8 @@ class LoRA(AdapterMethod):
             modules_to_save=None,
             trainable_token_indices=None,
             target_parameters=None,
+            init="kaiming",  # the factors are set by the caller
+            freeze_a=False,
         )
         return type(self).from_options(**options)
 
@@ -200,6 +239,14 @@ class LoRA(AdapterMethod):
         option leaves the model as it was.
         """
         layers = find_targets(model, self.resolved_config(model), self.adaptable_types())
+        init = self.config.init
+        if init in WEIGHT_INITS:
+            check_weight_init_targets(model, init, layers, needs_4bit=init == "loftq")
+        if self.config.freeze_a and any(isinstance(_unwrapped(model.get_submodule(p)), nn.Embedding) for p in layers):
+            raise UnsupportedModuleError(
+                "freeze_a=True trains B only, but an embedding's LoRA starts with A at zero (B random), so nothing "
+                "would train; leave embeddings out of target_modules or drop freeze_a."
+            )
         extra = self._parameter_adapters(model, layers) if self.config.target_parameters else {}
         if not layers and not extra:  # PEFT reads no LoRA file without a low-rank target, tokens or not
             raise TargetNotFoundError(
@@ -211,6 +258,23 @@ class LoRA(AdapterMethod):
         targets = super().attach(model, adapter_name)
         for path, adapter in extra.items():
             add_adapter(model, path, adapter_name, adapter)
+        if init in WEIGHT_INITS:
+            initialize_from_weights(
+                model,
+                adapter_name,
+                targets,
+                init,
+                weight_source(model),
+                pissa_niter=self.config.pissa_niter,
+                loftq_iter=self.config.loftq_iter,
+            )
+        if init == "eva":
+            warnings.warn(
+                f"adapter {adapter_name!r}: init 'eva' starts from training data: until "
+                "variants.lora_eva.initialize_eva(model, batches) runs (peftkit train runs it), A is Kaiming-uniform.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         for option, keys in self.config.unmatched_pattern_keys(targets + list(extra)).items():
             warnings.warn(
                 f"adapter {adapter_name!r}: {option} keys {keys} match no targeted module and were ignored; "
@@ -263,3 +327,78 @@ class LoRA(AdapterMethod):
             init=self.config.init,
             bias=self.config.lora_bias,
         )
+
+    # What the options say beyond PEFT's own keys, and how a saved adapter rebuilds.
+
+    def _low_rank_modules(self, model: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Module]]:
+        """(model path, module) of every LoRA pair (and embedding LoRA) of this adapter, nested ones included."""
+        for path, host in hosts(model):
+            if adapter_name in host.adapters and isinstance(host, AdapterLayer):
+                prefix = f"{path}.adapters.{adapter_name}"
+                for inner, module in host.adapters[adapter_name].named_modules(prefix=prefix):
+                    if isinstance(module, (LoraLinear, LoraEmbedding)):
+                        yield inner, module
+
+    def frozen_tensors(self, model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
+        if not self.config.freeze_a:
+            return []
+        return [m.lora_A.weight for _, m in self._low_rank_modules(model, adapter_name) if isinstance(m, LoraLinear)]
+
+    def parameter_roles(self, model: nn.Module, adapter_name: str) -> dict[str, str]:
+        roles = {}
+        for path, module in self._low_rank_modules(model, adapter_name):
+            if isinstance(module, LoraEmbedding):
+                roles.update({f"{path}.{name}": "embedding" for name in ("lora_embedding_A", "lora_embedding_B")})
+            else:
+                roles.update({f"{path}.lora_B.{name}": "up" for name, _ in module.lora_B.named_parameters()})
+        return roles
+
+    def needs_data(self) -> bool:
+        return self.config.init == "eva" and not getattr(self, "data_initialized", False)
+
+    def initialize_from_data(
+        self, model: nn.Module, adapter_name: str, batches: Iterable[Mapping[str, torch.Tensor]]
+    ) -> None:
+        from variants.lora_eva import initialize_eva
+
+        initialize_eva(model, batches, adapter_name)
+
+    def saved_form(
+        self, model: nn.Module, adapter_name: str, values: dict[str, torch.Tensor]
+    ) -> tuple[AdapterMethod, dict[str, torch.Tensor]]:
+        """A PiSSA/OLoRA/LoftQ adapter as the plain LoRA of rank 2r that gives the trained model on the original base.
+
+        `W_res + s B A = W + s (B A - B0 A0)`: A' = [A; A0], B' = [B, -B0] at rank 2r, with
+        alpha doubled (rsLoRA: times sqrt 2) so the scaling is unchanged (PEFT's
+        `path_initial_model_for_weight_conversion`).
+        """
+        if self.config.init not in WEIGHT_INITS:
+            return self, values
+        values = dict(values)
+        for path, module in self._low_rank_modules(model, adapter_name):
+            down_key, up_key = f"{path}.lora_A.weight", f"{path}.lora_B.weight"
+            factors = module.conversion_factors(values[down_key], values[up_key])
+            if factors is not None:
+                values[down_key], values[up_key] = factors
+        factor = math.sqrt(2) if self.config.rslora else 2
+        options = dataclasses.asdict(self.config)
+        options.update(
+            r=2 * self.config.r,
+            alpha=factor * self.config.alpha,
+            rank_pattern={key: 2 * r for key, r in self.config.rank_pattern.items()},
+            alpha_pattern={key: factor * alpha for key, alpha in self.config.alpha_pattern.items()},
+            init="kaiming",
+        )
+        return type(self).from_options(**options), values
+
+    def for_loading(self) -> LoRA:
+        if self.config.init in ("kaiming", "gaussian"):
+            return self
+        return type(self)(dataclasses.replace(self.config, init="kaiming"))
+
+    def peft_fields(self) -> dict[str, Any]:
+        """PEFT's `init_lora_weights`: True for Kaiming, else the init's name (`pissa_niter_k` for a randomized PiSSA)."""
+        init = self.config.init
+        if init == "pissa" and self.config.pissa_niter:
+            return {"init_lora_weights": f"pissa_niter_{self.config.pissa_niter}"}
+        return {"init_lora_weights": True if init == "kaiming" else init}

@@ -76,6 +76,28 @@ class LoraLinear(LowRankAdapter):
         if self.lora_B.bias is not None:
             nn.init.zeros_(self.lora_B.bias)
 
+    def start_from(self, down: torch.Tensor, up: torch.Tensor, base_layer: nn.Module) -> None:
+        """Start from the factors of a weight init (PiSSA, OLoRA, LoftQ) made for `base_layer`'s new weight.
+
+        The factors are also kept (`initial_A`, `initial_B`, not saved with the adapter):
+        the delta trained since is `s (B A - B0 A0)` on the original weight, which is how
+        such an adapter is saved as a plain LoRA (`conversion_factors`).
+        """
+        with torch.no_grad():
+            self.lora_A.weight.copy_(down.reshape(self.lora_A.weight.shape))
+            self.lora_B.weight.copy_(up.reshape(self.lora_B.weight.shape))
+        self.register_buffer("initial_A", self.lora_A.weight.detach().clone(), persistent=False)
+        self.register_buffer("initial_B", self.lora_B.weight.detach().clone(), persistent=False)
+
+    def conversion_factors(self, down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A', B') of rank 2r with `B' A' = B A - B0 A0`, for trained factors (`down`, `up`) = (A, B); None
+        unless the adapter started from a weight init. PEFT's `path_initial_model_for_weight_conversion`."""
+        if getattr(self, "initial_A", None) is None:
+            return None
+        initial_down = self.initial_A.to(device=down.device, dtype=down.dtype)
+        initial_up = self.initial_B.to(device=up.device, dtype=up.dtype)
+        return torch.cat([down, initial_down], dim=0), torch.cat([up, -initial_up], dim=1)
+
     def project_up(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """B's operation on rank-r activations with the given weight and bias (DoRA passes rescaled ones)."""
         return F.linear(hidden, weight, bias)

@@ -26,9 +26,10 @@ from torch import nn
 from peftkit import AdapterLayer, AdapterMethod, peft_option
 from peftkit.targets import find_targets
 from peftkit.validation import from_options
-from peftkit.weights import is_linear
+from peftkit.weights import is_linear, read_weight, using_weight_source, weight_source
 from variants.dora import DoRA, DoraConfig
 from variants.lora import LoRA, LoraConfig
+from variants.lora_init import WEIGHT_INITS
 
 __all__ = ["QuantizedConfig", "QuantizedBase", "QLoraConfig", "QLoRA", "QDoraConfig", "QDoRA"]
 
@@ -93,11 +94,17 @@ class QuantizedBase(AdapterMethod):
         targets = find_targets(model, self.resolved_config(model), self.adaptable_types())
         paths = [p for p in (_linear_path(model, target) for target in targets) if p is not None]
         dense = [p for p in paths if not is_quantized(model.get_submodule(p))]
+        # A weight init (PiSSA, LoftQ) reads the dense weights being replaced, not their 4-bit copies.
+        reads_weights = self.config.init in WEIGHT_INITS
+        originals = {p.removesuffix(".base_layer"): read_weight(model.get_submodule(p)).detach() for p in dense}
+        originals = originals if reads_weights else {}
         quantize_model(model, self.config.quantization_config, targets=dense)
         keep_one_kernel(model)
         if dense:  # a base loaded in 4 bits keeps the dtype it was loaded in
             prepare_for_kbit_training(model)
-        return super().attach(model, adapter_name)
+        known = weight_source(model)
+        with using_weight_source(model, lambda path: originals.get(path, known(path))):
+            return super().attach(model, adapter_name)
 
 
 @dataclasses.dataclass

@@ -277,7 +277,7 @@ def _runs_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 def _setup(meta: dict[str, Any]) -> list[str]:
     """What every run shared, in words, and the budget rule."""
     shared = meta["shared"]
-    model, data, training, evaluation = shared["model"], shared["data"], shared["training"], shared["eval"]
+    model, data, training = shared["model"], shared["data"], shared["training"]
     sequences = training["batch_size"] * training["gradient_accumulation_steps"]
     steps = training["max_steps"] or f"{training['epochs']} epoch(s) of"
     validation = f"`{data['validation']}`" if data["validation"] else f"{data['validation_split']:.0%} of train"

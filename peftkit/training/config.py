@@ -166,7 +166,9 @@ class DataConfig(_Section):
 @dataclasses.dataclass
 class TrainingConfig(_Section):
     """Optimisation: `optimizer` (see peftkit.training.optim) with a warmup then a `schedule`; `batch_size` is
-    per process; `loss_chunk_size` positions per loss chunk (None: automatic, 0: off; see peftkit.training.loss)."""
+    per process; `loss_chunk_size` positions per loss chunk (None: automatic, 0: off; see peftkit.training.loss).
+    `loraplus_lr_ratio` (LoRA+, off by default) trains each B at that multiple of `learning_rate`, LoRA
+    embeddings at `loraplus_lr_embedding` (PEFT's `create_loraplus_optimizer`)."""
 
     section = "training"
     positive = (
@@ -177,6 +179,8 @@ class TrainingConfig(_Section):
         "gradient_accumulation_steps",
         "max_grad_norm",
         "log_every",
+        "loraplus_lr_ratio",
+        "loraplus_lr_embedding",
     )
     non_negative = ("warmup_steps", "weight_decay", "seed", "loss_chunk_size")
     learning_rate: float = 2.0e-4
@@ -193,6 +197,8 @@ class TrainingConfig(_Section):
     log_every: int = 1
     optimizer: str = "adamw"
     loss_chunk_size: int | None = None
+    loraplus_lr_ratio: float | None = None
+    loraplus_lr_embedding: float = 1e-6
 
     def __post_init__(self) -> None:
         super().__post_init__()

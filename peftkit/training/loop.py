@@ -10,6 +10,7 @@ the batch size. Only the main process writes files.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import resource
@@ -27,6 +28,7 @@ from peftkit.errors import ConfigError
 from peftkit.files import atomic_directory
 from peftkit.inject import adapt, trainable_parameters
 from peftkit.peft_format import save_adapter
+from peftkit.record import DEFAULT_ADAPTER, adapter_methods
 from peftkit.training.activations import enable_gradient_checkpointing
 from peftkit.training.checkpoint import Checkpoint, find_resume_checkpoint, restore_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig
@@ -42,7 +44,7 @@ from peftkit.training.data import (
 from peftkit.training.estimate import headline
 from peftkit.training.loss import CausalLMLoss, loss_chunk_size
 from peftkit.training.models import check_model_source, generate_text, load_model, load_tokenizer
-from peftkit.training.optim import build_optimizer
+from peftkit.training.optim import build_optimizer, loraplus_param_groups
 from peftkit.training.rundir import (
     check_new_run,
     check_resume,
@@ -227,12 +229,45 @@ def _optimizer(model: nn.Module, tc: TrainingConfig, total_steps: int) -> tuple[
     """`training.optimizer` over the trainable parameters, with warmup then the configured schedule."""
     from transformers import get_scheduler
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = _param_groups(model, tc) or [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc.optimizer, tc.learning_rate, tc.weight_decay)
     schedule = "constant_with_warmup" if tc.schedule == "constant" else tc.schedule
     return optimizer, get_scheduler(
         schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total_steps
     )
+
+
+def _param_groups(model: nn.Module, tc: TrainingConfig) -> list[dict[str, Any]] | None:
+    """LoRA+'s parameter groups when `training.loraplus_lr_ratio` is set, else None (one group)."""
+    if tc.loraplus_lr_ratio is None:
+        return None
+    method = adapter_methods(model)[DEFAULT_ADAPTER]
+    roles = method.parameter_roles(model, DEFAULT_ADAPTER)
+    if roles is None:
+        raise ConfigError(
+            f"training.loraplus_lr_ratio needs a method of low-rank pairs A, B (lora, dora, qlora, qdora, ...); "
+            f"{method.name} has none. Drop loraplus_lr_ratio."
+        )
+    return loraplus_param_groups(
+        model, roles, tc.learning_rate, tc.loraplus_lr_ratio, tc.weight_decay, tc.loraplus_lr_embedding
+    )
+
+
+def _initialize_from_data(run: _Run, model: nn.Module, train_set: list[Example]) -> None:
+    """Let a data-driven init (EVA) read the run's first global batches, the same on every process."""
+    method = adapter_methods(model)[DEFAULT_ADAPTER]
+    if not method.needs_data():
+        return
+    tc = run.config.training
+    per_global = tc.batch_size * run.acc.num_processes
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for step in itertools.count():
+            indices = _global_batch(step, 0, 1, len(train_set), per_global, tc.seed)
+            batch = collate([train_set[i] for i in indices], run.pad_id)
+            yield {key: value.to(run.acc.device) for key, value in batch.items()}
+
+    method.initialize_from_data(model, DEFAULT_ADAPTER, batches())
 
 
 def _train_step(
@@ -345,6 +380,7 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     model = load_model(config.model.name, config.model.dtype, config.base_quantization(), acc.device)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     adapt(model, config.method.name, **config.method.options)
+    _initialize_from_data(run, model, train_set)
     if config.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = trainable_parameters(model)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from peftkit.dtypes import dtype_named
 from peftkit.errors import ConfigError
 from peftkit.files import atomic_directory, check_writable, destination_errors
+from peftkit.weights import WeightSource, set_weight_source
 from peftkit.training.quantized import bitsandbytes_config, local_device, skipped_modules
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "model_config",
     "model_skeleton",
     "load_model",
+    "checkpoint_weights",
     "generate_text",
 ]
 
@@ -216,8 +218,36 @@ def load_model(
         from peftkit.quant.codec import keep_one_kernel
 
         keep_one_kernel(model)
+        local = Path(resolve_model_path(name)).expanduser()
+        if local.is_dir():  # a weight init (PiSSA, LoftQ) reads the full-precision layers from here, one at a time
+            set_weight_source(model, checkpoint_weights(local))
     model.config._name_or_path = name
     return model
+
+
+def checkpoint_weights(directory: Path) -> WeightSource:
+    """A reader of the `<module path>.weight` tensors in a model directory's safetensors shards.
+
+    Only the shards' headers are read here; each call loads one tensor, so a model
+    loaded straight into 4 bits gets its full-precision weights one layer at a time.
+    """
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            where.update(dict.fromkeys(handle.keys(), shard))
+
+    def read(path: str) -> torch.Tensor | None:
+        wanted = f"{path}.weight"
+        # A checkpoint of the bare model (no `model.` prefix) or of a wrapper (one more) names it with a suffix.
+        keys = [k for k in where if k == wanted or wanted.endswith("." + k) or k.endswith("." + wanted)]
+        if len(keys) != 1:
+            return None
+        with safe_open(str(where[keys[0]]), framework="pt") as handle:
+            return handle.get_tensor(keys[0])
+
+    return read
 
 
 def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 48) -> str:

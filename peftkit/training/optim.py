@@ -14,6 +14,10 @@ cost more than they save. Paged state lives in CUDA unified memory that can spil
 to the host under memory pressure; without CUDA, bitsandbytes runs the paged
 optimizers unpaged (it warns so), so they run everywhere and save nothing there.
 
+LoRA+ (Hayou et al., 2024, https://arxiv.org/abs/2402.12354; `training.loraplus_lr_ratio`)
+gives the up-projection B of each low-rank pair `ratio` times the learning rate of A,
+in the four parameter groups of PEFT's `create_loraplus_optimizer` (`loraplus_param_groups`).
+
 Whether an optimizer runs on this machine is measured, not assumed: the config
 check takes one step with it on the device the run will use, and refuses it with
 the list of those that do run. Their `state_dict` holds only tensors and numbers,
@@ -25,12 +29,14 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import torch
+from torch import nn
 
 from peftkit.errors import ConfigError, did_you_mean
 
-__all__ = ["OPTIMIZERS", "check_optimizer", "build_optimizer"]
+__all__ = ["OPTIMIZERS", "check_optimizer", "build_optimizer", "loraplus_param_groups"]
 
 _BITSANDBYTES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW"}
 OPTIMIZERS = ["adamw", *_BITSANDBYTES]
@@ -81,7 +87,49 @@ def check_optimizer(name: str, device: torch.device | None = None) -> None:
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter], name: str, lr: float, weight_decay: float
+    params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], name: str, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """The optimizer `name` over `params`; every one is AdamW with decoupled weight decay."""
+    """The optimizer `name` over `params` (tensors, or param groups); every one is AdamW with decoupled weight decay."""
     return _optimizer_class(name)(list(params), lr=lr, weight_decay=weight_decay)
+
+
+def _decays(model: nn.Module) -> set[str]:
+    """Names of parameters weight decay applies to: not a bias, not inside a LayerNorm (transformers' rule)."""
+    norms = {name for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)}
+    return {
+        name
+        for name, _ in model.named_parameters()
+        if "bias" not in name and name.rpartition(".")[0] not in norms
+    }
+
+
+def loraplus_param_groups(
+    model: nn.Module,
+    roles: dict[str, str],
+    lr: float,
+    ratio: float,
+    weight_decay: float = 0.0,
+    lr_embedding: float = 1e-6,
+) -> list[dict[str, Any]]:
+    """LoRA+'s parameter groups over `model`'s trainable parameters, as PEFT's `create_loraplus_optimizer`.
+
+    `roles` (the method's `parameter_roles`) names the `"up"` factors and the
+    `"embedding"` LoRA tensors; any other 1-D tensor (a bias, DoRA's magnitude) joins
+    B, as in PEFT. Groups, in PEFT's order: A and the rest at `lr`; embedding LoRA at
+    `lr_embedding`; B at `lr * ratio`, with weight decay unless it is a bias (or a norm's).
+    """
+    decays = _decays(model)
+    groups: dict[str, list[nn.Parameter]] = {"down": [], "embedding": [], "up": [], "up_no_decay": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        role = roles.get(name, "up" if param.ndim == 1 else "down")
+        if role == "up" and name not in decays:
+            role = "up_no_decay"
+        groups[role].append(param)
+    return [
+        {"params": groups["down"], "weight_decay": weight_decay, "lr": lr},
+        {"params": groups["embedding"], "weight_decay": weight_decay, "lr": lr_embedding},
+        {"params": groups["up"], "weight_decay": weight_decay, "lr": lr * ratio},
+        {"params": groups["up_no_decay"], "weight_decay": 0.0, "lr": lr * ratio},
+    ]
