@@ -20,6 +20,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_directory",
     "check_writable",
+    "probe_write",
     "destination_errors",
     "read_json",
 ]
@@ -59,18 +60,25 @@ def _writer_errors(directory: Path) -> Iterator[None]:
         raise
     except Exception as error:
         try:
-            fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
-            try:
-                with open(fd, "wb", closefd=False) as handle:  # a buffered write retries short writes
-                    handle.write(bytes(_PROBE_BYTES))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-                os.unlink(probe)
+            probe_write(directory, _PROBE_BYTES)
         except OSError as probe_error:
             if probe_error.errno in _UNWRITABLE:
                 raise OSError(probe_error.errno, os.strerror(probe_error.errno), str(directory)) from error
         raise
+
+
+def probe_write(directory: Path, nbytes: int) -> None:
+    """Write `nbytes` to a temporary file in `directory`, sync and delete it; the OSError of a destination
+    that cannot take them (full, read-only) comes out as it is."""
+    fd, probe = tempfile.mkstemp(prefix=".peftkit-probe-", dir=directory)
+    try:
+        data = memoryview(bytes(nbytes))
+        while data:  # a nearly full disk takes part of a write, then refuses the rest
+            data = data[os.write(fd, data) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:

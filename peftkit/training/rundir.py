@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from peftkit.errors import ConfigError, OutputDirError
-from peftkit.files import atomic_write, destination_errors
+from peftkit.files import atomic_write, destination_errors, probe_write
 from peftkit.registry import get_method
 from peftkit.training.checkpoint import Checkpoint, checkpoint_step, list_checkpoints
 from peftkit.training.config import DataConfig
@@ -81,13 +81,7 @@ def probe_output(out: Path) -> None:
         raise OutputDirError(f"output.dir {str(out)!r} is a file, not a directory.")
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     with writing(out):
-        fd, name = tempfile.mkstemp(prefix=".peftkit-probe-", dir=existing)
-        try:
-            os.write(fd, bytes(_PROBE_BYTES))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(name)
+        probe_write(existing, _PROBE_BYTES)
 
 
 def run_state(out: Path) -> list[str]:
