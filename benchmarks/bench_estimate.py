@@ -4,7 +4,7 @@ For each configuration (methods, checkpointing, 4-bit base, 8-bit optimizer, bfl
 on a Llama-shaped model and on Gemma-3-270M) a child process first simulates one
 steady-state step with `peftkit.training.simulate.Simulation(config, "cpu")` (timed:
 building it, then the step), then builds the run for real on CPU, takes one warm-up
-step and measures the next with torch's profiler (`step_memory.py`: the allocator's
+step and measures the next with torch's profiler (`peftkit.training.realstep`: the allocator's
 events over the step, plus every tensor storage alive when it starts). The table
 gives both peaks, their ratio and the estimate's breakdown.
 
@@ -26,10 +26,11 @@ import bitsandbytes
 import torch
 import transformers
 from common import llama_model, machine, spawn
-from step_memory import RealRun, measure_step
 
 from peftkit.training.config import build_config
-from peftkit.training.simulate import CATEGORIES, Simulation
+from peftkit.training.memory import CATEGORIES
+from peftkit.training.realstep import RealRun, measure_step
+from peftkit.training.simulate import Simulation
 
 # A small Llama shape: hidden 512, 4 layers, vocab 32000 (under the chunked loss's threshold).
 LLAMA_512 = {

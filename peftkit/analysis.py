@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.combine import LowRankMethod
 from peftkit.errors import AdapterFileError, ConfigError, ShapeMismatchError
 from peftkit.layer import AdapterLayer, LowRankAdapter
 from peftkit.method import AdapterMethod
@@ -83,7 +82,7 @@ class LowRankFile:
 
 
 def _analysable() -> list[str]:
-    return [name for name in available_methods() if issubclass(get_method(name), LowRankMethod)]
+    return [name for name in available_methods() if get_method(name).has_rank]
 
 
 def _update(method: AdapterMethod, path: str, params: dict[str, torch.Tensor], source: Path) -> LayerUpdate:
@@ -119,7 +118,7 @@ def read_low_rank_adapter(directory: str | os.PathLike[str] | LowRankFile) -> Lo
     config = read_adapter_config(directory)
     tensors, metadata = read_adapter_tensors(directory / WEIGHTS_NAME)
     method = method_from_config(config, metadata, directory / CONFIG_NAME)
-    if not isinstance(method, LowRankMethod):
+    if not method.has_rank:
         raise ConfigError(
             f"{str(directory)!r} holds a {method.name} adapter, which is no low-rank update ΔW = s·BA to analyse; "
             f"peftkit analyze reads LoRA-family adapters: {', '.join(_analysable())}."

@@ -1,7 +1,8 @@
 """New adapters from weighted existing ones: `linear`, `cat` and `svd`, as in HF PEFT.
 
 Combining works on any method whose adapters are a pure low-rank weight delta
-`up @ down` (LoRA); the method says how to make a copy of itself at another rank.
+`up @ down` (LoRA); the method declares it (`has_rank`) and says how to make a copy of
+itself at another rank (`with_rank`).
 For per-module weights w_i and deltas `U_i D_i`:
 
 - `linear`: `up = sum sign(w_i) sqrt|w_i| U_i`, `down = sum sqrt|w_i| D_i` (equal ranks;
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -23,20 +24,12 @@ from peftkit.errors import ConfigError
 from peftkit.hosts import hosts
 from peftkit.inject import adapt
 from peftkit.layer import Adapter, AdapterLayer, LowRankAdapter, ParameterAdapter
-from peftkit.method import AdapterMethod
 from peftkit.record import adapter_methods, require_adapters
 from peftkit.undo import restore_on_failure
 
-__all__ = ["LowRankMethod", "combine_adapters"]
+__all__ = ["combine_adapters"]
 
 Combination = Literal["linear", "cat", "svd"]
-
-
-@runtime_checkable
-class LowRankMethod(Protocol):
-    """A method that can make a copy of itself with rank `rank`, unit scaling, on given modules."""
-
-    def with_rank(self, rank: int, target_modules: str) -> AdapterMethod: ...
 
 
 def _factors(path: str, name: str, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +83,7 @@ def combine_adapters(
     if combination not in ("linear", "cat", "svd"):
         raise ConfigError(f"combination must be 'linear', 'cat' or 'svd', got {combination!r}.")
     first = methods[adapter_names[0]]
-    if not isinstance(first, LowRankMethod):
+    if not first.has_rank:
         raise ConfigError(f"method {first.name!r} cannot be combined: it has no rank to set.")
 
     per_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}

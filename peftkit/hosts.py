@@ -16,7 +16,7 @@ from peftkit.anatomy import task_heads
 from peftkit.errors import TargetNotFoundError
 from peftkit.layer import Adapter, AdapterHost, AdapterLayer, TrainableCopy
 from peftkit.options import MethodConfig
-from peftkit.targets import candidate_modules, find_targets, matches_pattern
+from peftkit.targets import candidate_modules, matches_pattern
 
 __all__ = ["hosts", "inject_adapters", "add_adapter", "adapter_tensors"]
 
@@ -37,18 +37,14 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def inject_adapters(
-    model: nn.Module,
-    adapter_name: str,
-    config: MethodConfig,
-    adaptable: tuple[type[nn.Module], ...],
-    create: AdapterFactory,
+    model: nn.Module, adapter_name: str, config: MethodConfig, targets: list[str], create: AdapterFactory
 ) -> list[str]:
-    """Wrap each module `config` targets in an `AdapterLayer` (once) and add `create(layer, path)` to it.
+    """Wrap each module of `targets` in an `AdapterLayer` (once) and add `create(layer, path)` to it; the
+    modules of `config.modules_to_save` (and a random task head) train as copies.
 
-    Every target and every `modules_to_save` pattern is resolved before the model is
+    Every adapter and every `modules_to_save` pattern is resolved before the model is
     touched, so a config that matches nothing leaves the model as it was.
     """
-    targets = find_targets(model, config, adaptable)
     # A random task head trains in full, unless the user chose to adapt it instead.
     to_save = _modules_to_save(
         model, (config.modules_to_save or []) + [h for h in task_heads(model) if h not in targets]

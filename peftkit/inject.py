@@ -8,6 +8,7 @@ put around it later (DDP, accelerate, a loss module).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -185,10 +186,15 @@ def rename_adapter(model: nn.Module, old: str, new: str) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count their unpacked elements."""
+    """(trainable, total) parameter counts; a packed 4-bit weight counts the weights it holds.
+
+    Those are read from its quantization state (the dense shape it dequantizes to), whatever
+    storage dtype packs them: PEFT's count, `numel * 2 * storage itemsize`, gives the same.
+    """
     trainable = total = 0
     for param in model.parameters():
-        count = param.numel() * (2 if getattr(param, "quant_state", None) is not None else 1)
+        state = getattr(param, "quant_state", None)
+        count = math.prod(state.shape) if state is not None else param.numel()
         total += count
         if param.requires_grad:
             trainable += count

@@ -21,7 +21,8 @@ from peftkit.errors import ConfigError
 from peftkit.hosts import adapter_tensors, inject_adapters
 from peftkit.layer import Adapter
 from peftkit.options import MethodConfig
-from peftkit.targets import ALL_LINEAR
+from peftkit.quant.config import QuantizationConfig
+from peftkit.targets import ALL_LINEAR, find_targets
 from peftkit.validation import from_options
 
 __all__ = ["AdapterMethod"]
@@ -44,6 +45,11 @@ class AdapterMethod(ABC):
         trains_in_place: whether the method trains the model's own tensors (full
             fine-tuning, a head) instead of adapters beside them; such an adapter
             cannot be disabled and must be the only one on its model.
+        trains_base_weights: whether it trains the base's own weight matrices (full
+            fine-tuning), which a 4-bit base cannot hold.
+        has_rank: whether its adapters are low-rank factors whose rank the config
+            sets (`r`): such a method builds copies at another rank (`at_rank`,
+            `with_rank`), which compare's rank sweep, combining and analysis need.
         default_targets: `target_modules` per model type (`config.model_type`) when
             the config gives None; a method without defaults leaves it empty.
     """
@@ -55,6 +61,8 @@ class AdapterMethod(ABC):
     peft_markers: ClassVar[dict[str, Any]] = {}
     reads_peft_files: ClassVar[bool] = True
     trains_in_place: ClassVar[bool] = False
+    trains_base_weights: ClassVar[bool] = False
+    has_rank: ClassVar[bool] = False
     default_targets: ClassVar[dict[str, list[str]]] = {}
 
     def __init__(self, config: MethodConfig) -> None:
@@ -114,19 +122,36 @@ class AdapterMethod(ABC):
             return self.config
         return dataclasses.replace(self.config, target_modules=self.default_target_modules(model))
 
-    def base_quantization(self) -> Any | None:
+    def base_quantization(self) -> QuantizationConfig | None:
         """How this method wants the frozen base stored when it loads the model itself (`peftkit train`).
 
-        None (the default) keeps the base as loaded; a `peftkit.quant.QuantizationConfig`
-        asks for it straight in 4 bits (QLoRA's and QDoRA's default base).
+        None (the default) keeps the base as loaded; a `QuantizationConfig` asks for it
+        straight in 4 bits (QLoRA's and QDoRA's default base).
         """
         return None
 
+    def at_rank(self, rank: int) -> AdapterMethod:
+        """This method at rank `rank`, its scaling per rank kept (LoRA: alpha / r); see `has_rank`."""
+        raise ConfigError(f"method {self.name!r} has no rank to set.")
+
+    def with_rank(self, rank: int, target_modules: str) -> AdapterMethod:
+        """A plain copy at rank `rank` with unit scaling on exactly `target_modules`, for factors set by the
+        caller (`combine_adapters`); see `has_rank`."""
+        raise ConfigError(f"method {self.name!r} has no rank to set.")
+
     def attach(self, model: nn.Module, adapter_name: str) -> list[str]:
-        """Add this method to `model` under `adapter_name`; returns the adapted module names."""
-        return inject_adapters(
-            model, adapter_name, self.resolved_config(model), self.adaptable_types(), self.create_adapter
-        )
+        """Add this method to `model` under `adapter_name`; returns the adapted module names.
+
+        The targets are resolved once, here, and handed to `inject`, the hook a method overrides."""
+        targets = find_targets(model, self.resolved_config(model), self.adaptable_types())
+        return self.inject(model, adapter_name, targets)
+
+    def inject(self, model: nn.Module, adapter_name: str, targets: list[str]) -> list[str]:
+        """Put an adapter from `create_adapter` on each of `targets` (paths); returns the adapted module names.
+
+        A method that does more around injection (quantize the targets first, add adapters on
+        parameters) overrides this and calls it."""
+        return inject_adapters(model, adapter_name, self.resolved_config(model), targets, self.create_adapter)
 
     def trainable_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         """Model path -> live tensor for what this adapter trains and saves.
@@ -173,8 +198,23 @@ class AdapterMethod(ABC):
         """adapter_config.json fields whose value is not one option's (LoRA's `init_lora_weights`)."""
         return {}
 
+    def options(self) -> dict[str, Any]:
+        """The method's options as plain data (nested configs as mappings): `from_options(**options())` rebuilds
+        it. How a run config writes its method back to YAML."""
+        return {f.name: _plain(getattr(self.config, f.name)) for f in dataclasses.fields(self.config) if f.init}
+
+    def __eq__(self, other: object) -> bool:
+        """Two methods are equal when they are the same method with equal options (a run config round-trips)."""
+        return type(other) is type(self) and other.config == self.config  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]  # equal by options, which may change
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def _concrete_methods(base: type[AdapterMethod]) -> list[type[AdapterMethod]]:

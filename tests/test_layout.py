@@ -59,10 +59,17 @@ def _graph() -> dict[str, set[str]]:
     return {name: _imports(path, name, modules) for name, path in modules.items()}
 
 
+# The 4-bit settings import no bitsandbytes and only the core; methods name them in their contract
+# (`AdapterMethod.base_quantization`), so they stand on the core's floor.
+CORE_IN_SUBPACKAGES = {"peftkit.quant.config"}
+
+
 def _floor(module: str) -> str:
     parts = module.split(".")
     if parts[0] == "variants":
         return "variants"
+    if module in CORE_IN_SUBPACKAGES:
+        return "core"
     if len(parts) > 1 and parts[1] in ("quant", "training", "compare", "cli", "__main__"):
         return "cli" if parts[1] == "__main__" else parts[1]
     return "core"

@@ -151,6 +151,7 @@ class FullFineTuning(InPlaceMethod):
 
     name = "full"
     description = "Full fine-tuning: every weight trains in place (the reference a comparison needs)."
+    trains_base_weights = True
 
     def trained_modules(self, model: nn.Module) -> list[str]:
         return [""]

@@ -39,7 +39,7 @@ from peftkit import (
     peft_option,
 )
 from peftkit.hosts import add_adapter, hosts
-from peftkit.targets import candidate_modules, find_targets
+from peftkit.targets import candidate_modules
 from peftkit.validation import check_pattern
 from peftkit.weights import weight_source
 from variants.lora_init import WEIGHT_INITS, check_weight_init_targets, initialize_from_weights
@@ -186,6 +186,7 @@ class LoRA(AdapterMethod):
     config_class = LoraConfig
     peft_type = "LORA"
     peft_markers = {"use_dora": False}
+    has_rank = True
     default_targets = DEFAULT_TARGETS
     config: LoraConfig
 
@@ -202,6 +203,12 @@ class LoRA(AdapterMethod):
 
     def adaptable_types(self) -> tuple[type[nn.Module], ...]:
         return tuple(self.adapter_classes)
+
+    def at_rank(self, rank: int) -> LoRA:
+        """This method at rank `rank` with `alpha` scaled along, so `alpha / r` stays as configured."""
+        scaled = self.config.alpha / self.config.r * rank
+        alpha = int(scaled) if float(scaled).is_integer() else scaled
+        return type(self).from_options(**{**self.options(), "r": rank, "alpha": alpha})
 
     def with_rank(self, rank: int, target_modules: str) -> LoRA:
         """A copy of this method at rank `rank` with unit scaling on exactly `target_modules`."""
@@ -232,13 +239,12 @@ class LoRA(AdapterMethod):
                 return dataclasses.replace(self.config, target_modules=[])
         return super().resolved_config(model)
 
-    def attach(self, model: nn.Module, adapter_name: str) -> list[str]:
+    def inject(self, model: nn.Module, adapter_name: str, layers: list[str]) -> list[str]:
         """The layers of `target_modules`, the modules holding `target_parameters`, the embeddings of tokens.
 
         Everything is selected and built before the first module is wrapped, so a bad
         option leaves the model as it was.
         """
-        layers = find_targets(model, self.resolved_config(model), self.adaptable_types())
         init = self.config.init
         if init in WEIGHT_INITS:
             check_weight_init_targets(model, init, layers, needs_4bit=init == "loftq")
@@ -255,7 +261,7 @@ class LoRA(AdapterMethod):
             )
         if self.config.trainable_token_indices is not None:
             extra.update(trainable_tokens(model, self.config.trainable_token_indices, layers))
-        targets = super().attach(model, adapter_name)
+        targets = super().inject(model, adapter_name, layers)
         for path, adapter in extra.items():
             add_adapter(model, path, adapter_name, adapter)
         if init in WEIGHT_INITS:

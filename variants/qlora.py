@@ -7,13 +7,13 @@
 ```
 
 The adapter is the plain method's: only the frozen base differs, so these classes
-add one option, `quantization` (a `peftkit.quant.codec.QuantizationConfig` or its
+add one option, `quantization` (a `peftkit.quant.QuantizationConfig` or its
 fields as a dict; default NF4 with double quantization), and quantize the targeted
 linear layers before attaching. Files are PEFT's LoRA/DoRA files, so PEFT loads them
 over a bitsandbytes-4-bit base; a PEFT LoRA file loads back as plain `lora` onto
 whatever base the user has (pass `method="qlora"` to `load_adapter` to quantize it).
 
-bitsandbytes is imported only when a config is built or a model adapted.
+bitsandbytes is imported only when a model is adapted, never when a config is built.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from peftkit import AdapterLayer, AdapterMethod, peft_option
-from peftkit.targets import find_targets
+from peftkit.quant import QuantizationConfig
 from peftkit.validation import from_options
 from peftkit.weights import is_linear, read_weight, using_weight_source, weight_source
 from variants.dora import DoRA, DoraConfig
@@ -47,16 +47,14 @@ class QuantizedConfig:
     quantization: dict[str, Any] = peft_option({})
 
     def __post_init__(self) -> None:
-        if dataclasses.is_dataclass(self.quantization):
+        if isinstance(self.quantization, QuantizationConfig):
             self.quantization = dataclasses.asdict(self.quantization)
         super().__post_init__()  # type checks
         self.quantization = dataclasses.asdict(self.quantization_config)
 
     @property
-    def quantization_config(self) -> Any:
-        """The options as a `peftkit.quant.codec.QuantizationConfig` (imports bitsandbytes)."""
-        from peftkit.quant import QuantizationConfig
-
+    def quantization_config(self) -> QuantizationConfig:
+        """The options as a `QuantizationConfig`."""
         return from_options(QuantizationConfig, self.quantization, where=f"{type(self).__name__}.quantization")
 
 
@@ -84,14 +82,13 @@ class QuantizedBase(AdapterMethod):
     config: Any  # a QuantizedConfig mixed into the method's own config
     reads_peft_files = False
 
-    def base_quantization(self) -> Any:
+    def base_quantization(self) -> QuantizationConfig:
         return self.config.quantization_config
 
-    def attach(self, model: nn.Module, adapter_name: str) -> list[str]:
-        from peftkit.quant import is_quantized, prepare_for_kbit_training, quantize_model
-        from peftkit.quant.codec import keep_one_kernel
+    def inject(self, model: nn.Module, adapter_name: str, targets: list[str]) -> list[str]:
+        """Quantize the dense linear layers among `targets`, then inject as the method does."""
+        from peftkit.quant import is_quantized, keep_one_kernel, prepare_for_kbit_training, quantize_model
 
-        targets = find_targets(model, self.resolved_config(model), self.adaptable_types())
         paths = [p for p in (_linear_path(model, target) for target in targets) if p is not None]
         dense = [p for p in paths if not is_quantized(model.get_submodule(p))]
         # A weight init (PiSSA, LoftQ) reads the dense weights being replaced, not their 4-bit copies.
@@ -104,7 +101,7 @@ class QuantizedBase(AdapterMethod):
             prepare_for_kbit_training(model)
         known = weight_source(model)
         with using_weight_source(model, lambda path: originals.get(path, known(path))):
-            return super().attach(model, adapter_name)
+            return super().inject(model, adapter_name, targets)
 
 
 @dataclasses.dataclass

@@ -68,14 +68,12 @@ def compare(
     directory can be written.
     """
     config_path = Path(config_path)
-    raw = read_yaml(config_path)
-    ours = [item for item in overrides if item.startswith("compare.")]
-    settings = compare_settings(raw.pop("compare", None), methods, ranks, targets, out, ours, seeds)
+    raw = apply_overrides(read_yaml(config_path), overrides)
+    settings = compare_settings(raw.pop("compare", None), methods, ranks, targets, out, seeds)
     if settings.forgetting:
         settings.forgetting = resolve_file(settings.forgetting, config_path.parent, "compare.forgetting")
-    rest = [item for item in overrides if item not in ours]
     try:
-        runs = plan_runs(apply_overrides(raw, rest), config_path.parent, settings)
+        runs = plan_runs(raw, config_path.parent, settings)
     except ConfigError as error:
         raise ConfigError(f"{error}{_preparation_hint(config_path, str(error))}") from None
     shared = runs[-1].config

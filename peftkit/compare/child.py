@@ -59,7 +59,7 @@ def _child_main(argv: Sequence[str]) -> int:
         config = load_config(config_path)
         if scoring.get("base"):
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            model = load_model(config.model.name, config.model.dtype, config.model.quantization_config(), device)
+            model = load_model(config.model.name, config.model.dtype, config.model.quantization, device)
             model.requires_grad_(False)
         else:
             model = train(config).model

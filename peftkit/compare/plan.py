@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import nn
 
 from peftkit.anatomy import attention_projections
@@ -31,7 +30,7 @@ from peftkit.compare.summary import BASE
 from peftkit.errors import ConfigError, did_you_mean
 from peftkit.registry import available_methods, get_method
 from peftkit.targets import ALL_LINEAR, candidate_modules, distinguishing_suffixes
-from peftkit.training.config import TrainingConfig, build_config
+from peftkit.training.config import TrainingConfig, build_config, build_method
 from peftkit.training.models import model_skeleton
 from peftkit.validation import check_types, from_options, option_names
 
@@ -173,19 +172,15 @@ def compare_settings(
     ranks: str | None = None,
     targets: str | None = None,
     out: str | None = None,
-    overrides: Sequence[str] = (),
     seeds: int | None = None,
 ) -> CompareConfig:
-    """The `compare:` section, then its `--set compare.key=value` overrides, then the flags, validated.
+    """The `compare:` section (its `--set compare.key=value` overrides applied), then the flags, validated.
 
     `seeds` (the `--seeds N` flag) means seeds 0..N-1.
     """
     if section is not None and not isinstance(section, dict):
         raise ConfigError(f"compare must be a mapping of options, got {section!r}.")
     values = dict(section or {})
-    for item in overrides:
-        key, _, text = item.removeprefix("compare.").partition("=")
-        values[key] = yaml.safe_load(text)
     if methods is not None:
         values["methods"] = parse_list(methods, "--methods")
     if seeds is not None:
@@ -215,27 +210,19 @@ def target_modules(target: str | list[str], model: nn.Module | None) -> tuple[st
     return "+".join(names), names
 
 
-def _default(config_class: type, key: str) -> Any:
-    return next(f.default for f in dataclasses.fields(config_class) if f.name == key)
-
-
-def _method_options(method: str, base: dict[str, Any], rank: int | None) -> dict[str, Any]:
-    """The base method options as `method` takes them, with `r` (and `alpha` along) set to `rank`."""
-    config_class = get_method(method).config_class
-    own = set(option_names(config_class))
+def _method_options(method: str, base: dict[str, Any]) -> dict[str, Any]:
+    """The base method options as `method` takes them: its own, and any no installed method has (to be named
+    as unknown), leaving out the options of other methods in the comparison."""
+    own = set(option_names(get_method(method).config_class))
     known = {key for name in available_methods() for key in option_names(get_method(name).config_class)}
-    options = {key: value for key, value in base.items() if key in own or key not in known}
-    if rank is not None:
-        alpha, r = base.get("alpha", _default(config_class, "alpha")), base.get("r", _default(config_class, "r"))
-        if "alpha" in own and _positive_number(alpha) and _positive_number(r):  # else the method says what is wrong
-            scaled = alpha / r * rank
-            options["alpha"] = int(scaled) if float(scaled).is_integer() else scaled
-        options["r"] = rank
-    return options
+    return {key: value for key, value in base.items() if key in own or key not in known}
 
 
-def _positive_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+def _at_rank(method: str, options: dict[str, Any], rank: int | None) -> dict[str, Any]:
+    """`options` with the method's rank set to `rank` and its scaling per rank kept (`AdapterMethod.at_rank`)."""
+    if rank is None:
+        return options
+    return build_method({"name": method, **options}).at_rank(rank).options()
 
 
 def plan_runs(raw: dict[str, Any], base_dir: Path | None, settings: CompareConfig) -> list[RunSpec]:
@@ -263,13 +250,18 @@ def plan_runs(raw: dict[str, Any], base_dir: Path | None, settings: CompareConfi
         runs.append(RunSpec(BASE, BASE, None, None, config, group=BASE, seed=seeds[0], base=True))
     for entry in entries:
         cls = get_method(entry.name)
-        ranks = settings.ranks if settings.ranks and "r" in option_names(cls.config_class) else [None]
+        ranks = settings.ranks if settings.ranks and cls.has_rank else [None]
         # full and head train a fixed set of the model's own tensors: targets do not change them
         for rank in ranks:
             for target in [None] if cls.trains_in_place else target_sets:
-                options = {**_method_options(entry.name, base_options, rank), **entry.options}
+                options = {**_method_options(entry.name, base_options), **entry.options}
                 if target is not None:
                     options["target_modules"] = target[1]
+                error = None
+                try:
+                    options = _at_rank(entry.name, options, rank)
+                except ConfigError as invalid:  # the run is reported as failed with this message
+                    error = str(invalid)
                 group = "-".join(
                     [entry.label] + ([f"r{rank}"] if rank is not None else []) + ([target[0]] if target else [])
                 )
@@ -284,7 +276,8 @@ def plan_runs(raw: dict[str, Any], base_dir: Path | None, settings: CompareConfi
                     )
                     try:
                         build_config(config)
-                    except ConfigError as error:
-                        spec.error = str(error)
+                    except ConfigError as invalid:
+                        spec.error = str(invalid)
+                    spec.error = error or spec.error
                     runs.append(spec)
     return runs

@@ -11,8 +11,8 @@
                                                  the packed weight it kept back, exactly)
 ```
 
-With `peftkit.quant.convert`, the only peftkit code that imports bitsandbytes;
-`import peftkit` imports neither. This module registers, through the
+With `peftkit.quant.convert` and `peftkit.quant.meta`, the only peftkit code that imports
+bitsandbytes; `import peftkit` imports none of them. This module registers, through the
 `peftkit.weight_layouts` entry point, how the core reads (dequantizes) and writes
 (re-quantizes) a `Linear4bit`, so merging and DoRA work on a 4-bit base that the
 core knows nothing about.
@@ -20,21 +20,15 @@ core knows nothing about.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable, Iterator
-from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from peftkit.anatomy import output_head
-from peftkit.dtypes import DTYPES
 from peftkit.errors import ConfigError, MergeError
-from peftkit.targets import candidate_modules, matches_pattern
-from peftkit.validation import check_pattern, check_types
-from peftkit.weights import WeightAccess, is_linear, layer_features, read_weight
+from peftkit.quant.config import BLOCKSIZES, QuantizationConfig
+from peftkit.weights import WeightAccess, layer_features, read_weight
 
 try:
     import bitsandbytes.functional as bnb_functional
@@ -46,132 +40,23 @@ except ImportError as error:
     ) from error
 
 __all__ = [
-    "BLOCKSIZES",
-    "COMPUTE_DTYPES",
     "Linear4bit",
-    "QuantizationConfig",
+    "Params4bit",
+    "bnb_functional",
+    "dequantize",
+    "dequantized_copy",
     "is_bitsandbytes",
     "is_quantized",
-    "supported_compute_dtypes",
-    "resolve_compute_dtype",
-    "to_4bit",
     "keep_one_kernel",
-    "packed_on_meta",
-    "dequantize",
-    "requantize",
     "keep_packed",
-    "dequantized_copy",
     "quant_state_tensors",
+    "requantize",
+    "shell",
     "sliced_forward",
-    "weight_nbytes",
+    "to_4bit",
     "weight_layouts",
+    "weight_nbytes",
 ]
-
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-COMPUTE_DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
-
-
-@dataclasses.dataclass
-class QuantizationConfig:
-    """How the frozen base is stored, separate from any adapter method.
-
-    Args:
-        bits: 4, the only width supported for now.
-        quant_type: `nf4` (NormalFloat, quantiles of a normal distribution: the QLoRA
-            paper's choice for normally distributed weights) or `fp4`.
-        double_quant: quantize the per-block scales too (8-bit, blocks of 256),
-            saving about 0.37 bits per weight.
-        blocksize: weights sharing one scale; smaller is more accurate and larger.
-            None is 64 (the paper's), lowered on CPU to 32 for layers whose
-            `in_features` 64 does not divide, as bitsandbytes' CPU kernels need.
-        compute_dtype: dtype the dequantized weight is multiplied in. None picks
-            bfloat16 on a CUDA device with native support, else float32.
-        skip_modules: modules left in full precision besides the output head, as names
-            or a regex (matched like `target_modules`); each must match a module. `[]`
-            quantizes the head too.
-        storage_dtype: the dtype the packed 4-bit codes are stored in (bitsandbytes'
-            `quant_storage`): None is its packed uint8; a float dtype lets FSDP shard the
-            4-bit weights together with the model's other float tensors.
-    """
-
-    bits: int = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    blocksize: int | None = None
-    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    skip_modules: list[str] | str | None = None
-    storage_dtype: Literal["float32", "bfloat16", "float16"] | None = None
-
-    def __post_init__(self) -> None:
-        check_types(self, "QuantizationConfig")
-        if self.bits != 4:
-            raise ConfigError(
-                f"QuantizationConfig.bits must be 4 (only 4-bit NF4/FP4 is supported for now), got {self.bits}."
-            )
-        check_pattern("QuantizationConfig.skip_modules", self.skip_modules)
-        if self.blocksize is not None and self.blocksize not in BLOCKSIZES:
-            raise ConfigError(
-                f"QuantizationConfig.blocksize must be one of {', '.join(map(str, BLOCKSIZES))} "
-                f"(what bitsandbytes accepts), got {self.blocksize}."
-            )
-
-    def dense_modules(self, model: nn.Module) -> set[str]:
-        """Paths of the modules this config keeps in full precision: the output head and `skip_modules`.
-
-        `skip_modules: []` is the one way to quantize the head too. An entry that matches no
-        module is an error: a typo would otherwise quantize what it meant to keep.
-        """
-        if self.skip_modules == []:
-            return set()
-        modules = list(candidate_modules(model))
-        head = output_head(model)
-        dense = {name for name, module in modules if head is not None and module is head}
-        patterns = [self.skip_modules] if isinstance(self.skip_modules, str) else self.skip_modules or []
-        for pattern in patterns:
-            rule = pattern if isinstance(self.skip_modules, str) else [pattern]
-            matched = {name for name, _ in modules if matches_pattern(name, rule)}
-            if not matched:
-                linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules if is_linear(module)})
-                raise ConfigError(
-                    f"QuantizationConfig.skip_modules entry {pattern!r} matches no module of {type(model).__name__}; "
-                    f"its linear layers are named: {', '.join(linear) or '(none)'}."
-                )
-            dense |= matched
-        return dense
-
-    def storage(self) -> torch.dtype:
-        """The torch dtype the packed codes are stored in."""
-        return DTYPES[self.storage_dtype] if self.storage_dtype else torch.uint8
-
-
-def supported_compute_dtypes(device: torch.device) -> list[str]:
-    """The compute dtypes 4-bit layers can use on `device`."""
-    if device.type == "cuda":
-        # Emulated bfloat16 (pre-Ampere GPUs) is not something bitsandbytes' kernels run on.
-        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        return [name for name in COMPUTE_DTYPES if name != "bfloat16" or native_bf16]
-    supported = []
-    for name, dtype in COMPUTE_DTYPES.items():
-        try:
-            probe = torch.ones(2, 2, dtype=dtype, device=device)
-            probe @ probe
-        except (RuntimeError, TypeError):
-            continue
-        supported.append(name)
-    return supported
-
-
-def resolve_compute_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """The torch dtype for compute dtype `name` on `device`; ConfigError if the device cannot use it."""
-    supported = supported_compute_dtypes(device)
-    if name is None:
-        name = "bfloat16" if device.type == "cuda" and "bfloat16" in supported else "float32"
-    if name not in supported:
-        raise ConfigError(
-            f"QuantizationConfig.compute_dtype {name!r} cannot be used on device {str(device)!r}; "
-            f"that device supports: {', '.join(supported) or '(none)'}."
-        )
-    return COMPUTE_DTYPES[name]
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -203,7 +88,7 @@ def _blocksize(config: QuantizationConfig, in_features: int, device: torch.devic
     )
 
 
-def _shell(module: nn.Module, config: QuantizationConfig, compute_dtype: torch.dtype) -> Linear4bit:
+def shell(module: nn.Module, config: QuantizationConfig, compute_dtype: torch.dtype) -> Linear4bit:
     """An empty `Linear4bit` (on the meta device) of `module`'s shape and `config`'s settings."""
     in_features, out_features = layer_features(module)
     return Linear4bit(
@@ -222,55 +107,11 @@ def to_4bit(module: nn.Module, path: str, config: QuantizationConfig, compute_dt
     weight = read_weight(module).detach()  # [out, in], whatever the layer's storage
     blocksize = _blocksize(config, weight.shape[1], weight.device, path)
     bias = getattr(module, "bias", None)
-    layer = _shell(module, config, compute_dtype)
+    layer = shell(module, config, compute_dtype)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
     _store(layer, weight, blocksize, config.double_quant, config.quant_type, config.storage())
     keep_one_kernel(layer)
-    return layer
-
-
-def packed_on_meta(
-    module: nn.Module, config: QuantizationConfig, compute_dtype: torch.dtype, dtype: torch.dtype, blocksize: int
-) -> Linear4bit:
-    """The `Linear4bit` that quantizing `module` makes, on the meta device: no data, every tensor at its size.
-
-    The codes two a byte in `config.storage()`, the scales one float32 per block, or with
-    double quantization one byte per block plus one float32 per 256 blocks and an offset;
-    `dtype` is the dtype it dequantizes to (the weights' own). For estimating memory.
-    """
-    layer = _shell(module, config, compute_dtype)
-    elements = layer.in_features * layer.out_features
-    blocks, storage = math.ceil(elements / blocksize), config.storage()
-    meta = partial(torch.empty, device="meta")
-    nested = None
-    if config.double_quant:
-        nested = bnb_functional.QuantState(
-            absmax=meta(math.ceil(blocks / 256)), code=meta(256), blocksize=256, dtype=torch.float32
-        )
-    state = bnb_functional.QuantState(
-        absmax=meta(blocks, dtype=torch.uint8 if config.double_quant else torch.float32),
-        shape=torch.Size([layer.out_features, layer.in_features]),
-        code=meta(16),
-        blocksize=blocksize,
-        quant_type=config.quant_type,
-        dtype=dtype,
-        offset=meta(()) if config.double_quant else None,
-        state2=nested,
-    )
-    layer.weight = Params4bit(
-        meta(math.ceil(elements / 2 / storage.itemsize), 1, dtype=storage),
-        requires_grad=False,
-        quant_state=state,
-        blocksize=blocksize,
-        compress_statistics=config.double_quant,
-        quant_type=config.quant_type,
-        quant_storage=storage,
-        bnb_quantized=True,
-        module=layer,
-    )
-    if layer.bias is not None:
-        layer.bias = nn.Parameter(meta(layer.out_features, dtype=dtype), requires_grad=False)
     return layer
 
 

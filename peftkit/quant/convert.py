@@ -11,16 +11,8 @@ from torch import nn
 
 from peftkit.errors import ConfigError, UnsupportedModuleError
 from peftkit.merge import merge_and_unload
-from peftkit.quant.codec import (
-    Linear4bit,
-    QuantizationConfig,
-    dequantized_copy,
-    is_bitsandbytes,
-    is_quantized,
-    keep_one_kernel,
-    resolve_compute_dtype,
-    to_4bit,
-)
+from peftkit.quant.codec import Linear4bit, dequantized_copy, is_bitsandbytes, is_quantized, keep_one_kernel, to_4bit
+from peftkit.quant.config import QuantizationConfig, resolve_compute_dtype
 from peftkit.targets import candidate_modules
 from peftkit.undo import restore_on_failure
 from peftkit.weights import is_linear

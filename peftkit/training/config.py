@@ -1,8 +1,8 @@
 """The run config of `peftkit train`: one YAML file, checked in full before any model loads.
 
 Each YAML section is a dataclass validated by type (peftkit.validation); the
-`method` section is the method's own config, checked by the method itself, so a
-new method needs nothing here. `--set section.key=value` overrides are parsed
+`method` section is built into the method itself (an `AdapterMethod`, which checks its
+own options), so a new method needs nothing here. `--set section.key=value` overrides are parsed
 with YAML (`--set training.learning_rate=1e-4` gives a float).
 """
 
@@ -19,15 +19,16 @@ from typing import Any, Literal
 import yaml
 
 from peftkit.errors import ConfigError, did_you_mean
+from peftkit.method import AdapterMethod
+from peftkit.quant.config import QuantizationConfig
 from peftkit.registry import get_method
 from peftkit.training.models import model_skeleton
 from peftkit.training.optim import check_optimizer
-from peftkit.training.quantized import quantization_from_options, resolve_compute_dtype_here, skipped_modules
+from peftkit.training.quantized import quantization_from_options, skipped_modules
 from peftkit.validation import check_types, from_options
 
 __all__ = [
     "ModelConfig",
-    "MethodSection",
     "DataConfig",
     "TrainingConfig",
     "EvalConfig",
@@ -38,6 +39,7 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "build_config",
+    "build_method",
     "yaml_numbers",
     "resolve_file",
 ]
@@ -105,34 +107,21 @@ class _Section:
 class ModelConfig(_Section):
     """`name`: a hub id, a local path, or `gemma-3-270m` (the embedded default).
 
-    `quantization` (the fields of `peftkit.quant.QuantizationConfig`) loads the linear
-    layers straight into 4 bits; the layers it leaves dense stay in `dtype`.
+    `quantization` (given as a mapping of `peftkit.quant.QuantizationConfig`'s fields, held
+    as the built config) loads the linear layers straight into 4 bits; the layers it
+    leaves dense stay in `dtype`.
     """
 
     section = "model"
     name: str = "gemma-3-270m"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
-    quantization: dict[str, Any] | None = None
+    quantization: QuantizationConfig | None = None
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.quantization is not None:
-            config = self.quantization_config()
-            resolve_compute_dtype_here(config)
-            self.quantization = dataclasses.asdict(config)  # complete, so config.yaml records every setting
-
-    def quantization_config(self) -> Any | None:
-        """The `quantization` section as a `QuantizationConfig`, or None for a full-precision base."""
-        return None if self.quantization is None else quantization_from_options(self.quantization, "model.quantization")
-
-
-@dataclasses.dataclass
-class MethodSection:
-    """The method's registry name and its options, already validated by the method."""
-
-    name: str
-    options: dict[str, Any]
+            self.quantization = quantization_from_options(self.quantization, "model.quantization")
+        super().__post_init__()
 
 
 @dataclasses.dataclass
@@ -246,21 +235,20 @@ class RunConfig:
     """Everything one `peftkit train` run needs, validated."""
 
     model: ModelConfig
-    method: MethodSection
+    method: AdapterMethod
     data: DataConfig
     training: TrainingConfig
     eval: EvalConfig
     output: OutputConfig
 
-    def base_quantization(self) -> Any | None:
+    def base_quantization(self) -> QuantizationConfig | None:
         """How the base loads: `model.quantization`, else the method's own default (qlora's 4-bit NF4), else dense."""
-        method = get_method(self.method.name).from_options(**self.method.options)
-        return self.model.quantization_config() or method.base_quantization()
+        return self.model.quantization or self.method.base_quantization()
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved config as plain YAML-able data (method options flattened in)."""
+        """The resolved config as plain YAML-able data, every option spelled out (the method's flattened in)."""
         data = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
-        data["method"] = {"name": self.method.name, **self.method.options}
+        data["method"] = {"name": self.method.name, **self.method.options()}
         return {name: data[name] for name in _ALL_SECTIONS}
 
 
@@ -274,10 +262,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         if not sep or "." not in path:
             raise ConfigError(f"--set expects section.key=value, got {item!r}.")
         section, *keys = path.split(".")
-        if section not in _ALL_SECTIONS:
+        known = _ALL_SECTIONS + _OTHER_COMMANDS_SECTIONS
+        if section not in known:
             raise ConfigError(
-                f"--set {item!r}: no section {section!r}.{did_you_mean(section, _ALL_SECTIONS)} "
-                f"Sections: {', '.join(_ALL_SECTIONS)}."
+                f"--set {item!r}: no section {section!r}.{did_you_mean(section, known)} Sections: {', '.join(known)}."
             )
         target, where = raw.setdefault(section, {}), section
         for key in keys[:-1]:
@@ -309,17 +297,17 @@ def resolve_file(path: str, base: Path | None, key: str) -> str:
     raise ConfigError(f"{key}: file {path!r} does not exist.")
 
 
-def _method_section(raw: Any) -> MethodSection:
+def build_method(raw: Any) -> AdapterMethod:
+    """The `method` section (`name` and the method's options) as the built method; ConfigError names the fault."""
     if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str):
         raise ConfigError("method.name is required: a registered method such as 'lora'.")
     method = get_method(raw["name"])  # raises on an unknown method, naming the close ones
     options = yaml_numbers(method.config_class, {k: v for k, v in raw.items() if k != "name"})
     try:
-        method.from_options(**options)
+        return method.from_options(**options)
     except ConfigError as error:
         message = str(error)
         raise ConfigError(message if message.startswith("method") else f"method {raw['name']!r}: {message}") from None
-    return MethodSection(raw["name"], options)
 
 
 def build_config(raw: Mapping[str, Any], base: Path | None = None, data_files: bool = True) -> RunConfig:
@@ -344,10 +332,10 @@ def build_config(raw: Mapping[str, Any], base: Path | None = None, data_files: b
     data = sections["data"]
     if data_files:
         _resolve_data_files(data, base)
-    quantization = sections["model"].quantization_config()
+    quantization = sections["model"].quantization
     if quantization is not None:  # which layers stay dense, checked on the model's skeleton: no weights read
         skipped_modules(model_skeleton(sections["model"].name), quantization, "model.quantization")
-    return RunConfig(method=_method_section(raw.get("method")), **sections)
+    return RunConfig(method=build_method(raw.get("method")), **sections)
 
 
 def read_text(path: str | os.PathLike[str], what: str) -> str:

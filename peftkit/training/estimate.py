@@ -25,10 +25,12 @@ from typing import Any
 
 from peftkit.errors import ConfigError
 from peftkit.training.config import RunConfig, apply_overrides, build_config
-from peftkit.training.simulate import CATEGORIES, Simulation, StepMemory, text_config
+from peftkit.training.memory import CATEGORIES, StepMemory
+from peftkit.training.models import text_config
+from peftkit.training.simulate import Simulation
 from peftkit.units import GIB, MIB, format_bytes
 
-__all__ = ["GPUS", "USABLE", "Estimate", "Suggestion", "parse_gpu", "estimate", "describe", "headline"]
+__all__ = ["GPUS", "USABLE", "Estimate", "Suggestion", "parse_gpu", "estimate", "describe"]
 # Memory of common GPUs in GiB: what their makers sell as "GB" (a 24 GB card holds 24 GiB).
 GPUS: dict[str, float] = {
     "rtx3060": 12, "rtx3070": 8, "rtx3080": 10, "rtx3090": 24,
@@ -107,15 +109,6 @@ def parse_gpu(text: str) -> tuple[str, int]:
     raise ConfigError(
         f"--gpu {text!r} is neither a memory size (such as 24GB, 24GiB or 16000MB) nor a known GPU; "
         f"known GPUs: {', '.join(GPUS)}."
-    )
-
-
-def headline(step: StepMemory) -> str:
-    """One line: the peak and its parts."""
-    parts = ", ".join(f"{name.replace('_', ' ')} {format_bytes(nbytes)}" for name, nbytes in step.breakdown.items())
-    return (
-        f"estimated peak memory of a training step: {format_bytes(step.peak_bytes)} "
-        f"(batch {step.batch_size} x {step.max_length} tokens: {parts})"
     )
 
 
@@ -200,7 +193,7 @@ def _changes(config: RunConfig) -> list[list[str]]:
     """The single changes that save memory on `config` and do not already hold: `--set` overrides each."""
     changes = []
     quantization = config.base_quantization()
-    if quantization is None and config.method.name != "full":
+    if quantization is None and not config.method.trains_base_weights:
         changes.append(["model.quantization.bits=4"])
     elif quantization is not None and quantization.skip_modules is None:  # the output head is kept dense
         section = "model.quantization" if config.model.quantization else "method.quantization"  # qlora's own
@@ -273,7 +266,7 @@ def _max_positions(simulation: Simulation) -> int:
 def describe(result: Estimate, config: RunConfig) -> list[str]:
     """The human-readable report of `result`, line by line."""
     step = result.step
-    quantized = "4-bit base" if config.model.quantization or config.method.name in ("qlora", "qdora") else "dense base"
+    quantized = "4-bit base" if config.base_quantization() is not None else "dense base"
     lines = [
         f"peftkit estimate: {config.method.name} on {config.model.name} ({config.model.dtype}, {quantized}) | "
         f"batch {step.batch_size} x {step.max_length} tokens | optimizer {config.training.optimizer} | "

@@ -41,8 +41,8 @@ from peftkit.training.data import (
     generation_prompt,
     load_datasets,
 )
-from peftkit.training.estimate import headline
 from peftkit.training.loss import CausalLMLoss, loss_chunk_size
+from peftkit.training.memory import StepMemory, counting, headline
 from peftkit.training.models import check_model_source, generate_text, load_model, load_tokenizer
 from peftkit.training.optim import build_optimizer, loraplus_param_groups
 from peftkit.training.rundir import (
@@ -53,7 +53,7 @@ from peftkit.training.rundir import (
     start_writing,
     writing,
 )
-from peftkit.training.simulate import Simulation, StepMemory, counting
+from peftkit.training.simulate import Simulation
 from peftkit.units import format_bytes
 
 __all__ = ["TrainResult", "train"]
@@ -379,7 +379,7 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
     estimated = _estimated_step(run)  # before the model loads: a run too large for the device is told first
     model = load_model(config.model.name, config.model.dtype, config.base_quantization(), acc.device)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    adapt(model, config.method.name, **config.method.options)
+    adapt(model, config.method)
     _initialize_from_data(run, model, train_set)
     if config.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 from peftkit.dtypes import dtype_named
 from peftkit.errors import ConfigError
 from peftkit.files import atomic_directory, check_writable, destination_errors
-from peftkit.weights import WeightSource, set_weight_source
+from peftkit.quant.config import QuantizationConfig, resolve_compute_dtype
 from peftkit.training.quantized import bitsandbytes_config, local_device, skipped_modules
+from peftkit.weights import WeightSource, set_weight_source
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -33,6 +34,9 @@ __all__ = [
     "load_tokenizer",
     "model_config",
     "model_skeleton",
+    "text_config",
+    "layer_count",
+    "with_layers",
     "load_model",
     "checkpoint_weights",
     "generate_text",
@@ -181,16 +185,55 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def model_skeleton(name: str) -> nn.Module:
-    """The causal LM `name` built from its config alone, on the meta device: its modules, no weights read."""
+def text_config(config: Any) -> Any:
+    """The part of a transformers config that describes the language model (multimodal configs nest it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def layer_count(config: Any) -> int | None:
+    """The number of transformer layers a transformers config asks for, if it says."""
+    return getattr(text_config(config), "num_hidden_layers", None)
+
+
+def with_layers(config: Any, num_layers: int) -> Any:
+    """A copy of a transformers config with only its first `num_layers` layers.
+
+    Per-layer lists (Gemma's `layer_types`, and the like: any list as long as the layer
+    count) are cut to match.
+    """
+    copy = config.__class__.from_dict(config.to_dict())
+    target = text_config(copy)
+    old = target.num_hidden_layers
+    for key, value in list(vars(target).items()):
+        if isinstance(value, list) and len(value) == old:
+            setattr(target, key, value[:num_layers])
+    target.num_hidden_layers = num_layers
+    return copy
+
+
+def model_skeleton(name: str, dtype: torch.dtype | None = None, num_layers: int | None = None) -> nn.Module:
+    """The causal LM `name` built from its config alone, on the meta device: its modules, no weights read.
+
+    `dtype`: its floating-point tensors' dtype (default: transformers'); `num_layers`: only the
+    first that many layers (see `with_layers`). ConfigError if transformers has no causal LM for it.
+    """
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config(name))
+    config = model_config(name)
+    if num_layers is not None:
+        config = with_layers(config, num_layers)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
+    except ValueError as error:  # a config type with no causal-LM class
+        raise ConfigError(f"model.name {name!r}: transformers cannot build it as a causal LM: {error}") from None
 
 
 def load_model(
-    name: str, dtype: str = "float32", quantization: Any | None = None, device: str | torch.device | None = None
+    name: str,
+    dtype: str = "float32",
+    quantization: QuantizationConfig | None = None,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """A causal LM for `name`; it remembers `name` (not the cache path) so adapters record it.
 
@@ -203,8 +246,6 @@ def load_model(
     torch_dtype = dtype_named(dtype, "model.dtype")
     options: dict[str, Any] = {}
     if quantization is not None:
-        from peftkit.quant.codec import resolve_compute_dtype
-
         target = torch.device(device or local_device())
         skipped = skipped_modules(model_skeleton(name), quantization, "model.quantization")
         compute = resolve_compute_dtype(quantization.compute_dtype, target)
@@ -215,7 +256,7 @@ def load_model(
     with _naming_the_model(name):
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=torch_dtype, **options)
     if quantization is not None:
-        from peftkit.quant.codec import keep_one_kernel
+        from peftkit.quant import keep_one_kernel  # the model is 4-bit: bitsandbytes is loaded
 
         keep_one_kernel(model)
         local = Path(resolve_model_path(name)).expanduser()

@@ -12,21 +12,25 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from peftkit.errors import ConfigError
+from peftkit.quant.config import QuantizationConfig, resolve_compute_dtype
 from peftkit.targets import candidate_modules
 from peftkit.validation import from_options
 from peftkit.weights import is_linear
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
 
 __all__ = [
     "LOAD_BLOCKSIZE",
     "local_device",
     "quantization_from_options",
-    "resolve_compute_dtype_here",
     "skipped_modules",
     "bitsandbytes_config",
 ]
@@ -35,14 +39,21 @@ __all__ = [
 LOAD_BLOCKSIZE = 64
 
 
-def quantization_from_options(options: dict[str, Any], where: str) -> Any:
-    """`options` as a `peftkit.quant.QuantizationConfig` for a load, or a ConfigError naming `where`."""
+def quantization_from_options(options: Mapping[str, Any] | QuantizationConfig, where: str) -> QuantizationConfig:
+    """`options` (a mapping of its fields, or the config) as the `QuantizationConfig` of a load, checked for one:
+    bitsandbytes installed, the blocksize transformers loads with, a compute dtype this process's device can use;
+    else a ConfigError naming `where`."""
+    if not isinstance(options, (Mapping, QuantizationConfig)):
+        raise ConfigError(f"{where} must be a mapping of QuantizationConfig's fields (or null), got {options!r}.")
     try:
-        from peftkit.quant import QuantizationConfig  # bitsandbytes is needed only when 4 bits are asked for
+        from peftkit.quant import codec  # noqa: F401  (bitsandbytes is needed only when 4 bits are asked for)
     except ImportError as error:
         raise ConfigError(f"{where} loads the model in 4 bits, which needs bitsandbytes: {error}") from None
     try:
-        config = from_options(QuantizationConfig, options, where=where)
+        config = (
+            options if isinstance(options, QuantizationConfig) else from_options(QuantizationConfig, options, where)
+        )
+        resolve_compute_dtype(config.compute_dtype, local_device())
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
     if config.blocksize not in (None, LOAD_BLOCKSIZE):
@@ -61,17 +72,7 @@ def local_device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def resolve_compute_dtype_here(config: Any) -> torch.dtype:
-    """The compute dtype `config` asks for on this process's device; ConfigError if the device cannot use it."""
-    from peftkit.quant.codec import resolve_compute_dtype
-
-    try:
-        return resolve_compute_dtype(config.compute_dtype, local_device())
-    except ConfigError as error:
-        raise ConfigError(f"model.quantization: {error}") from None
-
-
-def skipped_modules(skeleton: nn.Module, config: Any, where: str) -> list[str]:
+def skipped_modules(skeleton: nn.Module, config: QuantizationConfig, where: str) -> list[str]:
     """Paths of the linear layers that stay dense; ConfigError if no linear layer is left to quantize."""
     linear = [name for name, module in candidate_modules(skeleton) if is_linear(module)]
     try:
@@ -88,7 +89,9 @@ def skipped_modules(skeleton: nn.Module, config: Any, where: str) -> list[str]:
     return skipped
 
 
-def bitsandbytes_config(config: Any, compute_dtype: torch.dtype, skipped: list[str]) -> Any:
+def bitsandbytes_config(
+    config: QuantizationConfig, compute_dtype: torch.dtype, skipped: list[str]
+) -> BitsAndBytesConfig:
     """transformers' `BitsAndBytesConfig` for `config`, keeping exactly `skipped` dense."""
     from transformers import BitsAndBytesConfig
 

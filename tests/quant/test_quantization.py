@@ -26,7 +26,7 @@ from peftkit.quant import (
     requantize,
     weight_nbytes,
 )
-from peftkit.quant.codec import dequantized_copy, resolve_compute_dtype
+from peftkit.quant import default_compute_dtype, dequantized_copy, resolve_compute_dtype
 from peftkit.weights import layer_features, read_weight
 
 
@@ -187,8 +187,12 @@ def test_bad_options_name_the_field_and_the_valid_values(options: dict, message:
 def test_compute_dtype_the_device_cannot_use_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_compute_dtype(None, torch.device("cpu")) == torch.float32
     assert resolve_compute_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    # With no GPU here (estimating for one elsewhere) a GPU with native bfloat16 is assumed.
+    assert default_compute_dtype("cuda") == "bfloat16" and default_compute_dtype("cpu") == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # a pre-Ampere GPU
     assert resolve_compute_dtype(None, torch.device("cuda")) == torch.float32
+    assert default_compute_dtype("cuda") == "float32"  # the one rule: loading and the estimate agree (T4, V100)
     with pytest.raises(ConfigError, match=r"'bfloat16' cannot be used on device 'cuda'.*supports: float32, float16"):
         resolve_compute_dtype("bfloat16", torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
@@ -202,14 +206,23 @@ def test_meta_weights_are_refused() -> None:
         quantize_model(model)
 
 
-def test_missing_bitsandbytes_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_bitsandbytes_configs_build_and_adapting_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
-    for module in ("peftkit.quant", "peftkit.quant.codec", "peftkit.quant.convert"):
-        monkeypatch.delitem(sys.modules, module)
+    quant = importlib.import_module("peftkit.quant")
+    for name in ("codec", "convert", "meta"):  # as if never imported
+        monkeypatch.delitem(sys.modules, f"peftkit.quant.{name}", raising=False)
+        monkeypatch.delattr(quant, name, raising=False)
+    config = quant.QuantizationConfig(quant_type="fp4")  # the settings need no bitsandbytes
+    method = peftkit.get_method("qlora").from_options(quantization=config, target_modules=["0"])
+    assert method.base_quantization() == config
     with pytest.raises(ImportError, match="needs bitsandbytes, which is not installed: pip install bitsandbytes"):
         importlib.import_module("peftkit.quant.codec")
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
-        peftkit.get_method("qlora").from_options()
+        quant.quantize_model  # noqa: B018  (the codec's names load it on first use)
+    model = nn.Sequential(nn.Linear(64, 64))
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        peftkit.adapt(model, method)
+    assert isinstance(model[0], nn.Linear)  # nothing changed
 
 
 def test_merging_into_an_8bit_layer_is_refused_but_lora_trains_on_it() -> None:

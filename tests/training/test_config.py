@@ -28,11 +28,10 @@ def config_file(tmp_path: Path) -> Path:
 
 def test_issue_shape_loads_with_defaults(config_file: Path) -> None:
     config = load_config(config_file)
-    assert config.method.name == "lora" and config.method.options == {
-        "r": 16,
-        "alpha": 32,
-        "target_modules": "all-linear",
-    }
+    method = config.method  # the built method: its config holds the given options and the defaults
+    assert method.name == "lora" and (method.config.r, method.config.alpha) == (16, 32)
+    assert method.config.target_modules == "all-linear" and method.config.dropout == 0.0
+    assert config.to_dict()["method"] == {"name": "lora", **method.options()} and len(method.options()) > 3
     assert config.training.max_steps == 200 and config.training.learning_rate == 2.0e-4
     assert config.training.gradient_accumulation_steps == 1 and config.output.keep_last == 2
     assert Path(config.data.train) == config_file.parent / "train.jsonl"
@@ -51,7 +50,7 @@ def test_overrides_are_parsed_as_yaml(config_file: Path) -> None:
     )
     assert config.training.learning_rate == 1e-4 and isinstance(config.training.learning_rate, float)
     assert config.training.batch_size == 8 and config.data.packing is True
-    assert config.method.options["target_modules"] == ["q_proj", "v_proj"] and config.method.options["r"] == 4
+    assert config.method.config.target_modules == ["q_proj", "v_proj"] and config.method.config.r == 4
 
 
 def test_a_longer_override_path_reaches_into_nested_options() -> None:
@@ -146,7 +145,7 @@ def test_yaml_1_1_exponents_are_numbers_in_every_section(config_file: Path) -> N
     raw["method"].update(alpha="1e2", dropout="5e-2", r="1e1", rank_pattern={"q_proj": "2e0"})
     raw["training"].update(learning_rate="1e-4", max_steps="1e3")
     config = build_config(raw, base=config_file.parent)
-    options = config.method.options
+    options = config.method.options()
     assert (options["alpha"], options["dropout"], options["r"], options["rank_pattern"]) == (
         100.0,
         0.05,

@@ -17,7 +17,8 @@ from peftkit.errors import ConfigError
 from peftkit.training import estimate as est
 from peftkit.training.config import RunConfig, apply_overrides, build_config, load_config
 from peftkit.training.loop import train
-from peftkit.training.simulate import CATEGORIES, Simulation
+from peftkit.training.memory import CATEGORIES
+from peftkit.training.simulate import Simulation
 from peftkit.units import format_bytes
 
 GIB, MIB = 2**30, 2**20

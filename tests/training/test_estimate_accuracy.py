@@ -1,32 +1,24 @@
 """The simulated step (`peftkit.training.simulate`) against the same step run for real, on tiny models.
 
-The real step is measured by torch's profiler (`benchmarks/step_memory.py`, which
+The real step is measured by torch's profiler (`peftkit.training.realstep`, which
 `benchmarks/bench_estimate.py` runs at larger scale): the CPU allocator's events over
 the step plus the tensor storages alive when it starts.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 from tiny_run import make_model_dir
 
+from peftkit.training import realstep
 from peftkit.training.config import RunConfig, build_config
 from peftkit.training.simulate import Simulation
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 LORA = {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"}
-
-
-@pytest.fixture
-def step_memory(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    return importlib.import_module("step_memory")
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +38,14 @@ def run_config(
     return build_config(raw, data_files=False)
 
 
-def test_the_measure_counts_a_temporary_freed_inside_the_step_and_what_was_alive_before(step_memory) -> None:
+def test_the_measure_counts_a_temporary_freed_inside_the_step_and_what_was_alive_before() -> None:
     x = torch.ones(1000, 1000)
 
     def step() -> None:
         y = x * 2
         y.exp()  # made while y is alive, then both freed
 
-    measured = step_memory.measure(step, {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes()})
+    measured = realstep.measure(step, {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes()})
     assert (measured.resident_bytes, measured.peak_bytes) == (4_000_000, 12_000_000)
 
 
@@ -68,20 +60,20 @@ def test_the_measure_counts_a_temporary_freed_inside_the_step_and_what_was_alive
     ids=["lora", "full", "lora-checkpointing", "lora-4bit-base"],
 )
 def test_the_estimate_is_within_10_percent_of_the_measured_step(
-    step_memory, model_dir: Path, method: dict[str, Any], model: dict[str, Any]
+    model_dir: Path, method: dict[str, Any], model: dict[str, Any]
 ) -> None:
     config = run_config(model_dir, method, model=model)
     estimate = Simulation(config, "cpu").step()
-    measured = step_memory.measure_step(step_memory.RealRun(config))
+    measured = realstep.measure_step(realstep.RealRun(config))
     assert sum(estimate.breakdown.values()) == estimate.peak_bytes
     held = sum(estimate.breakdown[c] for c in ("base_weights", "trainable_parameters", "optimizer_state"))
     assert held == pytest.approx(measured.resident_bytes, rel=0.01)  # what exists before the step
     assert 0.9 <= estimate.peak_bytes / measured.peak_bytes <= 1.1
 
 
-def test_the_estimate_of_an_8bit_optimizer_step_on_cpu_counts_its_float32_copies(step_memory, tmp_path: Path) -> None:
+def test_the_estimate_of_an_8bit_optimizer_step_on_cpu_counts_its_float32_copies(tmp_path: Path) -> None:
     model_dir = make_model_dir(tmp_path, hidden_size=256, intermediate_size=512)  # weights outweigh activations
     config = run_config(model_dir, {"name": "full"}, batch=1, length=8, training={"optimizer": "adamw_8bit"})
     estimate = Simulation(config, "cpu").step()
-    measured = step_memory.measure_step(step_memory.RealRun(config))
+    measured = realstep.measure_step(realstep.RealRun(config))
     assert 0.9 <= estimate.peak_bytes / measured.peak_bytes <= 1.1

@@ -211,9 +211,9 @@ def test_bad_quantization_is_refused_at_config_check(
 def test_a_compute_dtype_the_device_cannot_use(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import peftkit.quant.codec as codec
+    import peftkit.quant.config as quant_config
 
-    monkeypatch.setattr(codec, "supported_compute_dtypes", lambda device: ["float32"])
+    monkeypatch.setattr(quant_config, "supported_compute_dtypes", lambda device: ["float32"])
     path = write_run(tmp_path, model_dir, model={"quantization": {"compute_dtype": "bfloat16"}})
     with pytest.raises(
         ConfigError, match=r"compute_dtype 'bfloat16' cannot be used on device 'cpu'.*supports: float32"

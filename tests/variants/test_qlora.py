@@ -257,3 +257,15 @@ def test_model_loaded_by_transformers_in_4bit_is_adapted_as_is(method: str, ids:
     dense = merge_and_dequantize(model)
     assert not hasattr(dense, "hf_quantizer") and four_bit_paths(dense) == []
     torch.testing.assert_close(model_output(dense, ids), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("storage_dtype", [None, "bfloat16", "float32"])
+def test_parameter_counts_over_a_4bit_base_equal_peft_whatever_the_storage_dtype(storage_dtype: str | None) -> None:
+    """A packed weight counts the weights it holds; it used to be `numel * 2`, a quarter of that in float32 storage."""
+    model = peftkit.adapt(
+        tiny_llama(), "qlora", target_modules=TARGETS, r=4, quantization={"storage_dtype": storage_dtype}
+    )
+    dense = sum(p.numel() for p in tiny_llama().parameters())
+    trainable, total = peftkit.trainable_parameters(model)
+    assert (trainable, total) == peft.PeftModel.get_nb_trainable_parameters(model)  # PEFT's rule, on our model
+    assert total == dense + trainable

@@ -1,4 +1,5 @@
-"""One training step of a run config run for real on CPU, its peak of live tensor bytes measured by torch's profiler.
+"""One training step of a run config run for real on CPU, its peak of live tensor bytes measured by torch's profiler:
+what the estimate (`peftkit.training.simulate`) is checked against, by the tests and `benchmarks/bench_estimate.py`.
 
 The step is built from peftkit's own pieces (`load_model`, `adapt`, checkpointing,
 `build_optimizer`, `CausalLMLoss`) and is the step `peftkit.training.simulate.Simulation`
@@ -7,7 +8,7 @@ measured one runs the loss over `batch x max_length` zeros (every position label
 an all-ones attention mask), backward, gradient clipping, `optimizer.step()` and
 `zero_grad(set_to_none=True)`.
 
-How the peak is measured, without `simulate.LiveBytes` (torch 2.13):
+How the peak is measured, independently of the meter the estimate uses (`memory.LiveBytes`; torch 2.13):
 
 - `torch.profiler.profile(activities=[CPU], profile_memory=True)` records one event per
   block the CPU allocator hands out or takes back during the step. `prof.events()` and
@@ -87,7 +88,7 @@ class RealRun:
         self.config = config
         tc = config.training
         model = load_model(config.model.name, config.model.dtype, config.base_quantization(), "cpu")
-        adapt(model, config.method.name, **config.method.options)
+        adapt(model, config.method)
         if config.model.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.train()
