@@ -26,7 +26,8 @@ from torch import nn
 
 import peftkit
 from peftkit.analysis import read_low_rank_adapter
-from peftkit.peft_format import PEFT_PREFIX, write_adapter_files
+from peftkit.peft_format import PEFT_PREFIX
+from peftkit.saving import write_adapter_files
 
 # Llama-3-8B: hidden 4096, intermediate 14336, 32 heads of 128, 8 KV heads, 32 blocks.
 SHAPES = {  # module -> (out, in)

@@ -31,7 +31,7 @@ from common import AnonPeak, machine
 from torch import nn
 
 import peftkit
-from peftkit.hosts import hosts
+from peftkit.injection import hosts
 from peftkit.training.models import load_model
 from peftkit.weights import read_weight
 

@@ -7,6 +7,17 @@ peftkit.save_adapter(model, "out/adapter")   # HF PEFT's format
 """
 
 from peftkit import logs  # noqa: F401  (quiets third-party log noise; see there)
+from peftkit.adapters import (
+    adapt,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    mark_trainable,
+    rename_adapter,
+    set_active_adapters,
+    set_adapters_enabled,
+    trainable_parameters,
+)
 from peftkit.analysis import analyze
 from peftkit.combine import combine_adapters
 from peftkit.errors import (
@@ -26,26 +37,16 @@ from peftkit.errors import (
     UnsupportedModuleError,
     UntrustedCheckpointError,
 )
-from peftkit.inject import (
-    adapt,
-    delete_adapter,
-    disable_adapters,
-    list_adapters,
-    mark_trainable,
-    rename_adapter,
-    set_active_adapters,
-    set_adapters_enabled,
-    trainable_parameters,
-)
 from peftkit.layer import Adapter, AdapterHost, AdapterLayer, LowRankAdapter, ParameterAdapter, TrainableCopy
+from peftkit.loading import hot_swap_adapter, load_adapter
 from peftkit.merge import merge, merge_and_unload, switch_merged_adapter, unload, unmerge
 from peftkit.method import AdapterMethod
 from peftkit.options import MethodConfig, peft_option
-from peftkit.peft_format import adapter_state_dict, save_adapter
+from peftkit.peft_format import adapter_state_dict
 from peftkit.record import adapter_methods
 from peftkit.registry import available_methods, get_method, register_method
 from peftkit.routing import RowRouting, mixed_batch
-from peftkit.serialization import hot_swap_adapter, load_adapter
+from peftkit.saving import save_adapter
 
 __version__ = "0.1.0"
 

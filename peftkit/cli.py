@@ -56,8 +56,8 @@ def _quantization(text: str | None) -> Any | None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from peftkit.loading import load_adapter
     from peftkit.peft_format import read_adapter_config
-    from peftkit.serialization import load_adapter
     from peftkit.training.models import generate_text, load_model, load_tokenizer
 
     if args.max_new_tokens <= 0:
@@ -75,8 +75,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
+    from peftkit.loading import load_adapter
     from peftkit.peft_format import read_adapter_config
-    from peftkit.serialization import load_adapter
     from peftkit.training.models import load_model, load_tokenizer
 
     quantization = _quantization(args.quantization)

@@ -20,9 +20,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from peftkit.adapters import adapt
 from peftkit.errors import ConfigError
-from peftkit.hosts import hosts
-from peftkit.inject import adapt
+from peftkit.injection import hosts
 from peftkit.layer import Adapter, AdapterLayer, LowRankAdapter, ParameterAdapter
 from peftkit.record import adapter_methods, require_adapters
 from peftkit.undo import restore_on_failure

@@ -21,14 +21,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from peftkit.adapter_names import release_adapter_names
+from peftkit.adapters import set_active_adapters
 from peftkit.anatomy import tied_parameters
 from peftkit.errors import AdapterStateError, LossyMergeWarning, MergeError
-from peftkit.hosts import hosts
-from peftkit.inject import set_active_adapters
+from peftkit.injection import hosts
 from peftkit.layer import Adapter, AdapterLayer, ParameterAdapter, TrainableCopy
 from peftkit.pretrained import uninstall
 from peftkit.record import adapter_methods, forget_adapters, require_adapters
+from peftkit.routing import release_adapter_names
 from peftkit.weights import keep_weight, read_weight, write_weight
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "unload", "switch_merged_adapter"]

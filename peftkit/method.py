@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import ConfigError
-from peftkit.hosts import adapter_tensors, inject_adapters
+from peftkit.injection import adapter_tensors, inject_adapters
 from peftkit.layer import Adapter
 from peftkit.options import MethodConfig
 from peftkit.quant.config import QuantizationConfig

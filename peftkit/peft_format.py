@@ -7,8 +7,8 @@ exactly what PEFT reads; peftkit's own full options ride along in the safetensor
 header metadata (which PEFT ignores), so a peftkit round trip is exact. The JSON is
 the ecosystem's source of truth: where it was edited after saving, the method read
 back follows it (and warns), and only the options PEFT has no key for come from the
-metadata. Reading is JSON and safetensors only: nothing is ever unpickled. Loading
-onto a model is `peftkit.serialization`.
+metadata. Reading is JSON and safetensors only: nothing is ever unpickled. Writing the
+files is `peftkit.saving`; loading them onto a model, `peftkit.loading`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,17 +23,16 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from peftkit.anatomy import task_type
 from peftkit.errors import AdapterFileError
-from peftkit.files import atomic_write, atomic_write_json, check_writable, destination_errors, read_json
-from peftkit.hosts import hosts
+from peftkit.files import read_json
+from peftkit.injection import hosts
 from peftkit.layer import AdapterLayer
 from peftkit.method import AdapterMethod
 from peftkit.record import DEFAULT_ADAPTER, adapted_model, adapter_method
-from peftkit.registry import available_methods, get_method, method_reference
+from peftkit.registry import available_methods, get_method
 from peftkit.targets import portable_target_modules
 from peftkit.validation import option_names
 from peftkit.weights import fan_in_fan_out
@@ -43,10 +41,10 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "PEFT_PREFIX",
+    "METADATA_KEY",
     "adapter_state_dict",
-    "method_options",
     "peft_config",
-    "save_adapter",
+    "peft_key",
     "read_adapter_config",
     "read_adapter_tensors",
     "method_from_config",
@@ -54,7 +52,6 @@ __all__ = [
     "LORA_UP",
     "LORA_MAGNITUDE",
     "lora_layer_tensors",
-    "write_adapter_files",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -67,7 +64,7 @@ LORA_UP = "lora_B.weight"
 LORA_MAGNITUDE = "lora_magnitude_vector"
 
 
-def _peft_key(path: str, adapter_name: str) -> str:
+def peft_key(path: str, adapter_name: str) -> str:
     """PEFT's name for a tensor: the adapter-name level dropped, `base_model.model.` in front."""
     return PEFT_PREFIX + path.replace(f".adapters.{adapter_name}.", ".")
 
@@ -76,11 +73,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) ->
     """The live tensors that make up one adapter, under PEFT's key names."""
     model = adapted_model(model)
     method = adapter_method(model, adapter_name)
-    return {_peft_key(path, adapter_name): t for path, t in method.trainable_state(model, adapter_name).items()}
-
-
-def method_options(method: AdapterMethod) -> dict[str, Any]:
-    return {f.name: getattr(method.config, f.name) for f in dataclasses.fields(method.config)}
+    return {peft_key(path, adapter_name): t for path, t in method.trainable_state(model, adapter_name).items()}
 
 
 def peft_config(
@@ -109,63 +102,6 @@ def peft_config(
         inference_mode=True,
     )
     return config
-
-
-def save_adapter(
-    model: nn.Module,
-    directory: str | os.PathLike[str],
-    name: str = DEFAULT_ADAPTER,
-    *,
-    state_dict: Mapping[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write one adapter to `directory` in PEFT's format (only adapter tensors); returns the path.
-
-    `state_dict` (model path -> tensor, e.g. gathered from FSDP or DeepSpeed shards, whose
-    live tensors are partial) supplies the values to write; paths it lacks use the live tensor.
-    A directory that cannot be written (read-only, a full disk) raises DestinationError
-    before or instead of a half-written adapter.
-    """
-    model = adapted_model(model)
-    directory = Path(directory)
-    method = adapter_method(model, name)
-    values = {path: (state_dict or {}).get(path, t) for path, t in method.trainable_state(model, name).items()}
-    method, values = method.saved_form(model, name, values)
-    config = peft_config(model, name, method)
-    tensors = {_peft_key(path, name): t.detach().to("cpu").clone().contiguous() for path, t in values.items()}
-    # The JSON as written, so loading can tell which of its fields were edited since.
-    record = {"method": method_reference(type(method)), "options": method_options(method), "adapter_config": config}
-    return write_adapter_files(directory, config, tensors, {METADATA_KEY: json.dumps(record)})
-
-
-def write_adapter_files(
-    directory: str | os.PathLike[str],
-    config: dict[str, Any],
-    tensors: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, str] | None = None,
-) -> Path:
-    """Write adapter_config.json and the safetensors file (PEFT key names) to `directory`, both or neither.
-
-    Without peftkit's record in `metadata` the file reads back as PEFT would read it.
-    """
-    directory = Path(directory)
-    header = {"format": "pt", **(metadata or {})}
-
-    def write(tmp: Path) -> None:
-        # The config is renamed into place only once the weights are written, and the
-        # weights right after it: a full disk or a failed write leaves neither file new.
-        save_file(dict(tensors), str(tmp), metadata=header)
-        atomic_write_json(directory / CONFIG_NAME, config)
-
-    check_writable(directory / CONFIG_NAME)
-    created = not directory.exists()
-    try:
-        with destination_errors(directory):
-            atomic_write(directory / WEIGHTS_NAME, write)
-    except BaseException:
-        if created:  # nothing of this save is left behind, not even its empty directory
-            shutil.rmtree(directory, ignore_errors=True)
-        raise
-    return directory
 
 
 def lora_layer_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:

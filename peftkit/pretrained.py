@@ -41,9 +41,10 @@ from torch import nn
 
 from peftkit.errors import AdapterNotFoundError, AdapterStateError, ConfigError, ShapeMismatchError
 from peftkit.files import atomic_write_json
-from peftkit.hosts import hosts
-from peftkit.peft_format import PEFT_PREFIX, WEIGHTS_NAME, adapter_state_dict, save_adapter
+from peftkit.injection import hosts
+from peftkit.peft_format import PEFT_PREFIX, WEIGHTS_NAME, adapter_state_dict
 from peftkit.record import DEFAULT_ADAPTER, adapter_method, adapter_methods
+from peftkit.saving import save_adapter
 
 __all__ = ["install", "uninstall", "save_pretrained", "load_state_dict", "active_adapters"]
 

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.adapters import delete_adapter
 from peftkit.analysis import LowRankFile, read_low_rank_adapter
 from peftkit.errors import ConfigError
-from peftkit.inject import delete_adapter
-from peftkit.peft_format import LORA_DOWN, LORA_MAGNITUDE, LORA_UP, PEFT_PREFIX, write_adapter_files
-from peftkit.serialization import load_adapter
+from peftkit.loading import load_adapter
+from peftkit.peft_format import LORA_DOWN, LORA_MAGNITUDE, LORA_UP, PEFT_PREFIX
+from peftkit.saving import write_adapter_files
 
 __all__ = ["check_truncation", "truncate_adapter", "logit_change"]
 

@@ -18,7 +18,7 @@ from conftest import VOCAB, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import peftkit
-from peftkit.hosts import hosts
+from peftkit.injection import hosts
 from peftkit.quant import is_quantized, merge_and_dequantize
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import AdapterExistsError, TargetNotFoundError, UnsupportedModuleError
-from peftkit.hosts import hosts
+from peftkit.injection import hosts
 
 
 def adapted_paths(model: nn.Module) -> list[str]:

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftkit
-import peftkit.hosts
+import peftkit.injection
 import peftkit.peft_format
 from peftkit.errors import AdapterExistsError, AdapterStateError, ConfigError, ShapeMismatchError
 
@@ -95,7 +95,7 @@ def test_peft_adapter_names_keyword_routes_rows_of_a_forward() -> None:
     torch.testing.assert_close(model(input_ids=ids).logits, logits_with(model, "math", ids))  # routing ended
     with pytest.raises(peftkit.AdapterNotFoundError, match="'nope'.*adapters: sql, chat, math"):
         model(input_ids=ids, adapter_names=["sql", "nope", "chat", "sql"])
-    assert all(host.routing is None for _, host in peftkit.hosts.hosts(model))
+    assert all(host.routing is None for _, host in peftkit.injection.hosts(model))
 
 
 def test_peft_adapter_names_keyword_on_generate_follows_beams() -> None:

@@ -17,7 +17,7 @@ from conftest import randomize_adapters, tiny_llama
 from torch import nn
 
 import peftkit
-import peftkit.peft_format
+import peftkit.saving
 from peftkit.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -29,7 +29,7 @@ from peftkit.errors import (
     TargetNotFoundError,
     UnsupportedModuleError,
 )
-from peftkit.hosts import hosts
+from peftkit.injection import hosts
 from peftkit.quant import QuantizationConfig, merge_and_dequantize, prepare_for_kbit_training, quantize_model
 
 NAMES = ["sql", "chat"]
@@ -281,7 +281,7 @@ def test_save_adapter_onto_a_full_disk_leaves_the_old_files(
     def full_disk(path: str | Path, *_: object, **__: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(peftkit.peft_format, writer, full_disk)
+    monkeypatch.setattr(peftkit.saving, writer, full_disk)
     for directory in (kept, tmp_path / "fresh"):
         with pytest.raises(DestinationError, match=rf"cannot write '{directory}': No space left on device \(ENOSPC\)"):
             peftkit.save_adapter(model, directory, "chat")

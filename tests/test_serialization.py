@@ -115,7 +115,7 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path, monkeypatch: py
     def crash(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("peftkit.peft_format.save_file", crash)
+    monkeypatch.setattr("peftkit.saving.save_file", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         peftkit.save_adapter(model, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before

@@ -38,7 +38,7 @@ from peftkit import (
     UnsupportedModuleError,
     peft_option,
 )
-from peftkit.hosts import add_adapter, hosts
+from peftkit.injection import add_adapter, hosts
 from peftkit.targets import candidate_modules
 from peftkit.validation import check_pattern
 from peftkit.weights import weight_source

@@ -26,9 +26,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from peftkit.adapters import disable_adapters, mark_trainable
 from peftkit.errors import ConfigError
-from peftkit.hosts import hosts
-from peftkit.inject import disable_adapters, mark_trainable
+from peftkit.injection import hosts
 from peftkit.layer import AdapterLayer
 from peftkit.record import DEFAULT_ADAPTER, adapter_methods, record_for_update
 from peftkit.weights import is_linear

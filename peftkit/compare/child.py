@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.adapters import trainable_parameters
 from peftkit.compare.scoring import generate_batch, label_predictions, score_predictions, test_pairs, text_loss
 from peftkit.errors import PeftkitError
 from peftkit.files import atomic_write_json
-from peftkit.inject import trainable_parameters
 from peftkit.training.config import RunConfig, load_config
 from peftkit.training.data import read_records
 from peftkit.training.loop import train

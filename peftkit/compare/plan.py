@@ -219,10 +219,17 @@ def _method_options(method: str, base: dict[str, Any]) -> dict[str, Any]:
 
 
 def _at_rank(method: str, options: dict[str, Any], rank: int | None) -> dict[str, Any]:
-    """`options` with the method's rank set to `rank` and its scaling per rank kept (`AdapterMethod.at_rank`)."""
+    """`options` with the method's rank set to `rank` and its scaling per rank kept (`AdapterMethod.at_rank`):
+    the options as given plus those the new rank changes, so each run's config says what it chose."""
     if rank is None:
         return options
-    return build_method({"name": method, **options}).at_rank(rank).options()
+    built = build_method({"name": method, **options})
+    try:
+        ranked = built.at_rank(rank).options()
+    except ConfigError as error:
+        raise ConfigError(f"method {method!r}: {error}") from None
+    before = built.options()
+    return {**options, **{key: value for key, value in ranked.items() if before[key] != value}}
 
 
 def plan_runs(raw: dict[str, Any], base_dir: Path | None, settings: CompareConfig) -> list[RunSpec]:

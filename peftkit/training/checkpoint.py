@@ -27,9 +27,10 @@ from torch import nn
 
 from peftkit.errors import CheckpointError, ConfigError, UntrustedCheckpointError
 from peftkit.files import atomic_directory, read_json
-from peftkit.peft_format import WEIGHTS_NAME, save_adapter
+from peftkit.loading import copy_adapter_tensors
+from peftkit.peft_format import WEIGHTS_NAME
 from peftkit.record import DEFAULT_ADAPTER
-from peftkit.serialization import copy_adapter_tensors
+from peftkit.saving import save_adapter
 
 __all__ = [
     "Checkpoint",

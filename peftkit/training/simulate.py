@@ -40,8 +40,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_leaves
 
+from peftkit.adapters import adapt
 from peftkit.dtypes import dtype_named
-from peftkit.inject import adapt
 from peftkit.quant.config import COMPUTE_DTYPES, default_compute_dtype
 from peftkit.training.activations import enable_gradient_checkpointing
 from peftkit.training.config import RunConfig

@@ -20,6 +20,7 @@ from peftkit.compare.plan import compare_settings, plan_runs, target_modules
 from peftkit.compare.report import CSV_COLUMNS
 from peftkit.compare.runner import task_scores
 from peftkit.errors import ConfigError, PeftkitError
+from peftkit.training.config import apply_overrides
 
 # The tiny Llama (tests/tiny_run.py): 35,168 weights; LoRA r=4 on all 7 linear layers of its 2 blocks
 # trains 4 * (in + out) each, DoRA adds a magnitude per output feature (256 per block).
@@ -155,7 +156,8 @@ def test_settings_from_flags_and_section() -> None:
     settings = compare_settings({"methods": ["lora"], "ranks": [8]}, "lora,dora", None, "attn,q_proj+v_proj", None)
     assert settings.methods == ["lora", "dora"] and settings.ranks == [8]
     assert settings.targets == ["attn", ["q_proj", "v_proj"]]
-    overridden = compare_settings({"methods": ["lora"]}, overrides=["compare.generations=2", "compare.ranks=[4, 8]"])
+    raw = apply_overrides({"compare": {"methods": ["lora"]}}, ["compare.generations=2", "compare.ranks=[4, 8]"])
+    overridden = compare_settings(raw["compare"])  # `--set compare.*` goes through the run config's parser
     assert overridden.generations == 2 and overridden.ranks == [4, 8] and overridden.methods == ["lora"]
     with pytest.raises(ConfigError, match="--ranks expects a comma-separated list of int, got '4,x'"):
         compare_settings(None, "lora", "4,x", None, None)

@@ -19,14 +19,16 @@ import peftkit
 from peftkit.errors import ConfigError, MergeError, UnsupportedModuleError
 from peftkit.quant import (
     QuantizationConfig,
+    default_compute_dtype,
     dequantize,
+    dequantized_copy,
     is_quantized,
     prepare_for_kbit_training,
     quantize_model,
     requantize,
+    resolve_compute_dtype,
     weight_nbytes,
 )
-from peftkit.quant import default_compute_dtype, dequantized_copy, resolve_compute_dtype
 from peftkit.weights import layer_features, read_weight
 
 

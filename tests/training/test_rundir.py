@@ -13,7 +13,7 @@ import pytest
 import yaml
 from tiny_run import make_model_dir, write_run
 
-import peftkit.peft_format
+import peftkit.saving
 import peftkit.training.checkpoint
 import peftkit.training.loop
 import peftkit.training.rundir as rundir
@@ -241,7 +241,7 @@ def test_a_disk_full_at_the_final_adapter_leaves_no_half_adapter(
     def full(path, data):  # the weights are written, then the disk fills
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(peftkit.peft_format, "atomic_write_json", full)
+    monkeypatch.setattr(peftkit.saving, "atomic_write_json", full)
     assert main(["train", str(config), "--quiet"]) == 2
     assert "cannot write output.dir" in (err := capsys.readouterr().err) and "No space left on device" in err
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "metrics.jsonl"]

@@ -29,10 +29,10 @@ def test_eva_loraplus_freeze_a_run(tmp_path: Path, model_dir: Path) -> None:
     result = train(load_config(path, ["method.freeze_a=true"]), quiet=True)  # as --set gives it
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["init_lora_weights"] == "eva"
-    ranks = {p: h.adapters["default"].r for p, h in peftkit.hosts.hosts(result.model)}
+    ranks = {p: h.adapters["default"].r for p, h in peftkit.injection.hosts(result.model)}
     assert sum(ranks.values()) == 4 * 6 and len(set(ranks.values())) > 1
     assert config["rank_pattern"] == {p: r for p, r in ranks.items() if r != 4}
-    assert not any(h.adapters["default"].lora_A.weight.requires_grad for _, h in peftkit.hosts.hosts(result.model))
+    assert not any(h.adapters["default"].lora_A.weight.requires_grad for _, h in peftkit.injection.hosts(result.model))
 
 
 def test_pissa_run_saves_for_the_original_base(tmp_path: Path, model_dir: Path) -> None:
@@ -52,7 +52,7 @@ def test_loftq_under_model_quantization_reads_the_checkpoint(tmp_path: Path, mod
         training={"max_steps": 1},
     )
     result = train(load_config(path), quiet=True)
-    assert sum(1 for _ in peftkit.hosts.hosts(result.model)) > 0
+    assert sum(1 for _ in peftkit.injection.hosts(result.model)) > 0
 
 
 @pytest.mark.parametrize("value", [0, -1.5])

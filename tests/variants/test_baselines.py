@@ -14,7 +14,7 @@ from torch import nn
 from transformers import LlamaForCausalLM, LlamaModel
 
 import peftkit
-from peftkit.hosts import hosts
+from peftkit.injection import hosts
 
 
 def tied_llama(seed: int = 0) -> LlamaForCausalLM:

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import peftkit
-from peftkit.hosts import hosts
+from peftkit.injection import hosts
 
 DEFAULT_PATHS = {
     "llama": [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.o_proj", "mlp.down_proj")],

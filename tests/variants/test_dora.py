@@ -17,7 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import peftkit
-import peftkit.hosts
+import peftkit.injection
 import peftkit.peft_format
 from peftkit.weights import read_weight
 from variants.dora import DoraEmbedding, DoraLinear
@@ -252,7 +252,7 @@ def test_merge_unmerge_and_merge_and_unload(model_name: str, ids: torch.Tensor) 
             torch.testing.assert_close(param, base_weights[name], atol=1e-6, rtol=0, msg=name)
     torch.testing.assert_close(model_output(model, ids), expected, atol=ATOL, rtol=0)
     plain = peftkit.merge_and_unload(model)
-    assert not list(peftkit.hosts.hosts(plain))
+    assert not list(peftkit.injection.hosts(plain))
     torch.testing.assert_close(model_output(plain, ids), expected, atol=ATOL, rtol=0)
 
 

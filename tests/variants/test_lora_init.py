@@ -33,7 +33,7 @@ def peftkit_pairs(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
     """Module path -> (A, B, base weight) of the default adapter."""
     return {
         path: (host.adapters["default"].lora_A.weight, host.adapters["default"].lora_B.weight, read_weight(host.base_layer))
-        for path, host in peftkit.hosts.hosts(model)
+        for path, host in peftkit.injection.hosts(model)
     }
 
 
@@ -189,7 +189,7 @@ def test_loftq_needs_a_4bit_base() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match="init 'loftq' fits the adapter to a 4-bit base.*use method 'qlora'"):
         peftkit.adapt(model, "lora", target_modules=TARGETS, init="loftq")
-    assert not list(peftkit.hosts.hosts(model))
+    assert not list(peftkit.injection.hosts(model))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

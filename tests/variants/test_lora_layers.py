@@ -17,7 +17,7 @@ from conftest import randomize_adapters
 from torch import nn
 
 import peftkit
-import peftkit.hosts
+import peftkit.injection
 import peftkit.peft_format
 
 # PEFT's own warnings on layouts these tests use on purpose (grouped convs, a 1-D lora_B.bias).

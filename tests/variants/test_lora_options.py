@@ -18,7 +18,7 @@ from torch import nn
 from transformers import MixtralConfig, MixtralForCausalLM
 
 import peftkit
-import peftkit.hosts
+import peftkit.injection
 import peftkit.peft_format
 from peftkit.peft_format import read_adapter_config
 
@@ -153,7 +153,7 @@ def test_trainable_tokens_refusals_are_typed_and_leave_the_model_as_it_was() -> 
     model = tiny_llama()
     with pytest.raises(peftkit.ConfigError, match="distinct ids"):
         peftkit.adapt(model, "lora", target_modules=["q_proj"], trainable_token_indices=[1, 1])
-    assert not list(peftkit.hosts.hosts(model)) and not peftkit.list_adapters(model)
+    assert not list(peftkit.injection.hosts(model)) and not peftkit.list_adapters(model)
     tied = tiny_llama(tie_word_embeddings=True)
     with pytest.raises(peftkit.UnsupportedModuleError, match="tied to the output head"):
         peftkit.adapt(tied, "lora", target_modules=["q_proj"], trainable_token_indices=TOKENS)
@@ -303,11 +303,11 @@ def test_target_parameters_without_target_modules_as_peft_writes_and_reads(tmp_p
     theirs.save_pretrained(tmp_path)
     assert read_adapter_config(tmp_path)["target_modules"] is None
     loaded = peftkit.load_adapter(MLP(), tmp_path)
-    assert [path for path, _ in peftkit.hosts.hosts(loaded)] == ["lin0"]
+    assert [path for path, _ in peftkit.injection.hosts(loaded)] == ["lin0"]
     torch.testing.assert_close(loaded(x), theirs(x), atol=OUTPUT_ATOL, rtol=0)
     ours = peftkit.adapt(MLP(), "lora", target_parameters=["lin0.weight"])
-    assert [path for path, _ in peftkit.hosts.hosts(ours)] == ["lin0"]
+    assert [path for path, _ in peftkit.injection.hosts(ours)] == ["lin0"]
     # A model type with default targets gets them too, as PEFT's does (Mixtral: q_proj, v_proj).
     mixtral = peftkit.adapt(tiny_mixtral(), "lora", target_parameters=EXPERTS)
-    adapted_leaves = {path.rsplit(".", 1)[-1] for path, _ in peftkit.hosts.hosts(mixtral)}
+    adapted_leaves = {path.rsplit(".", 1)[-1] for path, _ in peftkit.injection.hosts(mixtral)}
     assert adapted_leaves == {"q_proj", "v_proj", "experts"}

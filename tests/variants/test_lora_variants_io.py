@@ -96,11 +96,11 @@ def test_loraplus_groups_equal_peft() -> None:
 
 def test_freeze_a_trains_b_only(ids: torch.Tensor) -> None:
     model = peftkit.adapt(tiny_llama(), "lora", target_modules=TARGETS, r=4, freeze_a=True)
-    a_before = {p: h.adapters["default"].lora_A.weight.clone() for p, h in peftkit.hosts.hosts(model)}
+    a_before = {p: h.adapters["default"].lora_A.weight.clone() for p, h in peftkit.injection.hosts(model)}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(trainable) == 6 and all(p.shape[1] == 4 for p in trainable)  # the six B's [out, r]
     train_steps(model, ids, steps=2)
-    for path, host in peftkit.hosts.hosts(model):
+    for path, host in peftkit.injection.hosts(model):
         assert torch.equal(host.adapters["default"].lora_A.weight, a_before[path])
         assert host.adapters["default"].lora_B.weight.abs().sum() > 0
     assert len(peftkit.adapter_state_dict(model)) == 12  # A is still saved

@@ -19,7 +19,7 @@ from conftest import model_output, randomize_adapters, tiny_llama, train_steps
 from torch import nn
 
 import peftkit
-import peftkit.hosts
+import peftkit.injection
 import peftkit.peft_format
 from peftkit.errors import ConfigError, LossyMergeWarning
 from peftkit.quant import (
@@ -154,7 +154,7 @@ def test_merge_and_dequantize_is_exact_in_the_compute_dtype(method: str, ids: to
     model = adapted(method)
     expected = model_output(model, ids)
     merged = merge_and_dequantize(model)
-    assert four_bit_paths(merged) == [] and not list(peftkit.hosts.hosts(merged)) and not merged.is_loaded_in_4bit
+    assert four_bit_paths(merged) == [] and not list(peftkit.injection.hosts(merged)) and not merged.is_loaded_in_4bit
     assert {p.dtype for p in merged.parameters()} == {torch.float32}
     torch.testing.assert_close(model_output(merged, ids), expected, atol=ATOL, rtol=0)
 
@@ -191,7 +191,7 @@ def test_merge_onto_4bit_requantizes_and_warns_with_the_error(method: str, ids: 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing is left to merge: no second re-quantization, no warning
         unloaded = peftkit.merge_and_unload(model)
-    assert four_bit_paths(unloaded) == sorted(PATHS) and not list(peftkit.hosts.hosts(unloaded))
+    assert four_bit_paths(unloaded) == sorted(PATHS) and not list(peftkit.injection.hosts(unloaded))
     torch.testing.assert_close(model_output(unloaded, ids), model_output(model, ids))
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.adapters import adapt, mark_trainable
 from peftkit.errors import AdapterFileError, AdapterStateError, ShapeMismatchError
-from peftkit.hosts import hosts
-from peftkit.inject import adapt, mark_trainable
+from peftkit.injection import hosts
 from peftkit.layer import AdapterLayer
 from peftkit.method import AdapterMethod
 from peftkit.peft_format import (
@@ -25,7 +25,6 @@ from peftkit.peft_format import (
     WEIGHTS_NAME,
     adapter_state_dict,
     method_from_config,
-    method_options,
     read_adapter_config,
     read_adapter_tensors,
 )
@@ -56,7 +55,7 @@ def load_adapter(
     if method is None:
         method = method_from_config(config, metadata, directory / CONFIG_NAME)
     elif isinstance(method, str):
-        saved = method_options(method_from_config(config, metadata, directory / CONFIG_NAME))
+        saved = method_from_config(config, metadata, directory / CONFIG_NAME).options()
         method = get_method(method).from_options(**saved)
     method = method.for_loading()
     with restore_on_failure(model):  # a file that does not fit leaves no adapter, and no quantized base

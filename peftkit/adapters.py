@@ -15,15 +15,14 @@ from typing import Any
 
 from torch import nn
 
-from peftkit.adapter_names import accept_adapter_names, release_adapter_names
 from peftkit.errors import AdapterExistsError, AdapterStateError, ConfigError
-from peftkit.hosts import hosts
+from peftkit.injection import hosts
 from peftkit.layer import AdapterLayer
 from peftkit.method import AdapterMethod
 from peftkit.pretrained import install as install_pretrained
 from peftkit.record import DEFAULT_ADAPTER, adapter_method, adapter_methods, record_for_update, require_adapters
 from peftkit.registry import get_method
-from peftkit.routing import BASE_NAMES
+from peftkit.routing import BASE_NAMES, accept_adapter_names, release_adapter_names
 from peftkit.undo import restore_on_failure
 
 __all__ = [
