@@ -23,7 +23,7 @@ from torch import nn
 from peftkit.adapters import adapt
 from peftkit.errors import ConfigError
 from peftkit.injection import hosts
-from peftkit.layer import Adapter, AdapterLayer, LowRankAdapter, ParameterAdapter
+from peftkit.layer import Adapter, AdapterLayer, LowRankAdapter
 from peftkit.record import adapter_methods, require_adapters
 from peftkit.undo import restore_on_failure
 
@@ -35,7 +35,7 @@ Combination = Literal["linear", "cat", "svd"]
 def _factors(path: str, name: str, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
     if (
         not (isinstance(adapter, LowRankAdapter) and adapter.additive_merge)
-        or isinstance(adapter, ParameterAdapter)
+        or adapter.acts_on_parameters
         or adapter.delta_bias() is not None
     ):
         raise ConfigError(

@@ -10,6 +10,21 @@ A host keeps the original module as `base_layer` (HF PEFT's layout, so state-dic
 keys line up) and one `Adapter` per adapter name. Each adapter returns what it adds
 to the base output, so several adapters, a merged one, or a per-row choice of
 adapter compose by addition and the host never needs to know the method.
+
+What an adapter can do is declared by its class, never inferred from its type or from
+which methods it overrides; the core reads each capability in one place:
+
+| capability | declared by | read by |
+| --- | --- | --- |
+| `mergeable`, `merge_refusal` | adapters that are no weight change (bottleneck) | `merge`: refuses before computing anything |
+| `additive_merge` | adapters whose merge is not `W + delta` (DoRA) | `merge` (checks the delta first), `combine` |
+| `acts_on_parameters` | `ParameterAdapter` (MHA, bare parameters) | `merge` (folds `parameter_deltas`), `combine` |
+| `stackable` | `up @ down` deltas on linear layers (LoRA's linear) | `routing` (one matmul pair per mixed batch) |
+| `selected_by_target_modules` | adapters placed by an option of their method | saving (`target_modules` in the file) |
+| `AdapterMethod.trains_in_place` | full, head | `adapt`, disabling, compare (no target sets) |
+| `AdapterMethod.trains_base_weights` | full | the estimate (no 4-bit suggestion) |
+| `AdapterMethod.has_rank` | LoRA and its family | combine, analyze, compare's rank sweep |
+| `AdapterMethod.base_quantization()` | qlora, qdora | `peftkit train`, the estimate (how the base loads) |
 """
 
 from __future__ import annotations
@@ -41,19 +56,27 @@ class Adapter(nn.Module, ABC):
     `delta_weight`, and methods whose merge is not `W + delta` (DoRA) override
     `merged_weight`/`unmerged_weight` and set `additive_merge = False`.
 
-    Class attributes (capabilities, declared by the class that has them):
+    Class attributes (capabilities, declared by the class that has them; see the table above):
         selected_by_target_modules: False for adapters a method places by an option of its
             own (on bare parameters, on embedding rows), so their layers are left out of
             the saved `target_modules`.
         mergeable: the adapter is a change of the base weight, so it can be folded in
-            (a bottleneck adapter, a function of the layer's output, is not).
+            (a bottleneck adapter, a function of the layer's output, is not);
+            `merge_refusal` says why not, in the merge's error.
         additive_merge: merging is `W + delta_weight()` and unmerging its inverse, so a
             merge can check the delta before writing anything.
+        acts_on_parameters: the adapter changes named parameters of its layer for the call
+            (`parameter_deltas`) instead of adding to its output.
+        stackable: the adapter adds `x @ (up @ down).T` to a linear layer's output, so the
+            adapters of a mixed batch stack into one matmul pair (`peftkit.routing`).
     """
 
     selected_by_target_modules: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
+    merge_refusal: ClassVar[str] = ""
     additive_merge: ClassVar[bool] = True
+    acts_on_parameters: ClassVar[bool] = False
+    stackable: ClassVar[bool] = False
 
     @abstractmethod
     def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
@@ -71,6 +94,10 @@ class Adapter(nn.Module, ABC):
     def delta_weight(self) -> torch.Tensor:
         """The dense `[out, in, ...]` change this adapter makes to the base weight."""
         raise MergeError(f"{type(self).__name__} is not a weight delta and cannot be merged.")
+
+    def parameter_deltas(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        """Parameter path inside `base_layer` -> the change to it (see `acts_on_parameters`); none by default."""
+        return {}
 
     def delta_bias(self) -> torch.Tensor | None:
         """The change this adapter makes to the base layer's bias when merged (LoRA's `lora_bias`), if any."""
@@ -96,7 +123,7 @@ class ParameterAdapter(Adapter):
     reaches the adapter through the substituted tensors. Merging adds the deltas in.
     """
 
-    stackable: ClassVar[bool] = False  # its changes act on parameters, not on an output to add
+    acts_on_parameters = True
 
     @abstractmethod
     def parameter_deltas(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
@@ -113,13 +140,7 @@ class LowRankAdapter(Adapter):
     """An adapter whose delta is `up @ down` (scaling folded into `down`), like LoRA's.
 
     Such adapters can be combined (`peftkit.combine`) when their merge is additive.
-
-    Class attributes:
-        stackable: the adapter adds `x @ (up @ down).T` to a linear layer's output, so the
-            adapters of a mixed batch stack into one matmul pair (`peftkit.routing`).
     """
-
-    stackable: ClassVar[bool] = False
 
     @abstractmethod
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from peftkit.adapters import set_active_adapters
 from peftkit.anatomy import tied_parameters
 from peftkit.errors import AdapterStateError, LossyMergeWarning, MergeError
 from peftkit.injection import hosts
-from peftkit.layer import Adapter, AdapterLayer, ParameterAdapter, TrainableCopy
+from peftkit.layer import Adapter, AdapterLayer, TrainableCopy
 from peftkit.pretrained import uninstall
 from peftkit.record import adapter_methods, forget_adapters, require_adapters
 from peftkit.routing import release_adapter_names
@@ -78,8 +78,9 @@ def _fold_bias(layer: nn.Module, adapter: Adapter, sign: int) -> None:
             layer.bias.add_(delta.detach().to(layer.bias.dtype), alpha=sign)
 
 
-def _fold_parameters(base_layer: nn.Module, adapter: ParameterAdapter, sign: int) -> None:
-    """Add (sign=+1) or take out (sign=-1) a `ParameterAdapter`'s changes to the parameters it names."""
+def _fold_parameters(base_layer: nn.Module, adapter: Adapter, sign: int) -> None:
+    """Add (sign=+1) or take out (sign=-1) the changes of an adapter that acts on parameters (a
+    `ParameterAdapter`) to the parameters it names."""
     with torch.no_grad():
         for path, delta in adapter.parameter_deltas(base_layer).items():
             param = base_layer.get_parameter(path)
@@ -88,7 +89,7 @@ def _fold_parameters(base_layer: nn.Module, adapter: ParameterAdapter, sign: int
 
 def _changes(layer: AdapterLayer, adapter: Adapter) -> list[torch.Tensor]:
     """What folding `adapter` into `layer` adds (raises MergeError for an adapter that is no weight change)."""
-    if isinstance(adapter, ParameterAdapter):
+    if adapter.acts_on_parameters:
         return list(adapter.parameter_deltas(layer.base_layer).values())
     bias = adapter.delta_bias()
     return [adapter.delta_weight()] + ([bias] if bias is not None else [])
@@ -96,7 +97,14 @@ def _changes(layer: AdapterLayer, adapter: Adapter) -> list[torch.Tensor]:
 
 def _check_foldable(path: str, layer: AdapterLayer, names: list[str], tied: dict[int, list[str]], verb: str) -> None:
     """Raise what folding `names` into `layer` would raise, writing nothing (see `_plan`)."""
-    by_weight = [n for n in names if not isinstance(layer.adapters[n], ParameterAdapter)]
+    for name in names:
+        adapter = layer.adapters[name]
+        if not adapter.mergeable:
+            raise MergeError(
+                f"adapter {name!r} at {path!r} ({type(adapter).__name__}) cannot be merged: "
+                f"{adapter.merge_refusal or 'it is no change of the weight'}. Nothing was merged."
+            )
+    by_weight = [n for n in names if not layer.adapters[n].acts_on_parameters]
     if by_weight:
         weight = getattr(layer.base_layer, "weight", None)
         shared = [n for n in tied.get(id(weight), []) if not n.startswith(path + ".")]
@@ -137,7 +145,7 @@ def _fold_layer(path: str, layer: AdapterLayer, names: list[str], sign: int) -> 
     Returns the largest error a lossy base's write added (None: exact). Unmerging back to
     a restore point puts the kept weight back instead of writing a difference.
     """
-    by_weight = [n for n in names if not isinstance(layer.adapters[n], ParameterAdapter)]
+    by_weight = [n for n in names if not layer.adapters[n].acts_on_parameters]
     where = f"{'merging' if sign > 0 else 'unmerging'} adapters {names} at {path!r}"
     error = None
     if by_weight:
@@ -151,7 +159,7 @@ def _fold_layer(path: str, layer: AdapterLayer, names: list[str], sign: int) -> 
         for name in by_weight:
             _fold_bias(layer.base_layer, layer.adapters[name], sign)
     for name in names:
-        if isinstance(layer.adapters[name], ParameterAdapter):
+        if layer.adapters[name].acts_on_parameters:
             _fold_parameters(layer.base_layer, layer.adapters[name], sign)
     if sign > 0:
         layer.merged_adapters.extend(names)

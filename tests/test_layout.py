@@ -8,6 +8,7 @@ a lazy import that only dodges a cycle is still a cycle.
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,37 @@ def test_import_peftkit_stays_light(command: str, forbidden: list[str]) -> None:
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
     assert "peftkit" in imported
     assert sorted(imported & set(forbidden)) == []
+
+
+# What a method may import, as a third-party plugin must: the package's faces and their `__all__`.
+AUTHOR_FACES = ("peftkit", "peftkit.authoring", "peftkit.quant")
+
+
+def _variant_imports() -> list[tuple[str, str, str]]:
+    """(variant module, imported module, name) for every `from peftkit... import name` in variants/."""
+    found = []
+    for path in sorted((ROOT / "variants").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "peftkit":
+                found += [(path.stem, node.module, alias.name) for alias in node.names]
+            elif isinstance(node, ast.Import):
+                found += [(path.stem, alias.name, "") for alias in node.names if alias.name.startswith("peftkit")]
+    return found
+
+
+def test_variants_import_only_public_names_as_a_plugin_would() -> None:
+    imports = _variant_imports()
+    assert {module for _, module, _ in imports} <= set(AUTHOR_FACES)
+    private = [
+        f"{variant}: {name} from {module}"
+        for variant, module, name in imports
+        if name not in importlib.import_module(module).__all__
+    ]
+    assert not private, "variants/ imports names the faces do not export:\n" + "\n".join(private)
+    assert any(module == "peftkit.authoring" for _, module, _ in imports)  # the check reads real imports
+
+
+def test_public_names_are_sorted() -> None:
+    for face in AUTHOR_FACES:
+        names = importlib.import_module(face).__all__
+        assert names == sorted(names), face

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from peftkit import (
+from peftkit.authoring import (
     Adapter,
     AdapterMethod,
     AdapterStateError,
@@ -35,8 +35,10 @@ from peftkit import (
     TargetNotFoundError,
     UnsupportedModuleError,
     adapter_methods,
+    output_head_path,
+    task_heads,
+    tied_parameters,
 )
-from peftkit.anatomy import output_head_path, task_heads, tied_parameters
 
 __all__ = ["BaselineConfig", "InPlaceMethod", "FullFineTuning", "HeadOnly", "head_paths"]
 

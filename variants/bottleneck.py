@@ -27,8 +27,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import Adapter, AdapterMethod, ConfigError, MergeError, MethodConfig, peft_option
-from peftkit.weights import layer_features
+from peftkit.authoring import Adapter, AdapterMethod, ConfigError, MethodConfig, layer_features, peft_option
 
 __all__ = ["ACTIVATIONS", "DEFAULT_TARGETS", "BottleneckConfig", "BottleneckAdapter", "Bottleneck"]
 
@@ -95,6 +94,10 @@ class BottleneckAdapter(Adapter):
     """`up(act(down(h)))` on a sublayer's output `h`; zero at init (see the module docstring)."""
 
     mergeable = False
+    merge_refusal = (
+        "a bottleneck adapter is a non-linear function of the layer's output, not a change of its weight, "
+        "so it cannot be merged; keep it unmerged (or unload() to drop it)"
+    )
 
     def __init__(self, features: int, width: int, activation: str) -> None:
         super().__init__()
@@ -107,12 +110,6 @@ class BottleneckAdapter(Adapter):
     def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         hidden = base_output.to(self.down.weight.dtype)
         return self.up(self.act(self.down(hidden))).to(base_output.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        raise MergeError(
-            "a bottleneck adapter is a non-linear function of the layer's output, not a change of its weight, "
-            "so it cannot be merged; keep it unmerged (or unload() to drop it)."
-        )
 
 
 class Bottleneck(AdapterMethod):

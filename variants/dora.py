@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import Adapter, AdapterStateError, ConfigError, UnsupportedModuleError
-from peftkit.weights import read_weight
+from peftkit.authoring import Adapter, AdapterStateError, ConfigError, UnsupportedModuleError, read_weight
 from variants.lora import LoRA, LoraConfig, LoraConv, LoraEmbedding, LoraLinear
 
 __all__ = ["DoraConfig", "MagnitudeDirection", "DoraLinear", "DoraConv", "DoraEmbedding", "DoRA"]

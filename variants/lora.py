@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import (
+from peftkit.authoring import (
     Adapter,
     AdapterLayer,
     AdapterMethod,
@@ -36,12 +36,13 @@ from peftkit import (
     MethodConfig,
     TargetNotFoundError,
     UnsupportedModuleError,
+    add_adapter,
+    candidate_modules,
+    check_pattern,
+    hosts,
     peft_option,
+    weight_source,
 )
-from peftkit.injection import add_adapter, hosts
-from peftkit.targets import candidate_modules
-from peftkit.validation import check_pattern
-from peftkit.weights import weight_source
 from variants.lora_init import WEIGHT_INITS, check_weight_init_targets, initialize_from_weights
 from variants.lora_layers import LoraConv, LoraEmbedding, LoraLinear, LoraMultiheadAttention, LoraParameter
 from variants.trainable_tokens import trainable_tokens

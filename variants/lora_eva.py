@@ -26,12 +26,17 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from peftkit.adapters import disable_adapters, mark_trainable
-from peftkit.errors import ConfigError
-from peftkit.injection import hosts
-from peftkit.layer import AdapterLayer
-from peftkit.record import DEFAULT_ADAPTER, adapter_methods, record_for_update
-from peftkit.weights import is_linear
+from peftkit.authoring import (
+    DEFAULT_ADAPTER,
+    AdapterLayer,
+    ConfigError,
+    adapter_methods,
+    disable_adapters,
+    hosts,
+    is_linear,
+    mark_trainable,
+    record_for_update,
+)
 from variants.lora_layers import LoraLinear
 
 __all__ = ["IGNORE_INDEX", "InputMoments", "eva_ranks", "initialize_eva"]
@@ -67,9 +72,7 @@ class InputMoments:
 
 def eva_ranks(ratios: dict[str, torch.Tensor], ranks: dict[str, int], rho: float) -> dict[str, int]:
     """Each layer's rank: its share of the `sum(ranks)` largest ratios, at most `round(r * rho)` of its own."""
-    entries = [
-        (float(value), name) for name, values in ratios.items() for value in values[: round(ranks[name] * rho)]
-    ]
+    entries = [(float(value), name) for name, values in ratios.items() for value in values[: round(ranks[name] * rho)]]
     entries.sort(key=lambda entry: -entry[0])
     chosen = {name: 0 for name in ratios}
     for _, name in entries[: sum(ranks.values())]:

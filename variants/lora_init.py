@@ -32,9 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from peftkit.errors import ConfigError, UnsupportedModuleError
-from peftkit.layer import AdapterLayer
-from peftkit.weights import is_linear, read_weight, write_weight
+from peftkit.authoring import AdapterLayer, ConfigError, UnsupportedModuleError, is_linear, read_weight, write_weight
 
 __all__ = [
     "INITS",

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit import LowRankAdapter, MergeError, ParameterAdapter, UnsupportedModuleError
-from peftkit.weights import layer_features
+from peftkit.authoring import LowRankAdapter, MergeError, ParameterAdapter, UnsupportedModuleError, layer_features
 
 __all__ = [
     "adapter_placement",
@@ -248,6 +247,8 @@ class LoraMultiheadAttention(ParameterAdapter, LoraLinear):
     input to act on here and a bias on B none to sit in, so they are refused.
     """
 
+    stackable = False  # it changes parameters for the call: no output of its own to stack
+
     def __init__(
         self, base_layer: nn.Module, r: int, scaling: float, dropout: float, init: str, bias: bool = False
     ) -> None:
@@ -283,6 +284,8 @@ class LoraParameter(ParameterAdapter, LoraLinear):
     later holds the earlier one's adapter at `base_layer`, so the keys are PEFT's
     (`experts.lora_A.weight`, `experts.base_layer.lora_A.weight`, ...).
     """
+
+    stackable = False  # it changes parameters for the call: no output of its own to stack
 
     selected_by_target_modules = False
 

@@ -23,10 +23,17 @@ from typing import Any
 
 from torch import nn
 
-from peftkit import AdapterLayer, AdapterMethod, peft_option
+from peftkit.authoring import (
+    AdapterLayer,
+    AdapterMethod,
+    from_options,
+    is_linear,
+    peft_option,
+    read_weight,
+    using_weight_source,
+    weight_source,
+)
 from peftkit.quant import QuantizationConfig
-from peftkit.validation import from_options
-from peftkit.weights import is_linear, read_weight, using_weight_source, weight_source
 from variants.dora import DoRA, DoraConfig
 from variants.lora import LoRA, LoraConfig
 from variants.lora_init import WEIGHT_INITS

@@ -17,8 +17,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftkit import Adapter, AdapterLayer, ConfigError, TargetNotFoundError, UnsupportedModuleError
-from peftkit.targets import candidate_modules, matches_pattern
+from peftkit.authoring import (
+    Adapter,
+    AdapterLayer,
+    ConfigError,
+    TargetNotFoundError,
+    UnsupportedModuleError,
+    candidate_modules,
+    matches_pattern,
+)
 
 __all__ = ["TrainableTokens", "trainable_tokens"]
 
