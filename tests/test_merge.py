@@ -88,3 +88,39 @@ def test_merge_refuses_tied_weights() -> None:
 def test_merge_and_unload_without_adapters_is_an_error() -> None:
     with pytest.raises(AdapterStateError, match="no peftkit adapters"):
         peftkit.merge_and_unload(tiny_llama())
+
+
+def test_an_adapter_that_declares_itself_unmergeable_is_refused_with_its_reason_before_anything_is_computed() -> None:
+    """merge reads `mergeable`; it used to find out by calling `delta_weight()` and catching its error."""
+    calls = []
+
+    class Gate(peftkit.Adapter):
+        mergeable = False
+        merge_refusal = "a gate scales the output by a learned sigmoid, which no weight change can express"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x: torch.Tensor, base_output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+            return base_output * torch.sigmoid(self.gate)
+
+        def delta_weight(self) -> torch.Tensor:
+            calls.append("delta_weight")
+            return torch.zeros(())
+
+    class Gated(peftkit.AdapterMethod):
+        name = "gated-test"
+
+        def adaptable_types(self) -> tuple[type[nn.Module], ...]:
+            return (nn.Linear,)
+
+        def create_adapter(self, base_layer: nn.Module, module_name: str) -> peftkit.Adapter:
+            return Gate()
+
+    model = peftkit.adapt(tiny_llama(), Gated(peftkit.MethodConfig(target_modules=["q_proj"])))
+    before = base_weights(model)
+    with pytest.raises(MergeError, match=r"\(Gate\) cannot be merged: a gate scales the output.*Nothing was merged"):
+        peftkit.merge(model)
+    assert calls == []
+    assert all(torch.equal(value, before[key]) for key, value in base_weights(model).items())

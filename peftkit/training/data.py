@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from peftkit.errors import ConfigError
-from peftkit.training.config import DataConfig, read_text
+from peftkit.training.config import DataConfig, TrainingConfig, read_text
 
 __all__ = [
     "IGNORE_INDEX",
@@ -30,6 +30,9 @@ __all__ = [
     "pack",
     "collate",
     "epoch_order",
+    "global_batch",
+    "process_batches",
+    "count_steps",
     "generation_prompt",
     "load_datasets",
     "DataReport",
@@ -184,6 +187,32 @@ def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
     """The shuffled example order of one epoch: a pure function of (seed, epoch), so resume can replay it."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(count, generator=generator).tolist()
+
+
+def global_batch(step: int, micro: int, accum: int, n_examples: int, per_global: int, seed: int) -> list[int]:
+    """Example indices of micro-batch `micro` of optimizer step `step`, for all processes together."""
+    per_epoch = n_examples // per_global
+    index = step * accum + micro
+    epoch, within = divmod(index, per_epoch)
+    return epoch_order(n_examples, seed, epoch)[within * per_global : (within + 1) * per_global]
+
+
+def process_batches(examples: list[Example], size: int, rank: int, world: int) -> Iterator[list[Example]]:
+    mine = examples[rank::world]
+    for start in range(0, len(mine), size):
+        yield mine[start : start + size]
+
+
+def count_steps(tc: TrainingConfig, n_train: int, world: int) -> int:
+    per_global = tc.batch_size * world
+    if n_train < per_global:
+        raise ConfigError(
+            f"training.batch_size {tc.batch_size} x {world} process(es) exceeds the {n_train} training examples."
+        )
+    total = tc.max_steps or tc.epochs * (n_train // per_global) // tc.gradient_accumulation_steps
+    if total < 1:
+        raise ConfigError("training: one epoch is shorter than one optimizer step; lower gradient_accumulation_steps.")
+    return total
 
 
 def generation_prompt(record: dict[str, Any], tokenizer: Any) -> tuple[str, str] | None:

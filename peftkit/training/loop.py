@@ -37,9 +37,11 @@ from peftkit.training.data import (
     Datasets,
     Example,
     collate,
-    epoch_order,
+    count_steps,
     generation_prompt,
+    global_batch,
     load_datasets,
+    process_batches,
 )
 from peftkit.training.loss import CausalLMLoss, loss_chunk_size
 from peftkit.training.memory import StepMemory, counting, headline
@@ -67,20 +69,6 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def _global_batch(step: int, micro: int, accum: int, n_examples: int, per_global: int, seed: int) -> list[int]:
-    """Example indices of micro-batch `micro` of optimizer step `step`, for all processes together."""
-    per_epoch = n_examples // per_global
-    index = step * accum + micro
-    epoch, within = divmod(index, per_epoch)
-    return epoch_order(n_examples, seed, epoch)[within * per_global : (within + 1) * per_global]
-
-
-def _batches(examples: list[Example], size: int, rank: int, world: int) -> Iterator[list[Example]]:
-    mine = examples[rank::world]
-    for start in range(0, len(mine), size):
-        yield mine[start : start + size]
-
-
 class _Run:
     """One training run's state and its reporting; `train()` is the public entry point."""
 
@@ -102,6 +90,7 @@ class _Run:
         self.tokenizer: Any = None
         self.pad_id = 0
         self.measured_peak = 0  # live tensor bytes of steps 1-2 on CPU
+        self.val_before: float | None = None  # the validation loss before the first step
 
     def say(self, message: str) -> None:
         if self.main and not self.quiet:
@@ -126,7 +115,7 @@ class _Run:
         wrapper.eval()
         totals = torch.zeros(2, device=self.acc.device)
         with torch.no_grad():
-            for batch in _batches(
+            for batch in process_batches(
                 examples, self.config.eval.batch_size, self.acc.process_index, self.acc.num_processes
             ):
                 tensors = {k: v.to(self.acc.device) for k, v in collate(batch, self.pad_id).items()}
@@ -163,6 +152,113 @@ class _Run:
                 f"  reference: {sample['reference']!r}"
             )
 
+    def check_before_loading(
+        self, resume: str | bool | None, overwrite: bool
+    ) -> tuple[Checkpoint | None, list[str], bool]:
+        """What can fail before anything loads: the model's name, the output directory, the checkpoint.
+
+        Returns the checkpoint to resume (read whole), the newer ones skipped as unreadable, and
+        whether the run continues in its own directory (else that directory must hold no run).
+        """
+        check_model_source(self.config.model.name)
+        probe_output(self.out)
+        resume_from, skipped = find_resume_checkpoint(resume, self.out, self.say) if resume else (None, [])
+        continues = resume_from is not None and self.out.resolve() in resume_from.path.resolve().parents
+        if not continues:
+            check_new_run(self.out, overwrite)
+        return resume_from, skipped, continues
+
+    def estimated_step(self) -> StepMemory | None:
+        """The simulated peak of one step (the main process says it); None, saying why, if it cannot be simulated.
+
+        The estimate only informs: a model the simulation cannot run still trains. A ConfigError
+        (a model that cannot be had or built) is the run's own error, said now rather than after loading.
+        """
+        if not self.main:
+            return None
+        try:
+            step = Simulation(self.config, self.acc.device.type).step()
+        except ConfigError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any other failure of the simulation leaves the run as it was
+            self.say(f"estimate: not available ({type(error).__name__}: {str(error).splitlines()[0]})")
+            return None
+        self.say(headline(step))
+        return step
+
+    def initialize_from_data(self, model: nn.Module, train_set: list[Example]) -> None:
+        """Let a data-driven init (EVA) read the run's first global batches, the same on every process."""
+        method = adapter_methods(model)[DEFAULT_ADAPTER]
+        if not method.needs_data():
+            return
+        tc = self.config.training
+        per_global = tc.batch_size * self.acc.num_processes
+
+        def batches() -> Iterator[dict[str, torch.Tensor]]:
+            for step in itertools.count():
+                indices = global_batch(step, 0, 1, len(train_set), per_global, tc.seed)
+                batch = collate([train_set[i] for i in indices], self.pad_id)
+                yield {key: value.to(self.acc.device) for key, value in batch.items()}
+
+        method.initialize_from_data(model, DEFAULT_ADAPTER, batches())
+
+    @contextmanager
+    def measuring(self, model: nn.Module, optimizer: Any, done: int) -> Iterator[None]:
+        """Count live tensor bytes over steps 1 and 2 on CPU (the allocator's own peak counts on a GPU)."""
+        if done > 2 or self.acc.device.type != "cpu":
+            yield
+            return
+        with counting(model, getattr(optimizer, "optimizer", optimizer)) as counter:
+            yield
+        self.measured_peak = max(self.measured_peak, counter.peak_bytes())
+
+    def measured_step_peak(self) -> int | None:
+        if self.acc.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.acc.device)
+        return self.measured_peak or None
+
+    def train_step(
+        self, wrapper: nn.Module, optimizer: Any, scheduler: Any, train_set: list[Example], step: int
+    ) -> tuple[float, float]:
+        """One optimizer step over `accum` micro-batches; returns (loss averaged over processes, tokens/s)."""
+        acc, tc = self.acc, self.config.training
+        accum, per_global = tc.gradient_accumulation_steps, tc.batch_size * acc.num_processes
+        tick = time.perf_counter()
+        tokens, step_loss = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
+        for micro in range(accum):
+            indices = global_batch(step, micro, accum, len(train_set), per_global, tc.seed)
+            mine = indices[acc.process_index * tc.batch_size : (acc.process_index + 1) * tc.batch_size]
+            batch = {k: v.to(acc.device) for k, v in collate([train_set[i] for i in mine], self.pad_id).items()}
+            with acc.no_sync(wrapper) if micro < accum - 1 else nullcontext():  # sync gradients once per step
+                loss = wrapper(**batch) / accum
+                acc.backward(loss)
+            step_loss += loss.detach()
+            tokens += batch["attention_mask"].sum()
+        if tc.max_grad_norm:
+            acc.clip_grad_norm_(wrapper.parameters(), tc.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        mean_loss = acc.reduce(step_loss, reduction="mean").item()
+        return mean_loss, acc.reduce(tokens, reduction="sum").item() / (time.perf_counter() - tick)
+
+    def say_summary(self, summary: dict[str, Any], window: int) -> None:
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        estimated, measured = summary["estimated_step_peak_bytes"], summary["measured_step_peak_bytes"]
+        gpu = torch.cuda.is_available()
+        memory = f"{'GPU peak allocated' if gpu else 'process peak RSS'} {format_bytes(summary['peak_memory_bytes'])}"
+        if measured:
+            where = "allocated on the GPU" if gpu else "live tensors, steps 1-2"
+            memory += f", training step peak {format_bytes(measured)} measured ({where})"
+            if estimated:
+                memory += f" / {format_bytes(estimated)} estimated (full-length sequences, every token labelled)"
+        self.say(
+            f"done in {summary['time_s']:.0f} s | {memory} | "
+            f"train loss {fmt(summary['train_loss'])} (mean of last {window} steps) | "
+            f"validation loss {fmt(summary['val_loss_start'])} -> {fmt(summary['val_loss'])} | "
+            f"adapter: {summary['adapter']}"
+        )
+
 
 def _dropped(datasets: Datasets, max_length: int) -> str:
     """ " (dropped ...)" for the header line, naming each split's dropped rows and why; "" when none were."""
@@ -175,54 +271,6 @@ def _peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _estimated_step(run: _Run) -> StepMemory | None:
-    """The simulated peak of one step (the main process says it); None, saying why, if it cannot be simulated.
-
-    The estimate only informs: a model the simulation cannot run still trains. A ConfigError
-    (a model that cannot be had or built) is the run's own error, said now rather than after loading.
-    """
-    if not run.main:
-        return None
-    try:
-        step = Simulation(run.config, run.acc.device.type).step()
-    except ConfigError:
-        raise
-    except Exception as error:  # noqa: BLE001 - any other failure of the simulation leaves the run as it was
-        run.say(f"estimate: not available ({type(error).__name__}: {str(error).splitlines()[0]})")
-        return None
-    run.say(headline(step))
-    return step
-
-
-@contextmanager
-def _measuring(run: _Run, model: nn.Module, optimizer: Any, done: int) -> Iterator[None]:
-    """Count live tensor bytes over steps 1 and 2 on CPU (the allocator's own peak counts on a GPU)."""
-    if done > 2 or run.acc.device.type != "cpu":
-        yield
-        return
-    with counting(model, getattr(optimizer, "optimizer", optimizer)) as counter:
-        yield
-    run.measured_peak = max(run.measured_peak, counter.peak_bytes())
-
-
-def _measured_step_peak(run: _Run) -> int | None:
-    if run.acc.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(run.acc.device)
-    return run.measured_peak or None
-
-
-def _total_steps(tc: TrainingConfig, n_train: int, world: int) -> int:
-    per_global = tc.batch_size * world
-    if n_train < per_global:
-        raise ConfigError(
-            f"training.batch_size {tc.batch_size} x {world} process(es) exceeds the {n_train} training examples."
-        )
-    total = tc.max_steps or tc.epochs * (n_train // per_global) // tc.gradient_accumulation_steps
-    if total < 1:
-        raise ConfigError("training: one epoch is shorter than one optimizer step; lower gradient_accumulation_steps.")
-    return total
 
 
 def _optimizer(model: nn.Module, tc: TrainingConfig, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
@@ -250,67 +298,6 @@ def _param_groups(model: nn.Module, tc: TrainingConfig) -> list[dict[str, Any]] 
         )
     return loraplus_param_groups(
         model, roles, tc.learning_rate, tc.loraplus_lr_ratio, tc.weight_decay, tc.loraplus_lr_embedding
-    )
-
-
-def _initialize_from_data(run: _Run, model: nn.Module, train_set: list[Example]) -> None:
-    """Let a data-driven init (EVA) read the run's first global batches, the same on every process."""
-    method = adapter_methods(model)[DEFAULT_ADAPTER]
-    if not method.needs_data():
-        return
-    tc = run.config.training
-    per_global = tc.batch_size * run.acc.num_processes
-
-    def batches() -> Iterator[dict[str, torch.Tensor]]:
-        for step in itertools.count():
-            indices = _global_batch(step, 0, 1, len(train_set), per_global, tc.seed)
-            batch = collate([train_set[i] for i in indices], run.pad_id)
-            yield {key: value.to(run.acc.device) for key, value in batch.items()}
-
-    method.initialize_from_data(model, DEFAULT_ADAPTER, batches())
-
-
-def _train_step(
-    run: _Run, wrapper: nn.Module, optimizer: Any, scheduler: Any, train_set: list[Example], step: int
-) -> tuple[float, float]:
-    """One optimizer step over `accum` micro-batches; returns (loss averaged over processes, tokens/s)."""
-    acc, tc = run.acc, run.config.training
-    accum, per_global = tc.gradient_accumulation_steps, tc.batch_size * acc.num_processes
-    tick = time.perf_counter()
-    tokens, step_loss = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
-    for micro in range(accum):
-        indices = _global_batch(step, micro, accum, len(train_set), per_global, tc.seed)
-        mine = indices[acc.process_index * tc.batch_size : (acc.process_index + 1) * tc.batch_size]
-        batch = {k: v.to(acc.device) for k, v in collate([train_set[i] for i in mine], run.pad_id).items()}
-        with acc.no_sync(wrapper) if micro < accum - 1 else nullcontext():  # sync gradients once per step
-            loss = wrapper(**batch) / accum
-            acc.backward(loss)
-        step_loss += loss.detach()
-        tokens += batch["attention_mask"].sum()
-    if tc.max_grad_norm:
-        acc.clip_grad_norm_(wrapper.parameters(), tc.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    mean_loss = acc.reduce(step_loss, reduction="mean").item()
-    return mean_loss, acc.reduce(tokens, reduction="sum").item() / (time.perf_counter() - tick)
-
-
-def _say_summary(run: _Run, summary: dict[str, Any], window: int) -> None:
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    estimated, measured = summary["estimated_step_peak_bytes"], summary["measured_step_peak_bytes"]
-    gpu = torch.cuda.is_available()
-    memory = f"{'GPU peak allocated' if gpu else 'process peak RSS'} {format_bytes(summary['peak_memory_bytes'])}"
-    if measured:
-        where = "allocated on the GPU" if gpu else "live tensors, steps 1-2"
-        memory += f", training step peak {format_bytes(measured)} measured ({where})"
-        if estimated:
-            memory += f" / {format_bytes(estimated)} estimated (full-length sequences, every token labelled)"
-    run.say(
-        f"done in {summary['time_s']:.0f} s | {memory} | "
-        f"train loss {fmt(summary['train_loss'])} (mean of last {window} steps) | "
-        f"validation loss {fmt(summary['val_loss_start'])} -> {fmt(summary['val_loss'])} | "
-        f"adapter: {summary['adapter']}"
     )
 
 
@@ -345,42 +332,52 @@ def train(
         return _train(run, resume, overwrite)
 
 
-def _check_before_loading(
-    run: _Run, resume: str | bool | None, overwrite: bool
-) -> tuple[Checkpoint | None, list[str], bool]:
-    """What can fail before anything loads: the model's name, the output directory, the checkpoint.
+@dataclasses.dataclass
+class _Prepared:
+    """Everything the step loop needs, made once by `_prepare`."""
 
-    Returns the checkpoint to resume (read whole), the newer ones skipped as unreadable, and
-    whether the run continues in its own directory (else that directory must hold no run).
-    """
-    check_model_source(run.config.model.name)
-    probe_output(run.out)
-    resume_from, skipped = find_resume_checkpoint(resume, run.out, run.say) if resume else (None, [])
-    continues = resume_from is not None and run.out.resolve() in resume_from.path.resolve().parents
-    if not continues:
-        check_new_run(run.out, overwrite)
-    return resume_from, skipped, continues
+    model: nn.Module  # the adapted model, unwrapped
+    wrapper: nn.Module  # the loss module as accelerate prepared it
+    optimizer: Any
+    scheduler: Any
+    train_set: list[Example]
+    valid_set: list[Example]
+    valid_records: list[dict[str, Any]]
+    total_steps: int
+    start: int  # the step the loop starts after (the resumed one, else 0)
+    sequences: int  # per optimizer step, all processes together
+    digests: dict[str, str]
+    estimated: StepMemory | None
+    started: float
 
 
 def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult:
+    prepared = _prepare(run, resume, overwrite)
+    losses = _step_loop(run, prepared)
+    return _finish(run, prepared, losses)
+
+
+def _prepare(run: _Run, resume: str | bool | None, overwrite: bool) -> _Prepared:
+    """Check, load the data and the model, adapt it, build the optimizer, restore a checkpoint, open the run
+    directory and say what will run; the validation loss and samples before the first step."""
     config = run.config
     acc, tc = run.acc, config.training
-    resume_from, skipped, continues = _check_before_loading(run, resume, overwrite)
+    resume_from, skipped, continues = run.check_before_loading(resume, overwrite)
     started = time.perf_counter()
     run.tokenizer = load_tokenizer(config.model.name)
     run.pad_id = run.tokenizer.pad_token_id
     datasets = load_datasets(config.data, run.tokenizer, tc.seed)
-    train_set, valid_set, valid_records = datasets.train, datasets.validation, datasets.validation_records
-    total_steps = _total_steps(tc, len(train_set), acc.num_processes)
+    train_set, valid_set = datasets.train, datasets.validation
+    total_steps = count_steps(tc, len(train_set), acc.num_processes)
     datasets.reports["train"].left_out_per_epoch = len(train_set) % (tc.batch_size * acc.num_processes)
     sequences = tc.batch_size * acc.num_processes * tc.gradient_accumulation_steps
     digests = data_digests(config.data)
     changed = check_resume(resume_from, config.to_dict(), digests, sequences, total_steps) if resume_from else ""
-    estimated = _estimated_step(run)  # before the model loads: a run too large for the device is told first
+    estimated = run.estimated_step()  # before the model loads: a run too large for the device is told first
     model = load_model(config.model.name, config.model.dtype, config.base_quantization(), acc.device)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     adapt(model, config.method)
-    _initialize_from_data(run, model, train_set)
+    run.initialize_from_data(model, train_set)
     if config.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = trainable_parameters(model)
@@ -414,61 +411,77 @@ def _train(run: _Run, resume: str | bool | None, overwrite: bool) -> TrainResult
         resumed = {"resumed_from": str(resume_from.path), "skipped": skipped, "deleted": discarded, "changed": changed}
         run.log({"step": start, **resumed})
     run.log({"step": start, "data": {name: dataclasses.asdict(r) for name, r in datasets.reports.items()}})
-    val_before = run.validate(wrapper, valid_set, start)
-    run.generations(unwrapped, valid_records, start, "before")
+    return _Prepared(
+        unwrapped,
+        wrapper,
+        optimizer,
+        scheduler,
+        train_set,
+        valid_set,
+        datasets.validation_records,
+        total_steps,
+        start,
+        sequences,
+        digests,
+        estimated,
+        started,
+    )
 
-    wrapper.train()
+
+def _step_loop(run: _Run, p: _Prepared) -> list[float]:
+    """The optimizer steps after `p.start`, with their logging, validation and checkpoints; the step losses."""
+    config, tc = run.config, run.config.training
+    run.val_before = run.validate(p.wrapper, p.valid_set, p.start)
+    run.generations(p.model, p.valid_records, p.start, "before")
+    p.wrapper.train()
     losses: list[float] = []
     bar_off = run.quiet or not run.main
-    run.bar = tqdm(total=total_steps, initial=start, disable=bar_off, desc="train", dynamic_ncols=True)
-    for done in range(start + 1, total_steps + 1):
-        with _measuring(run, unwrapped, optimizer, done - start):
-            loss, tokens_per_s = _train_step(run, wrapper, optimizer, scheduler, train_set, done - 1)
+    run.bar = tqdm(total=p.total_steps, initial=p.start, disable=bar_off, desc="train", dynamic_ncols=True)
+    for done in range(p.start + 1, p.total_steps + 1):
+        with run.measuring(p.model, p.optimizer, done - p.start):
+            loss, tokens_per_s = run.train_step(p.wrapper, p.optimizer, p.scheduler, p.train_set, done - 1)
         losses.append(loss)
-        lr = scheduler.get_last_lr()[0]
+        lr = p.scheduler.get_last_lr()[0]
         run.bar.update(1)
         run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
-        if done % tc.log_every == 0 or done == total_steps:
-            run.log(
-                {
-                    "step": done,
-                    "loss": loss,
-                    "lr": lr,
-                    "tokens_per_s": tokens_per_s,
-                    "elapsed_s": time.perf_counter() - started,
-                }
-            )
-        if config.eval.every and done % config.eval.every == 0 and done < total_steps:
-            run.validate(wrapper, valid_set, done)
-        if run.main and config.output.save_every and (done % config.output.save_every == 0 or done == total_steps):
-            state = {"examples_seen": done * sequences, "config": config.to_dict(), "data_sha256": digests}
+        if done % tc.log_every == 0 or done == p.total_steps:
+            elapsed = time.perf_counter() - p.started
+            run.log({"step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed})
+        if config.eval.every and done % config.eval.every == 0 and done < p.total_steps:
+            run.validate(p.wrapper, p.valid_set, done)
+        if run.main and config.output.save_every and (done % config.output.save_every == 0 or done == p.total_steps):
+            state = {"examples_seen": done * p.sequences, "config": config.to_dict(), "data_sha256": p.digests}
             with writing(run.out):
                 save_checkpoint(
-                    run.out / "checkpoints", done, unwrapped, optimizer, scheduler, state, config.output.keep_last
+                    run.out / "checkpoints", done, p.model, p.optimizer, p.scheduler, state, config.output.keep_last
                 )
-        acc.wait_for_everyone()
+        run.acc.wait_for_everyone()
     run.bar.close()
     run.bar = None
+    return losses
 
-    val_loss = run.validate(wrapper, valid_set, total_steps)
-    run.generations(unwrapped, valid_records, total_steps, "after")
+
+def _finish(run: _Run, p: _Prepared, losses: list[float]) -> TrainResult:
+    """The final validation and samples, the adapter written, the summary logged and said."""
+    val_loss = run.validate(p.wrapper, p.valid_set, p.total_steps)
+    run.generations(p.model, p.valid_records, p.total_steps, "after")
     if run.main:
         with writing(run.out), atomic_directory(run.out / "adapter", replace=True) as tmp:
-            save_adapter(unwrapped, tmp)
-    acc.wait_for_everyone()
+            save_adapter(p.model, tmp)
+    run.acc.wait_for_everyone()
     window = losses[-10:]
     summary = {
-        "steps": total_steps,
-        "time_s": round(time.perf_counter() - started, 1),
+        "steps": p.total_steps,
+        "time_s": round(time.perf_counter() - p.started, 1),
         "peak_memory_bytes": (peak := _peak_memory_bytes()),
         "peak_memory_gb": round(peak / 1e9, 2),
-        "estimated_step_peak_bytes": estimated.peak_bytes if estimated else None,
-        "measured_step_peak_bytes": _measured_step_peak(run),
+        "estimated_step_peak_bytes": p.estimated.peak_bytes if p.estimated else None,
+        "measured_step_peak_bytes": run.measured_step_peak(),
         "train_loss": sum(window) / len(window) if window else None,
-        "val_loss_start": val_before,
+        "val_loss_start": run.val_before,
         "val_loss": val_loss,
         "adapter": str(run.out / "adapter"),
     }
     run.log({"summary": summary})
-    _say_summary(run, summary, len(window))
-    return TrainResult(unwrapped, summary)
+    run.say_summary(summary, len(window))
+    return TrainResult(p.model, summary)
