@@ -16,7 +16,7 @@ which methods it overrides; the core reads each capability in one place:
 
 | capability | declared by | read by |
 | --- | --- | --- |
-| `mergeable`, `merge_refusal` | adapters that are no weight change (bottleneck) | `merge`: refuses before computing anything |
+| `mergeable`, `merge_refusal` | adapters that change no weight (bottleneck) | `merge`: refuses, computing nothing |
 | `additive_merge` | adapters whose merge is not `W + delta` (DoRA) | `merge` (checks the delta first), `combine` |
 | `acts_on_parameters` | `ParameterAdapter` (MHA, bare parameters) | `merge` (folds `parameter_deltas`), `combine` |
 | `stackable` | `up @ down` deltas on linear layers (LoRA's linear) | `routing` (one matmul pair per mixed batch) |

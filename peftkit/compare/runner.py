@@ -29,6 +29,7 @@ from peftkit.compare.child import RESULT_NAME, SCORING_NAME
 from peftkit.compare.plan import RunSpec
 from peftkit.compare.scoring import macro_f1
 from peftkit.peft_format import WEIGHTS_NAME
+from peftkit.training.metrics import read_metrics
 
 __all__ = ["task_scores", "test_summary", "collect_run", "run_plan"]
 
@@ -76,33 +77,30 @@ def collect_run(spec: RunSpec, references: Sequence[str] | None = None) -> dict[
     """The row of a finished run, from its metrics.jsonl, adapter file and the child's result."""
     if spec.base:
         return _base_row(spec, references)
-    records = [json.loads(line) for line in (spec.dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    summary = next(r["summary"] for r in reversed(records) if "summary" in r)
-    steps = [r for r in records if "loss" in r]
+    metrics = read_metrics(spec.dir)
+    summary, steps = metrics.summary, metrics.steps
     counts = json.loads((spec.dir / RESULT_NAME).read_text(encoding="utf-8"))
     # Step times from consecutive steps' clocks; the median leaves out the first step's warm-up
     # and the steps that include a validation pass.
-    step_times = [
-        b["elapsed_s"] - a["elapsed_s"] for a, b in zip(steps, steps[1:], strict=False) if b["step"] == a["step"] + 1
-    ]
-    generated = [r["generations"] for r in records if "generations" in r]
-    curve = [[r["step"], r["val_loss"]] for r in records if "val_loss" in r]
-    val_loss = summary["val_loss"]
-    adapter = Path(summary["adapter"]) / WEIGHTS_NAME
+    step_times = [b.elapsed_s - a.elapsed_s for a, b in zip(steps, steps[1:], strict=False) if b.step == a.step + 1]
+    generated = [line.generations for line in metrics.generations]
+    curve = [[line.step, line.val_loss] for line in metrics.validations]
+    val_loss = summary.val_loss
+    adapter = Path(summary.adapter) / WEIGHTS_NAME
     return {
         **_row_head(spec, "ok"),
         "trainable_params": counts["trainable_params"],
         "total_params": counts["total_params"],
         "trainable_pct": 100 * counts["trainable_params"] / counts["total_params"],
         "adapter_mb": adapter.stat().st_size / 1e6,
-        "peak_memory_gb": summary["peak_memory_gb"],
-        "measured_step_peak_bytes": summary.get("measured_step_peak_bytes"),
+        "peak_memory_gb": summary.peak_memory_gb,
+        "measured_step_peak_bytes": summary.measured_step_peak_bytes,
         "step_time_s": median(step_times) if step_times else None,
-        "tokens_per_s": median(r["tokens_per_s"] for r in steps) if steps else None,
-        "time_s": summary["time_s"],
-        "steps": summary["steps"],
-        "train_loss": summary["train_loss"],
-        "val_loss_start": summary["val_loss_start"],
+        "tokens_per_s": median(line.tokens_per_s for line in steps) if steps else None,
+        "time_s": summary.time_s,
+        "steps": summary.steps,
+        "train_loss": summary.train_loss,
+        "val_loss_start": summary.val_loss_start,
         "val_loss": val_loss,
         "val_ppl": None if val_loss is None else math.exp(val_loss),
         **task_scores(generated[-1] if generated else []),

@@ -37,9 +37,7 @@ __all__ = [
     "save_checkpoint",
     "read_checkpoint",
     "restore_checkpoint",
-    "load_checkpoint",
     "find_resume_checkpoint",
-    "latest_checkpoint",
     "checkpoint_step",
     "list_checkpoints",
 ]
@@ -64,12 +62,6 @@ def checkpoint_step(path: Path) -> int:
     if match is None:
         raise ValueError(f"{path} is not named like a checkpoint (step-NNNNNN)")
     return int(match.group(1))
-
-
-def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
-    """The newest whole checkpoint under `root`, or None."""
-    found = list_checkpoints(root)
-    return found[-1] if found else None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -169,15 +161,6 @@ def restore_checkpoint(
     if checkpoint.trainer["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(checkpoint.trainer["rng"]["cuda"])
     random.setstate(_tuples(checkpoint.state["python_rng"]))
-
-
-def load_checkpoint(
-    path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> dict[str, Any]:
-    """Read and restore the checkpoint at `path`; returns its state.json (less the RNG state)."""
-    checkpoint = read_checkpoint(path)
-    restore_checkpoint(checkpoint, model, optimizer, scheduler)
-    return {k: v for k, v in checkpoint.state.items() if k != "python_rng"}
 
 
 def find_resume_checkpoint(

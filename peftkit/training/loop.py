@@ -45,6 +45,7 @@ from peftkit.training.data import (
 )
 from peftkit.training.loss import CausalLMLoss, loss_chunk_size
 from peftkit.training.memory import StepMemory, counting, headline
+from peftkit.training.metrics import METRICS_NAME, GenerationsLine, StepLine, Summary, ValidationLine
 from peftkit.training.models import check_model_source, generate_text, load_model, load_tokenizer
 from peftkit.training.optim import build_optimizer, loraplus_param_groups
 from peftkit.training.rundir import (
@@ -84,7 +85,7 @@ class _Run:
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.training.mixed_precision)
         self.main = self.acc.is_main_process
         self.out = Path(config.output.dir)
-        self.metrics_path = self.out / "metrics.jsonl"
+        self.metrics_path = self.out / METRICS_NAME
         set_seed(config.training.seed)
         self.bar: tqdm | None = None
         self.tokenizer: Any = None
@@ -96,8 +97,12 @@ class _Run:
         if self.main and not self.quiet:
             (self.bar.write if self.bar is not None else print)(message)
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any] | StepLine | ValidationLine | GenerationsLine | Summary) -> None:
         """Append one line to metrics.jsonl; a failed write is cut back off, leaving whole lines only."""
+        if isinstance(record, Summary):
+            record = record.line()
+        elif dataclasses.is_dataclass(record):
+            record = dataclasses.asdict(record)
         if self.main:
             with writing(self.out), open(self.metrics_path, "a", encoding="utf-8") as handle:
                 end = handle.tell()
@@ -129,7 +134,7 @@ class _Run:
         """Evaluate, log and report the validation loss at `step`."""
         loss = self.evaluate(wrapper, examples)
         if loss is not None:
-            self.log({"step": step, "val_loss": loss, "val_ppl": math.exp(loss)})
+            self.log(ValidationLine(step, loss, math.exp(loss)))
             self.say(f"step {step}: validation loss {loss:.4f} (perplexity {math.exp(loss):.2f})")
         return loss
 
@@ -145,7 +150,7 @@ class _Run:
             samples.append({"prompt": pair[0], "reference": pair[1], "output": output})
             if len(samples) == self.config.eval.generations:
                 break
-        self.log({"step": step, "generations": samples})
+        self.log(GenerationsLine(step, samples))
         for sample in samples:
             self.say(
                 f"[{label}, step {step}] {sample['prompt']!r}\n  -> {sample['output']!r}\n"
@@ -242,21 +247,21 @@ class _Run:
         mean_loss = acc.reduce(step_loss, reduction="mean").item()
         return mean_loss, acc.reduce(tokens, reduction="sum").item() / (time.perf_counter() - tick)
 
-    def say_summary(self, summary: dict[str, Any], window: int) -> None:
+    def say_summary(self, summary: Summary, window: int) -> None:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-        estimated, measured = summary["estimated_step_peak_bytes"], summary["measured_step_peak_bytes"]
+        estimated, measured = summary.estimated_step_peak_bytes, summary.measured_step_peak_bytes
         gpu = torch.cuda.is_available()
-        memory = f"{'GPU peak allocated' if gpu else 'process peak RSS'} {format_bytes(summary['peak_memory_bytes'])}"
+        memory = f"{'GPU peak allocated' if gpu else 'process peak RSS'} {format_bytes(summary.peak_memory_bytes)}"
         if measured:
             where = "allocated on the GPU" if gpu else "live tensors, steps 1-2"
             memory += f", training step peak {format_bytes(measured)} measured ({where})"
             if estimated:
                 memory += f" / {format_bytes(estimated)} estimated (full-length sequences, every token labelled)"
         self.say(
-            f"done in {summary['time_s']:.0f} s | {memory} | "
-            f"train loss {fmt(summary['train_loss'])} (mean of last {window} steps) | "
-            f"validation loss {fmt(summary['val_loss_start'])} -> {fmt(summary['val_loss'])} | "
-            f"adapter: {summary['adapter']}"
+            f"done in {summary.time_s:.0f} s | {memory} | "
+            f"train loss {fmt(summary.train_loss)} (mean of last {window} steps) | "
+            f"validation loss {fmt(summary.val_loss_start)} -> {fmt(summary.val_loss)} | "
+            f"adapter: {summary.adapter}"
         )
 
 
@@ -446,7 +451,7 @@ def _step_loop(run: _Run, p: _Prepared) -> list[float]:
         run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
         if done % tc.log_every == 0 or done == p.total_steps:
             elapsed = time.perf_counter() - p.started
-            run.log({"step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed})
+            run.log(StepLine(done, loss, lr, tokens_per_s, elapsed))
         if config.eval.every and done % config.eval.every == 0 and done < p.total_steps:
             run.validate(p.wrapper, p.valid_set, done)
         if run.main and config.output.save_every and (done % config.output.save_every == 0 or done == p.total_steps):
@@ -470,18 +475,19 @@ def _finish(run: _Run, p: _Prepared, losses: list[float]) -> TrainResult:
             save_adapter(p.model, tmp)
     run.acc.wait_for_everyone()
     window = losses[-10:]
-    summary = {
-        "steps": p.total_steps,
-        "time_s": round(time.perf_counter() - p.started, 1),
-        "peak_memory_bytes": (peak := _peak_memory_bytes()),
-        "peak_memory_gb": round(peak / 1e9, 2),
-        "estimated_step_peak_bytes": p.estimated.peak_bytes if p.estimated else None,
-        "measured_step_peak_bytes": run.measured_step_peak(),
-        "train_loss": sum(window) / len(window) if window else None,
-        "val_loss_start": run.val_before,
-        "val_loss": val_loss,
-        "adapter": str(run.out / "adapter"),
-    }
-    run.log({"summary": summary})
+    peak = _peak_memory_bytes()
+    summary = Summary(
+        steps=p.total_steps,
+        time_s=round(time.perf_counter() - p.started, 1),
+        peak_memory_bytes=peak,
+        peak_memory_gb=round(peak / 1e9, 2),
+        estimated_step_peak_bytes=p.estimated.peak_bytes if p.estimated else None,
+        measured_step_peak_bytes=run.measured_step_peak(),
+        train_loss=sum(window) / len(window) if window else None,
+        val_loss_start=run.val_before,
+        val_loss=val_loss,
+        adapter=str(run.out / "adapter"),
+    )
+    run.log(summary)
     run.say_summary(summary, len(window))
-    return TrainResult(p.model, summary)
+    return TrainResult(p.model, dataclasses.asdict(summary))

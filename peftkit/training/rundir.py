@@ -26,6 +26,7 @@ from peftkit.files import atomic_write, destination_errors, probe_write
 from peftkit.registry import get_method
 from peftkit.training.checkpoint import Checkpoint, checkpoint_step, list_checkpoints
 from peftkit.training.config import DataConfig
+from peftkit.training.metrics import METRICS_NAME
 
 __all__ = [
     "RUN_STATE",
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 # Checkpoints first: a clearing cut short must take away what a resume would read before the rest.
-RUN_STATE = ("checkpoints", "adapter", "metrics.jsonl", "config.yaml")
+RUN_STATE = ("checkpoints", "adapter", METRICS_NAME, "config.yaml")
 _TRASH_PREFIX = ".peftkit-overwritten-"
 
 # Options a resumed run may change: they decide when to evaluate, log and save, not what is learned.
@@ -137,7 +138,7 @@ def cut_metrics(out: Path, step: int) -> int:
     Kept: lines of earlier steps and the training loss of `step`; dropped: later lines, records at
     `step` the resumed run writes anew, an earlier finish's summary. Rewritten atomically; returns
     how many lines went."""
-    path = out / "metrics.jsonl"
+    path = out / METRICS_NAME
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)

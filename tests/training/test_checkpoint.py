@@ -16,7 +16,7 @@ import peftkit.training.checkpoint as checkpoint
 import peftkit.training.loop
 from peftkit.cli import main
 from peftkit.errors import ShapeMismatchError
-from peftkit.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from peftkit.training.checkpoint import list_checkpoints, read_checkpoint, restore_checkpoint, save_checkpoint
 from peftkit.training.config import load_config
 from peftkit.training.loop import train
 
@@ -54,10 +54,12 @@ def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path: Path, model_
     with pytest.raises(RuntimeError, match="disk full"):
         save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {"note": "two"}, keep_last=2)
     monkeypatch.undo()
-    assert latest_checkpoint(tmp_path) == first and sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]
+    assert list_checkpoints(tmp_path)[-1] == first and sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]
 
     fresh, fresh_optimizer, fresh_scheduler = adapted(model_dir)
-    state = load_checkpoint(first, fresh, fresh_optimizer, fresh_scheduler)
+    resumed = read_checkpoint(first)
+    restore_checkpoint(resumed, fresh, fresh_optimizer, fresh_scheduler)
+    state = resumed.state
     assert state["step"] == 1 and state["note"] == "one" and fresh_scheduler.last_epoch == 1
     loaded = peftkit.adapter_state_dict(fresh)
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
@@ -113,7 +115,7 @@ def test_a_checkpoint_tensor_of_another_shape_is_refused(tmp_path: Path, model_d
     with pytest.raises(
         ShapeMismatchError, match=r"saved lora_A\.weight has shape \(1, 32\), but this model needs \(2, 32\)"
     ):
-        load_checkpoint(saved, fresh, fresh_optimizer, fresh_scheduler)
+        restore_checkpoint(read_checkpoint(saved), fresh, fresh_optimizer, fresh_scheduler)
     assert all(torch.equal(v, before[k]) for k, v in peftkit.adapter_state_dict(fresh).items())
 
 
