@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.activations import check_checkpointable, enable_gradient_checkpointing
 from peftkit.errors import ConfigError, UnsupportedModuleError
 from peftkit.merge import merge_and_unload
 from peftkit.quant.codec import Linear4bit, dequantized_copy, is_bitsandbytes, is_quantized, keep_one_kernel, to_4bit
@@ -76,16 +77,14 @@ def prepare_for_kbit_training(
     layers left unquantized) becomes float32: norms and the head are where half
     precision hurts training, and casting only them would feed float32 activations
     to half-precision layers. 4-bit layers compute as in training mode in eval too.
-    With `gradient_checkpointing`, the input embeddings' output requires grad, so
-    gradients reach the adapters through checkpointed blocks whose own inputs and
-    weights are all frozen, and checkpointing is switched on.
+    With `gradient_checkpointing`, checkpointing is switched on through the one switch,
+    `peftkit.activations.enable_gradient_checkpointing` (non-reentrant unless the kwargs
+    say otherwise), and, as PEFT does here before any adapter exists, the input
+    embeddings' output requires grad, so gradients reach the adapters through
+    checkpointed blocks whose own inputs and weights are all frozen.
     """
-    needed = ("gradient_checkpointing_enable", "enable_input_require_grads")
-    if gradient_checkpointing and not all(callable(getattr(model, name, None)) for name in needed):
-        raise ConfigError(
-            f"{type(model).__name__} has no gradient_checkpointing_enable(); "
-            "gradient checkpointing needs a transformers model."
-        )
+    if gradient_checkpointing:
+        check_checkpointable(model)  # before anything changes
     keep_one_kernel(model)
     with torch.no_grad():
         for module in model.modules():
@@ -95,8 +94,7 @@ def prepare_for_kbit_training(
                 if param.dtype in _HALF:
                     param.data = param.data.float()
     if gradient_checkpointing:
-        model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        enable_gradient_checkpointing(model, gradient_checkpointing_kwargs, inputs_require_grad=True)
     return model
 
 

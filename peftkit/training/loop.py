@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from peftkit.activations import enable_gradient_checkpointing
 from peftkit.adapters import adapt, trainable_parameters
 from peftkit.errors import ConfigError
 from peftkit.files import atomic_directory
 from peftkit.record import DEFAULT_ADAPTER, adapter_methods
 from peftkit.saving import save_adapter
-from peftkit.training.activations import enable_gradient_checkpointing
 from peftkit.training.checkpoint import Checkpoint, find_resume_checkpoint, restore_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig
 from peftkit.training.data import (

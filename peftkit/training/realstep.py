@@ -48,8 +48,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.profiler import ProfilerActivity, profile
 
+from peftkit.activations import enable_gradient_checkpointing
 from peftkit.adapters import adapt
-from peftkit.training.activations import enable_gradient_checkpointing
 from peftkit.training.config import RunConfig
 from peftkit.training.loss import CausalLMLoss, loss_chunk_size
 from peftkit.training.models import load_model

@@ -40,10 +40,10 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_leaves
 
+from peftkit.activations import enable_gradient_checkpointing
 from peftkit.adapters import adapt
 from peftkit.dtypes import dtype_named
 from peftkit.quant.config import COMPUTE_DTYPES, default_compute_dtype
-from peftkit.training.activations import enable_gradient_checkpointing
 from peftkit.training.config import RunConfig
 from peftkit.training.loss import CausalLMLoss, loss_chunk_size
 from peftkit.training.memory import LiveBytes, StepMemory, peak_breakdown, resident

@@ -27,7 +27,7 @@ import peftkit
 from peftkit.errors import ConfigError
 from peftkit.quant import QuantizationConfig, codec, quantize_model
 from peftkit.quant.codec import is_quantized
-from peftkit.training.activations import enable_gradient_checkpointing
+from peftkit.activations import enable_gradient_checkpointing
 from peftkit.training.config import TrainingConfig, load_config
 from peftkit.training.loop import train
 from peftkit.training.loss import CausalLMLoss, head_cross_entropy, loss_chunk_size

@@ -1,5 +1,7 @@
 """Gradient (activation) checkpointing for an adapted transformers model, whatever the method and base.
 
+The one switch: `peftkit train`, the estimate and `prepare_for_kbit_training` all turn it on here.
+
 Checkpointing keeps only each block's input in forward and recomputes the block in
 backward. Whether the block's input must require grad depends on the flavour:
 
@@ -23,21 +25,30 @@ from torch import nn
 
 from peftkit.errors import ConfigError
 
-__all__ = ["enable_gradient_checkpointing"]
+__all__ = ["check_checkpointable", "enable_gradient_checkpointing"]
 
 
-def enable_gradient_checkpointing(model: nn.Module, checkpointing_kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """Switch on checkpointing (non-reentrant unless `checkpointing_kwargs` says otherwise); returns `model`.
-
-    Call it after the adapters are attached: whether the embeddings are frozen decides
-    what reentrant checkpointing needs.
-    """
+def check_checkpointable(model: nn.Module) -> None:
+    """ConfigError unless `model` is a transformers model whose checkpointing this module can switch."""
     needed = ("gradient_checkpointing_enable", "enable_input_require_grads", "disable_input_require_grads")
     if not all(callable(getattr(model, name, None)) for name in needed):
         raise ConfigError(
             f"{type(model).__name__} has no gradient_checkpointing_enable(); gradient checkpointing needs a "
             "transformers model."
         )
+
+
+def enable_gradient_checkpointing(
+    model: nn.Module, checkpointing_kwargs: dict[str, Any] | None = None, inputs_require_grad: bool | None = None
+) -> nn.Module:
+    """Switch on checkpointing (non-reentrant unless `checkpointing_kwargs` says otherwise); returns `model`.
+
+    Call it after the adapters are attached: whether the embeddings are frozen decides
+    what reentrant checkpointing needs. Before they are (`prepare_for_kbit_training`, as
+    in PEFT), pass `inputs_require_grad=True`: the embeddings' output then requires grad
+    whatever is frozen later.
+    """
+    check_checkpointable(model)
     kwargs = {"use_reentrant": False, **(checkpointing_kwargs or {})}
     enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers 5.x
     if callable(enable):
@@ -46,7 +57,7 @@ def enable_gradient_checkpointing(model: nn.Module, checkpointing_kwargs: dict[s
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     embeddings = model.get_input_embeddings()
     frozen = not any(param.requires_grad for param in embeddings.parameters())
-    if kwargs["use_reentrant"] and frozen:
+    if inputs_require_grad if inputs_require_grad is not None else kwargs["use_reentrant"] and frozen:
         model.enable_input_require_grads()
     else:
         try:  # transformers >= 5 makes every input_ids model's embeddings output require grad
