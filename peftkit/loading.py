@@ -154,7 +154,7 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike[str], name: 
     config = read_adapter_config(directory)
     tensors, metadata = read_adapter_tensors(directory / WEIGHTS_NAME)
     incoming = method_from_config(config, metadata, directory / CONFIG_NAME)
-    if incoming.name != current.name:
+    if type(incoming) is not type(current):
         raise AdapterFileError(f"cannot hot-swap a {incoming.name} adapter into {name!r}, which is {current.name}.")
     for path, host in hosts(model):
         if isinstance(host, AdapterLayer) and name in host.adapters:

@@ -1,4 +1,4 @@
-"""Tiny random-weight models built from transformers configs: fast, offline, seeded."""
+"""Shared fixtures and helpers; the tiny random-weight models themselves are built in tiny_models.py."""
 
 from __future__ import annotations
 
@@ -9,66 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
-VOCAB = 128
-
-
-def tiny_llama(seed: int = 0, **overrides: object) -> LlamaForCausalLM:
-    """A random Llama (hidden 32, 2 layers, GQA); `overrides` change its config."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        **{
-            "vocab_size": VOCAB,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 64,
-            **overrides,
-        }
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        tie_word_embeddings=False,
-    )
-    return GPT2LMHeadModel(config).eval()
-
-
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(config).eval()
-
-
-MODEL_BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+# The tiny models live in tiny_models.py; the tests import them from here too.
+from tiny_models import MODEL_BUILDERS, VOCAB, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402,F401
 
 
 def model_output(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

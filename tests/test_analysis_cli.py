@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import randomize_adapters
-from tiny_run import make_model_dir
+from tiny_models import make_model_dir
 from transformers import AutoModelForCausalLM
 
 import peftkit

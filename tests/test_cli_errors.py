@@ -11,7 +11,7 @@ import torch
 import transformers.modeling_utils
 from conftest import randomize_adapters
 from safetensors.torch import load_file, save_file
-from tiny_run import make_model_dir
+from tiny_models import make_model_dir
 from transformers import AutoModelForCausalLM
 
 import peftkit

@@ -15,26 +15,12 @@ from typing import Any
 import pytest
 import torch
 from conftest import VOCAB, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
+from tiny_models import tiny_convnet, tiny_embedding_model, tiny_mlp
 from torch import nn
 
 import peftkit
 from peftkit.injection import hosts
 from peftkit.quant import is_quantized, merge_and_dequantize
-
-
-def tiny_mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
-
-
-def tiny_convnet() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
-
-
-def tiny_embedding_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Embedding(VOCAB, 64), nn.Linear(64, 16))
 
 
 def _seeded(*shape: int) -> Callable[[], torch.Tensor]:

@@ -15,7 +15,8 @@ import pytest
 import torch
 import transformers
 from conftest import fill_disk, randomize_adapters, tiny_llama
-from tiny_run import make_model_dir, tiny_tokenizer, write_run
+from tiny_models import make_model_dir, tiny_tokenizer
+from tiny_run import write_run
 from transformers import AutoModelForCausalLM
 
 import peftkit

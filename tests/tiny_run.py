@@ -1,4 +1,4 @@
-"""Helpers for the training tests: a byte-level tokenizer, a tiny Llama on disk, a run config.
+"""Helpers for the training tests: data files and a run config (the tiny model on disk is tiny_models').
 
 Everything is built offline in memory; a model directory written here loads through
 the same `from_pretrained` path `peftkit train` uses for any local model.
@@ -12,49 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import tiny_llama
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
-__all__ = ["CHAT_TEMPLATE", "tiny_tokenizer", "make_model_dir", "write_records", "write_run"]
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-SPECIALS = ["<pad>", "<s>", "</s>"]
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (256 bytes + pad/bos/eos) with a simple chat template."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {token: i for i, token in enumerate(SPECIALS + sorted(alphabet))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def make_model_dir(path: Path, seed: int = 0, max_shard_size: str | None = None, **overrides: Any) -> Path:
-    """Save a tiny random Llama (hidden 32, 2 layers; `overrides` change its config) and its tokenizer."""
-    tokenizer = tiny_tokenizer()
-    model = tiny_llama(
-        seed,
-        **{
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": 128,
-            "pad_token_id": 0,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "tie_word_embeddings": False,
-            **overrides,
-        },
-    )
-    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    tokenizer.save_pretrained(path)
-    return path
+__all__ = ["write_records", "write_run"]
 
 
 def write_records(path: Path, records: list[dict[str, Any]]) -> Path:

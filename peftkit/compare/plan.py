@@ -93,7 +93,7 @@ class CompareConfig:
             raise ConfigError(f"compare.generations must be at least 0, got {self.generations}.")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class MethodEntry:
     """One `compare.methods` entry: its row label, method, method options and training options."""
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
-from tiny_run import make_model_dir, write_run
+from tiny_models import make_model_dir
+from tiny_run import write_run
 
 from peftkit.cli import main
 from peftkit.compare import compare

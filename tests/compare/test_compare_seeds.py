@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny_run import make_model_dir, tiny_tokenizer, write_records, write_run
+from tiny_models import make_model_dir, tiny_tokenizer
+from tiny_run import write_records, write_run
 
 from peftkit.cli import main
 from peftkit.compare import compare

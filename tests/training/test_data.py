@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import tiny_tokenizer, write_records
+from tiny_models import tiny_tokenizer
+from tiny_run import write_records
 
 from peftkit.errors import ConfigError
 from peftkit.training.config import DataConfig

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from tiny_run import make_model_dir, write_run
+from tiny_models import make_model_dir
+from tiny_run import write_run
 
 from peftkit.cli import main
 from peftkit.errors import ConfigError

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_run import make_model_dir
+from tiny_models import make_model_dir
 
 from peftkit.training import realstep
 from peftkit.training.config import RunConfig, build_config

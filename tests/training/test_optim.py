@@ -11,7 +11,8 @@ import torch
 import yaml
 from conftest import tiny_llama
 from safetensors.torch import load_file
-from tiny_run import make_model_dir, write_run
+from tiny_models import make_model_dir
+from tiny_run import write_run
 from torch.utils._pytree import tree_leaves
 
 import peftkit

@@ -16,7 +16,8 @@ import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 from conftest import train_steps
-from tiny_run import make_model_dir, write_run
+from tiny_models import make_model_dir
+from tiny_run import write_run
 from torch import nn
 
 import peftkit

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_run import make_model_dir, write_run
+from tiny_models import make_model_dir
+from tiny_run import write_run
 
 import peftkit.saving
 import peftkit.training.checkpoint

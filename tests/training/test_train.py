@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_run import make_model_dir, tiny_tokenizer, write_run
+from tiny_models import make_model_dir, tiny_tokenizer
+from tiny_run import write_run
 from transformers import AutoModelForCausalLM
 
 import peftkit
@@ -20,6 +21,7 @@ from peftkit.training.config import load_config
 from peftkit.training.data import collate, encode
 from peftkit.training.loop import train
 from peftkit.training.loss import CausalLMLoss
+from peftkit.training.metrics import read_metrics
 from variants.lora import LoRA, LoraConfig
 
 
@@ -70,6 +72,10 @@ def test_train_run_learns_and_writes_its_files(tmp_path: Path, model_dir: Path, 
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
     assert records[-1]["summary"]["val_loss"] == summary["val_loss"]
     assert len([r for r in records if "generations" in r]) == 2  # before and after
+    metrics = read_metrics(out)  # the typed lines compare reads: every line the loop writes has its record
+    assert [line.step for line in metrics.steps] == list(range(1, 9)) and metrics.steps[-1].elapsed_s > 0
+    assert [line.step for line in metrics.validations] == [0, 8] and len(metrics.generations) == 2
+    assert metrics.summary is not None and dataclasses.asdict(metrics.summary) == summary
     # The saved adapter reproduces the trained model's logits on a fresh base.
     fresh = peftkit.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
     ids = torch.tensor([[5, 6, 7, 8]])

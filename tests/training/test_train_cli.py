@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_run import make_model_dir, write_records, write_run
+from tiny_models import make_model_dir
+from tiny_run import write_records, write_run
 
 from peftkit.cli import main
 

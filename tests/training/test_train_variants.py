@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_llama
-from tiny_run import make_model_dir, write_run
+from tiny_models import make_model_dir
+from tiny_run import write_run
 
 import peftkit
 from peftkit.errors import ConfigError
@@ -48,7 +49,10 @@ def test_pissa_run_saves_for_the_original_base(tmp_path: Path, model_dir: Path) 
 
 def test_loftq_under_model_quantization_reads_the_checkpoint(tmp_path: Path, model_dir: Path) -> None:
     path = write_run(
-        tmp_path, model_dir, method={"name": "qlora", "init": "loftq"}, model={"quantization": {}},
+        tmp_path,
+        model_dir,
+        method={"name": "qlora", "init": "loftq"},
+        model={"quantization": {}},
         training={"max_steps": 1},
     )
     result = train(load_config(path), quiet=True)

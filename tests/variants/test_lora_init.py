@@ -32,14 +32,22 @@ RTOL = 1e-5
 def peftkit_pairs(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Module path -> (A, B, base weight) of the default adapter."""
     return {
-        path: (host.adapters["default"].lora_A.weight, host.adapters["default"].lora_B.weight, read_weight(host.base_layer))
+        path: (
+            host.adapters["default"].lora_A.weight,
+            host.adapters["default"].lora_B.weight,
+            read_weight(host.base_layer),
+        )
         for path, host in peftkit.injection.hosts(model)
     }
 
 
 def peft_pairs(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     return {
-        name.removeprefix("base_model.model."): (m.lora_A["default"].weight, m.lora_B["default"].weight, m.base_layer.weight)
+        name.removeprefix("base_model.model."): (
+            m.lora_A["default"].weight,
+            m.lora_B["default"].weight,
+            m.base_layer.weight,
+        )
         for name, m in model.named_modules()
         if isinstance(m, peft.tuners.lora.LoraLayer)
     }
@@ -79,7 +87,9 @@ def test_pissa_top_directions_and_randomized_svd(ids: torch.Tensor) -> None:
     errors = {}
     for niter in (0, 4):
         torch.manual_seed(0)
-        model = peftkit.adapt(copy.deepcopy(base), "lora", target_modules=["up_proj"], r=8, alpha=16, init="pissa", pissa_niter=niter)
+        model = peftkit.adapt(
+            copy.deepcopy(base), "lora", target_modules=["up_proj"], r=8, alpha=16, init="pissa", pissa_niter=niter
+        )
         for path, (a, b, residual) in peftkit_pairs(model).items():
             errors.setdefault(niter, []).append(residual.norm().item())
             torch.testing.assert_close(residual + 2 * b @ a, weights[path], rtol=1e-5, atol=1e-5)
@@ -105,7 +115,13 @@ def test_loftq_equals_peft(monkeypatch: pytest.MonkeyPatch, ids: torch.Tensor) -
     shape = {"hidden_size": 64, "intermediate_size": 128}  # rows of whole 64-blocks, as bitsandbytes' CPU kernels need
     # alpha = r: PEFT's LoftQ leaves the scaling out, so the two agree where it is 1.
     ours = peftkit.adapt(
-        tiny_llama(**shape), "qlora", target_modules=TARGETS, r=4, alpha=4, init="loftq", loftq_iter=3,
+        tiny_llama(**shape),
+        "qlora",
+        target_modules=TARGETS,
+        r=4,
+        alpha=4,
+        init="loftq",
+        loftq_iter=3,
         quantization={"double_quant": False},
     )
     loftq = peft.LoftQConfig(loftq_bits=4, loftq_iter=3)
@@ -125,7 +141,9 @@ def test_over_a_4bit_base_the_residual_is_quantized(init: str) -> None:
     plain = peftkit_pairs(peftkit.adapt(tiny_llama(), "qlora", target_modules=TARGETS, r=8, alpha=16))
     errors = {}
     for iterations in (1, 4):
-        model = peftkit.adapt(tiny_llama(), "qlora", target_modules=TARGETS, r=8, alpha=16, init=init, loftq_iter=iterations)
+        model = peftkit.adapt(
+            tiny_llama(), "qlora", target_modules=TARGETS, r=8, alpha=16, init=init, loftq_iter=iterations
+        )
         for path, (a, b, q) in peftkit_pairs(model).items():
             errors.setdefault(iterations, {})[path] = (weights[path] - (q + 2 * b @ a)).norm().item()
     for path, (_, _, q) in plain.items():
@@ -207,7 +225,9 @@ class ConvNet(nn.Module):
 def test_weight_inits_name_the_layer_they_do_not_define(target: str, kind: str, init: str) -> None:
     model = ConvNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UnsupportedModuleError, match=f"init '{init}' is defined for linear layers.*'{target}' is a {kind}"):
+    with pytest.raises(
+        UnsupportedModuleError, match=f"init '{init}' is defined for linear layers.*'{target}' is a {kind}"
+    ):
         peftkit.adapt(model, "lora", target_modules=["linear", target], init=init)
     assert isinstance(model.linear, nn.Linear)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

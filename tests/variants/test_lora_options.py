@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import VOCAB, model_output, randomize_adapters, tiny_llama
+from tiny_models import tiny_mixtral
 from torch import nn
-from transformers import MixtralConfig, MixtralForCausalLM
 
 import peftkit
 import peftkit.injection
@@ -160,23 +160,6 @@ def test_trainable_tokens_refusals_are_typed_and_leave_the_model_as_it_was() -> 
 
 
 # --- target_parameters ---------------------------------------------------------------
-
-
-def tiny_mixtral() -> MixtralForCausalLM:
-    """A random Mixtral whose experts are transformers' fused 3-D tensors (gate_up_proj, down_proj)."""
-    torch.manual_seed(0)
-    config = MixtralConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=3,
-        num_experts_per_tok=2,
-        max_position_embeddings=32,
-    )
-    return MixtralForCausalLM(config).eval()
 
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]

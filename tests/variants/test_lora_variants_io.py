@@ -27,7 +27,9 @@ ATOL = 1e-5
 
 
 @pytest.mark.parametrize("method, init", [("lora", "pissa"), ("lora", "olora"), ("dora", "pissa")])
-def test_weight_init_adapter_loads_on_the_original_base(tmp_path: Path, ids: torch.Tensor, method: str, init: str) -> None:
+def test_weight_init_adapter_loads_on_the_original_base(
+    tmp_path: Path, ids: torch.Tensor, method: str, init: str
+) -> None:
     model = peftkit.adapt(tiny_llama(), method, target_modules=TARGETS, r=4, alpha=8, init=init)
     train_steps(model, ids, steps=3)
     trained = model(input_ids=ids).logits
@@ -73,7 +75,10 @@ def test_eva_adapter_round_trips_through_peft(tmp_path: Path, ids: torch.Tensor)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["init_lora_weights"] == "eva"
     assert config["rank_pattern"] == {p: r for p, r in ranks.items() if r != 4}
-    for loaded in (peftkit.load_adapter(tiny_llama(), tmp_path), peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)):
+    for loaded in (
+        peftkit.load_adapter(tiny_llama(), tmp_path),
+        peft.PeftModel.from_pretrained(tiny_llama(), tmp_path),
+    ):
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=ATOL, atol=ATOL)
 
 

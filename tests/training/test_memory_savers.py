@@ -17,17 +17,18 @@ import pytest
 import torch
 from conftest import randomize_adapters, tiny_llama
 from safetensors.torch import load_file
-from tiny_run import make_model_dir, write_run
+from tiny_models import make_model_dir
+from tiny_run import write_run
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 import peftkit
+from peftkit.activations import enable_gradient_checkpointing
 from peftkit.errors import ConfigError
 from peftkit.quant import QuantizationConfig, codec, quantize_model
 from peftkit.quant.codec import is_quantized
-from peftkit.activations import enable_gradient_checkpointing
 from peftkit.training.config import TrainingConfig, load_config
 from peftkit.training.loop import train
 from peftkit.training.loss import CausalLMLoss, head_cross_entropy, loss_chunk_size
