@@ -9,6 +9,7 @@ freezing, merging, saving) once for all. A method that does not live in layers
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -214,7 +215,8 @@ class AdapterMethod(ABC):
 
 
 def _plain(value: Any) -> Any:
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    """`value` as plain data the caller owns: a change to it never reaches the method's config."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
 
 
 def _concrete_methods(base: type[AdapterMethod]) -> list[type[AdapterMethod]]:

@@ -174,3 +174,12 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     path.write_bytes("model:\n  name: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=rf"config file '{path}' is not UTF-8 text .*; save it as UTF-8\.$"):
         load_config(path)
+
+
+def test_the_written_config_is_a_copy_a_change_to_it_leaves_the_run_config_as_it_was(config_file: Path) -> None:
+    """`peftkit estimate` builds its suggestions from `to_dict()` plus overrides; they once reached the method."""
+    config = load_config(config_file, ["method.name=qlora"])
+    written = config.to_dict()
+    apply_overrides(written, ["method.quantization.skip_modules=[]", "method.rank_pattern.q_proj=2"])
+    assert config.method.config.quantization["skip_modules"] is None and config.method.config.rank_pattern == {}
+    assert build_config(written).method.config.quantization["skip_modules"] == []
