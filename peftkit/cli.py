@@ -16,9 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.errors import ConfigError, DestinationError, MergeError, PeftkitError
 from peftkit.files import atomic_directory, check_writable, destination_errors
+from peftkit.method import AdapterMethod
+from peftkit.quant.config import QuantizationConfig
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
 __all__ = ["main", "build_parser"]
 
@@ -34,7 +37,7 @@ def _train(args: argparse.Namespace) -> None:
 QUANTIZATION_HELP = "load the base straight into 4 bits: nf4, fp4, or a YAML mapping of model.quantization's fields"
 
 
-def _quantization(text: str | None) -> Any | None:
+def _quantization(text: str | None) -> QuantizationConfig | None:
     """`--quantization`: a quant_type (nf4, fp4) or a YAML mapping of `model.quantization`'s fields."""
     if text is None:
         return None
@@ -217,7 +220,7 @@ def _analyze(args: argparse.Namespace) -> None:
         print("\n".join(describe_analysis(result)))
 
 
-def _analysis_base(name: str, method: Any) -> Any:
+def _analysis_base(name: str, method: AdapterMethod) -> nn.Module:
     """The base model for `--base`, in 4 bits when the adapter was trained over a 4-bit base (qlora, qdora)."""
     from peftkit.training.models import load_model
 
