@@ -9,7 +9,6 @@ that decide only when to evaluate, log and save (`RESUMABLE`), and a longer run.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -176,12 +175,15 @@ def start_writing(
     return discarded, dropped
 
 
-def _flat(config: dict[str, Any]) -> dict[str, Any]:
-    """`section.key -> value` of a resolved config; the method's options complete with their defaults."""
+def _flat(config: dict[str, Any], saved: bool) -> dict[str, Any]:
+    """`section.key -> value` of a resolved config. A `saved` one (a checkpoint's record, maybe from a version
+    that wrote only the options given) has its method options completed with their defaults; the run's own
+    config (`RunConfig.to_dict()`) spells every option out already."""
     flat = {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
-    method = config["method"]
-    options = get_method(method["name"]).from_options(**{k: v for k, v in method.items() if k != "name"}).config
-    flat.update({f"method.{key}": value for key, value in dataclasses.asdict(options).items()})
+    if saved:
+        method = config["method"]
+        options = get_method(method["name"]).from_options(**{k: v for k, v in method.items() if k != "name"})
+        flat.update({f"method.{key}": value for key, value in options.options().items()})
     for key in ("data.train", "data.validation"):  # the same file, however the path was written
         if flat.get(key):
             flat[key] = os.path.abspath(flat[key])
@@ -189,8 +191,8 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """`key -> (checkpoint's value, this config's)` for every option that differs."""
-    before, now = _flat(saved), _flat(current)
+    """`key -> (checkpoint's value, this config's)` for every option that differs; `current` is `to_dict()`'s."""
+    before, now = _flat(saved, saved=True), _flat(current, saved=False)
     differing = {key: (before.get(key), now.get(key)) for key in sorted(before.keys() | now.keys())}
     return {key: values for key, values in differing.items() if values[0] != values[1]}
 

@@ -161,3 +161,20 @@ def test_dropped_rows_are_reported_in_the_header_and_metrics(tmp_path: Path, mod
             "validation": {"records": 8, "examples": 8, "dropped": {}, **kept, "left_out_per_epoch": 0},
         },
     }
+
+
+def test_one_run_builds_its_method_once(tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run config carries the built method; the estimate, the loop and the checkpoints use it (it was
+    built five times per run, seven with --resume, and qlora resolved its targets three times)."""
+    built, resolved = [], []
+    original_init, original_find = peftkit.AdapterMethod.__init__, peftkit.method.find_targets
+    monkeypatch.setattr(
+        peftkit.AdapterMethod, "__init__", lambda self, config: built.append(1) or original_init(self, config)
+    )
+    monkeypatch.setattr(peftkit.method, "find_targets", lambda *a: resolved.append(1) or original_find(*a))
+    path = write_run(tmp_path, model_dir, method={"name": "qlora"}, training={"max_steps": 2}, output={"save_every": 1})
+    config = load_config(path)
+    train(config, quiet=True)
+    train(load_config(path, ["training.max_steps=3"]), resume=True, quiet=True)
+    assert len(built) == 3  # one per load_config, and the checkpoint's record of its method, read back on resume
+    assert len(resolved) == 4  # one per adapt: the estimate's and the run's, in each of the two runs
