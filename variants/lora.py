@@ -213,22 +213,11 @@ class LoRA(AdapterMethod):
 
     def with_rank(self, rank: int, target_modules: str) -> LoRA:
         """A copy of this method at rank `rank` with unit scaling on exactly `target_modules`."""
-        options = dataclasses.asdict(self.config)
-        options.update(
-            r=rank,
-            alpha=float(rank),
-            rslora=False,
-            rank_pattern={},
-            alpha_pattern={},
-            target_modules=target_modules,
-            exclude_modules=None,
-            layers_to_transform=None,
-            modules_to_save=None,
-            trainable_token_indices=None,
-            target_parameters=None,
-            init="kaiming",  # the factors are set by the caller
-            freeze_a=False,
-        )
+        unit = {"r": rank, "alpha": float(rank), "rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
+        only_these = {"target_modules": target_modules, "exclude_modules": None, "layers_to_transform": None}
+        nothing_else = {"modules_to_save": None, "trainable_token_indices": None, "target_parameters": None}
+        options = {**self.options(), **unit, **only_these, **nothing_else}
+        options.update(init="kaiming", freeze_a=False)  # the factors are set by the caller
         return type(self).from_options(**options)
 
     def resolved_config(self, model: nn.Module) -> LoraConfig:
