@@ -12,6 +12,9 @@ import torch
 
 # The tiny models live in tiny_models.py; the tests import them from here too.
 from tiny_models import MODEL_BUILDERS, VOCAB, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402,F401
+from torch import nn
+
+import peftkit
 
 
 def model_output(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -97,3 +100,23 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "--lazy", str(path)], check=True)  # a failed writer may hold a file open
+
+
+# Several adapters on one tiny Llama, for the routing, combining and steering tests.
+NAMES = ["sql", "chat", "math"]
+
+
+def three_adapters(method: str = "lora", **options: object) -> nn.Module:
+    model = tiny_llama()
+    for seed, name in enumerate(NAMES):
+        peftkit.adapt(model, method, name, r=4, target_modules=["q_proj", "v_proj", "down_proj"], **options)
+        randomize_adapters(model, seed=seed + 1)  # only `name` is trainable right now
+    return model
+
+
+def logits_with(model: nn.Module, adapter: str, ids: torch.Tensor) -> torch.Tensor:
+    if adapter == "base":
+        with peftkit.disable_adapters(model):
+            return model(input_ids=ids).logits
+    peftkit.set_active_adapters(model, adapter)
+    return model(input_ids=ids).logits

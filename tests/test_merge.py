@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODEL_BUILDERS, model_output, randomize_adapters, tiny_gpt2, tiny_llama
+from conftest import (
+    MODEL_BUILDERS,
+    NAMES,
+    VOCAB,
+    logits_with,
+    model_output,
+    randomize_adapters,
+    three_adapters,
+    tiny_gpt2,
+    tiny_llama,
+)
 from torch import nn
 
 import peftkit
@@ -124,3 +134,17 @@ def test_an_adapter_that_declares_itself_unmergeable_is_refused_with_its_reason_
         peftkit.merge(model)
     assert calls == []
     assert all(torch.equal(value, before[key]) for key, value in base_weights(model).items())
+
+
+def test_twenty_merged_switches_leave_base_weights_intact() -> None:
+    model = three_adapters()
+    original = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    expected = {name: logits_with(model, name, ids) for name in NAMES}
+    for i in range(20):
+        name = NAMES[i % 3]
+        peftkit.switch_merged_adapter(model, name)
+        torch.testing.assert_close(model(input_ids=ids).logits, expected[name], atol=1e-4, rtol=0)
+    peftkit.unmerge(model)
+    for key, value in original.items():
+        torch.testing.assert_close(model.state_dict()[key], value, atol=1e-5, rtol=0)

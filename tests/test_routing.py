@@ -1,41 +1,18 @@
-"""Many adapters on one base: mixed batches, switching, deleting, renaming, combining, hot-swap."""
+"""Mixed batches: each row through its own adapter (grouped and stacked), and PEFT's adapter_names keyword."""
 
 from __future__ import annotations
 
 import copy
-import gc
 import pickle
-import weakref
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, randomize_adapters, tiny_llama
-from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import VOCAB, logits_with, three_adapters
 
 import peftkit
 import peftkit.injection
 import peftkit.peft_format
-from peftkit.errors import AdapterExistsError, AdapterStateError, ConfigError, ShapeMismatchError
-
-NAMES = ["sql", "chat", "math"]
-
-
-def three_adapters(method: str = "lora", **options: object) -> nn.Module:
-    model = tiny_llama()
-    for seed, name in enumerate(NAMES):
-        peftkit.adapt(model, method, name, r=4, target_modules=["q_proj", "v_proj", "down_proj"], **options)
-        randomize_adapters(model, seed=seed + 1)  # only `name` is trainable right now
-    return model
-
-
-def logits_with(model: nn.Module, adapter: str, ids: torch.Tensor) -> torch.Tensor:
-    if adapter == "base":
-        with peftkit.disable_adapters(model):
-            return model(input_ids=ids).logits
-    peftkit.set_active_adapters(model, adapter)
-    return model(input_ids=ids).logits
+from peftkit.errors import AdapterStateError, ConfigError
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grouped", "stacked"])
@@ -159,128 +136,6 @@ def test_generate_repeats_names_with_its_rows_and_still_checks_the_count() -> No
     three = torch.randint(1, VOCAB, (3, 4), generator=torch.Generator().manual_seed(4))
     with pytest.raises(ConfigError, match="2 adapter names for 3 prompt rows; give one name per row"):
         model.generate(three, adapter_names=["math", "sql"], max_new_tokens=2, num_beams=2, pad_token_id=0)
-
-
-def test_training_touches_only_the_active_adapter() -> None:
-    model = three_adapters()
-    peftkit.set_active_adapters(model, "chat")
-    peftkit.mark_trainable(model, "chat")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all(".adapters.chat." in k for k in changed)
-
-
-def test_delete_frees_parameters_and_rename_keeps_them() -> None:
-    model = three_adapters()
-    ref = weakref.ref(model.model.layers[0].self_attn.q_proj.adapters["math"].lora_A.weight)
-    peftkit.delete_adapter(model, "math")
-    gc.collect()
-    assert ref() is None and peftkit.list_adapters(model) == ["sql", "chat"]
-    weight = model.model.layers[0].self_attn.q_proj.adapters["chat"].lora_A.weight
-    peftkit.rename_adapter(model, "chat", "dialogue")
-    assert peftkit.list_adapters(model) == ["sql", "dialogue"]
-    assert model.model.layers[0].self_attn.q_proj.adapters["dialogue"].lora_A.weight is weight
-    with pytest.raises(AdapterExistsError):
-        peftkit.rename_adapter(model, "sql", "dialogue")
-    with pytest.raises(ConfigError, match="reserved"):
-        peftkit.adapt(model, "lora", "base", target_modules=["q_proj"])
-
-
-def test_twenty_merged_switches_leave_base_weights_intact() -> None:
-    model = three_adapters()
-    original = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
-    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
-    expected = {name: logits_with(model, name, ids) for name in NAMES}
-    for i in range(20):
-        name = NAMES[i % 3]
-        peftkit.switch_merged_adapter(model, name)
-        torch.testing.assert_close(model(input_ids=ids).logits, expected[name], atol=1e-4, rtol=0)
-    peftkit.unmerge(model)
-    for key, value in original.items():
-        torch.testing.assert_close(model.state_dict()[key], value, atol=1e-5, rtol=0)
-
-
-def deltas(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    return {
-        path: host.adapters[name].delta_weight().detach()
-        for path, host in model.named_modules()
-        if isinstance(host, peftkit.AdapterLayer) and name in host.adapters
-    }
-
-
-def test_cat_combination_is_exactly_the_weighted_delta() -> None:
-    model = three_adapters()
-    peftkit.combine_adapters(model, ["sql", "chat"], [0.7, -0.3], "mix", combination="cat")
-    sql, chat, mix = deltas(model, "sql"), deltas(model, "chat"), deltas(model, "mix")
-    assert model.model.layers[0].self_attn.q_proj.adapters["mix"].r == 8
-    for path in sql:
-        torch.testing.assert_close(mix[path], 0.7 * sql[path] - 0.3 * chat[path], atol=1e-6, rtol=0)
-
-
-def test_linear_combination_follows_its_formula() -> None:
-    model = three_adapters()
-    peftkit.combine_adapters(model, ["sql", "chat"], [0.5, 2.0], "mix", combination="linear")
-    layer = model.model.layers[1].mlp.down_proj
-    ups, downs = zip(*(layer.adapters[n].low_rank_factors() for n in ("sql", "chat")), strict=True)
-    up = 0.5**0.5 * ups[0] + 2.0**0.5 * ups[1]
-    down = 0.5**0.5 * downs[0] + 2.0**0.5 * downs[1]
-    torch.testing.assert_close(layer.adapters["mix"].delta_weight(), up @ down, atol=1e-6, rtol=0)
-    single = three_adapters()
-    peftkit.combine_adapters(single, ["sql"], [0.25], "quarter", combination="linear")
-    for path, delta in deltas(single, "sql").items():
-        torch.testing.assert_close(deltas(single, "quarter")[path], 0.25 * delta, atol=1e-6, rtol=0)
-    with pytest.raises(ConfigError, match="equal rank"):
-        peftkit.adapt(model, "lora", "wide", r=8, target_modules=["q_proj"])
-        peftkit.combine_adapters(model, ["sql", "wide"], [1, 1], "bad", combination="linear")
-
-
-def test_svd_combination_is_the_best_rank_k_approximation(tmp_path: Path) -> None:
-    model = three_adapters()
-    peftkit.combine_adapters(model, NAMES, [1.0, 0.5, 0.25], "svd", combination="svd", rank=3)
-    parts = [deltas(model, n) for n in NAMES]
-    for path, delta in deltas(model, "svd").items():
-        target = parts[0][path] + 0.5 * parts[1][path] + 0.25 * parts[2][path]
-        u, s, vh = torch.linalg.svd(target)
-        torch.testing.assert_close(delta, (u[:, :3] * s[:3]) @ vh[:3], atol=1e-5, rtol=0)
-    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
-    expected = logits_with(model, "svd", ids)
-    peftkit.save_adapter(model, tmp_path, "svd")
-    reloaded = peftkit.load_adapter(tiny_llama(), tmp_path)
-    torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-6, rtol=0)
-
-
-def test_hot_swap_changes_outputs_without_replacing_modules(tmp_path: Path) -> None:
-    donor = three_adapters()
-    peftkit.save_adapter(donor, tmp_path, "chat")
-    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
-    target = logits_with(donor, "chat", ids)
-    model = three_adapters()
-    peftkit.set_active_adapters(model, "sql")
-    before = model(input_ids=ids).logits
-    modules = {name: id(m) for name, m in model.named_modules()}
-    peftkit.hot_swap_adapter(model, tmp_path, "sql")
-    after = model(input_ids=ids).logits
-    assert (after - before).abs().max() > 1e-3
-    torch.testing.assert_close(after, target, atol=1e-6, rtol=0)
-    assert {name: id(m) for name, m in model.named_modules()} == modules
-
-
-def test_hot_swap_and_load_refuse_mismatches(tmp_path: Path) -> None:
-    donor = peftkit.adapt(tiny_llama(), "lora", r=4, alpha=32, target_modules=["q_proj", "v_proj", "down_proj"])
-    peftkit.save_adapter(donor, tmp_path)
-    model = three_adapters()
-    with pytest.raises(ShapeMismatchError, match="scaling"):
-        peftkit.hot_swap_adapter(model, tmp_path, "sql")
-    with pytest.raises(AdapterExistsError, match="'sql'"):
-        peftkit.load_adapter(model, tmp_path, name="sql")
-    wider = LlamaForCausalLM(LlamaConfig(**{**tiny_llama().config.to_dict(), "hidden_size": 48}))
-    with pytest.raises(ShapeMismatchError, match=r"model.layers.0.self_attn.q_proj.*\(4, 32\).*\(4, 48\)"):
-        peftkit.load_adapter(wider, tmp_path, name="other")
-    assert peftkit.list_adapters(wider) == []
 
 
 def test_merged_adapter_refuses_mixed_batch() -> None:
