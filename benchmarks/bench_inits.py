@@ -25,7 +25,7 @@ The error table (Gemma): for every adapted layer, ||W - (Q + s B A)||_F of a qlo
 adapter started with pissa / olora / loftq, against plain QLoRA's ||W - Q||_F (NF4 with
 double quantization, blocksize 64), W the full-precision weight.
 
-    python benchmarks/bench_inits.py --json out.json          # everything (about 15 minutes)
+    python benchmarks/bench_inits.py --json out.json          # everything (about 20 minutes on 2 cores)
     python benchmarks/bench_inits.py --inits pissa --no-scale --no-table
 """
 
