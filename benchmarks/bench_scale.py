@@ -229,18 +229,24 @@ def _batch(spec: dict[str, Any], tokenizer: Any) -> list[int]:
     return ids
 
 
-def _peft_side(spec: dict[str, Any]) -> tuple[list[float], torch.nn.Module]:
-    """HF PEFT's documented QLoRA recipe over transformers' 4-bit load, and a plain loop."""
-    torch.manual_seed(SEED)
+def peft_4bit_model(checkpoint: str) -> torch.nn.Module:
+    """The checkpoint loaded as PEFT's QLoRA recipe loads it: transformers' `BitsAndBytesConfig`, NF4,
+    double quantization, bfloat16 compute and dense layers."""
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        spec["checkpoint"], quantization_config=quantization, dtype=torch.bfloat16, device_map="cpu"
+    return AutoModelForCausalLM.from_pretrained(
+        checkpoint, quantization_config=quantization, dtype=torch.bfloat16, device_map="cpu"
     )
+
+
+def _peft_side(spec: dict[str, Any]) -> tuple[list[float], torch.nn.Module]:
+    """HF PEFT's documented QLoRA recipe over transformers' 4-bit load, and a plain loop."""
+    torch.manual_seed(SEED)
+    model = peft_4bit_model(spec["checkpoint"])
     model = peft.prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
     )

@@ -13,6 +13,7 @@ the shape's name, written atomically and reused while its recorded shape matches
 
     python benchmarks/scale_model.py                 # the 8b shape (about 16 GB on disk)
     python benchmarks/scale_model.py --shape tiny    # 2 layers, hidden 512: seconds
+    python benchmarks/scale_model.py --shape 8b-2blocks  # 2 of the 8b's blocks (about 3 GB)
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ SHAPES: dict[str, dict[str, Any]] = {
         num_key_value_heads=2,
     ),
 }
+# The 8b's per-layer shapes, 2 of its 32 decoder blocks: for per-layer costs too slow to run on all
+# (an exact SVD of each layer); its blocks' tensors are the 8b checkpoint's first two, seed for seed.
+SHAPES["8b-2blocks"] = {**SHAPES["8b"], "num_hidden_layers": 2}
 _COMMON = dict(
     model_type="llama",
     architectures=["LlamaForCausalLM"],

@@ -55,6 +55,16 @@ def test_the_same_seed_gives_the_same_tensor_whatever_the_sharding(scale_model, 
     assert torch.equal(*tensors)
 
 
+def test_the_2_block_shape_is_the_8b_shapes_first_blocks(scale_model) -> None:
+    """bench_inits measures 2 of the 8b's blocks and extrapolates: the same names and shapes (and, seeded
+    by name, the same tensors)."""
+    full = dict(scale_model.tensor_shapes(scale_model.SHAPES["8b"]))
+    part = dict(scale_model.tensor_shapes(scale_model.SHAPES["8b-2blocks"]))
+    assert len(part) == 2 * 9 + 3 and all(full[name] == dims for name, dims in part.items())
+    assert max(int(n.split(".")[2]) for n in part if n.startswith("model.layers.")) == 1
+    assert part["model.layers.1.self_attn.k_proj.weight"] == (1024, 4096)  # grouped-query: 8 of 32 heads
+
+
 def test_transformers_loads_the_checkpoint_and_tokenizer(scale_model, tmp_path: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
