@@ -46,7 +46,6 @@ __all__ = [
     "lockstep",
 ]
 
-STRATEGIES = ("auto", "ddp", "fsdp")
 T = TypeVar("T")
 
 

@@ -392,6 +392,8 @@ def _prepare(run: _Run, resume: str | bool | None, overwrite: bool) -> _Prepared
     sequences = tc.batch_size * acc.num_processes * tc.gradient_accumulation_steps
     digests = data_digests(config.data)
     changed = check_resume(resume_from, config.to_dict(), digests, sequences, total_steps) if resume_from else ""
+    if resume_from is not None:
+        check_resume_strategy(resume_from.state, run.strategy, acc.num_processes, str(resume_from.path))
     estimated = run.estimated_step()  # before the model loads: a run too large for the device is told first
     quantization = config.base_quantization()
     if config.training.distributed.strategy == "fsdp":  # one process loads as several do: same numbers
@@ -417,7 +419,6 @@ def _prepare(run: _Run, resume: str | bool | None, overwrite: bool) -> _Prepared
 
     start = 0
     if resume_from is not None:
-        check_resume_strategy(resume_from.state, run.strategy, acc.num_processes, str(resume_from.path))
         (restore_sharded if run.sharded else restore_checkpoint)(resume_from, unwrapped, optimizer, scheduler)
         start = resume_from.step
     acc.wait_for_everyone()  # every process has checked the directory before the main one changes it
