@@ -34,6 +34,7 @@ __all__ = [
     "distributed_from_options",
     "resolve_strategy",
     "check_sharding",
+    "check_offload",
     "sharded_quantization",
     "decoder_blocks",
     "shard_model",
@@ -122,6 +123,16 @@ def check_sharding(
         raise ConfigError(
             f"eval.generations {generations}: sample generations are not available under strategy fsdp (the model "
             "is sharded outside the training forward); set eval.generations: 0, or generate from the saved adapter."
+        )
+
+
+def check_offload(config: DistributedConfig, device: torch.device) -> None:
+    """cpu_offload moves shards from an accelerator to host memory; on a CPU they are there already, and
+    torch's CPUOffloadPolicy refuses to run without an accelerator."""
+    if config.strategy == "fsdp" and config.cpu_offload and device.type == "cpu":
+        raise ConfigError(
+            "training.distributed.cpu_offload needs a GPU (it moves the shards from the GPU to host memory); "
+            "this run trains on cpu, where they are in host memory already: drop cpu_offload."
         )
 
 

@@ -33,6 +33,7 @@ from peftkit.saving import save_adapter
 from peftkit.training.checkpoint import Checkpoint, find_resume_checkpoint, restore_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig
 from peftkit.training.distributed import (
+    check_offload,
     check_resume_strategy,
     full_optimizer_state,
     gathered_adapter,
@@ -96,6 +97,7 @@ class _Run:
         self.main = self.acc.is_main_process
         self.strategy = resolve_strategy(config.training.distributed, self.acc.num_processes)
         self.sharded = self.strategy == "fsdp"
+        check_offload(config.training.distributed, self.acc.device)
         self.out = Path(config.output.dir)
         self.metrics_path = self.out / METRICS_NAME
         set_seed(config.training.seed)

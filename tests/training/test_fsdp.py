@@ -132,6 +132,13 @@ def test_a_killed_process_ends_the_run_without_a_hang(tmp_path: Path, model_dir:
     assert not (tmp_path / "run" / WEIGHTS).exists()
 
 
+def test_cpu_offload_is_refused_on_a_cpu_before_loading(tmp_path: Path, model_dir: Path) -> None:
+    config = load_config(_run(tmp_path, model_dir, 4, training={"distributed": {"strategy": "fsdp", "cpu_offload": True}}))
+    with pytest.raises(ConfigError, match=r"^training.distributed.cpu_offload needs a GPU .* drop cpu_offload.$"):
+        train(config, quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
 def test_decoder_blocks_are_found_by_structure(model_dir: Path) -> None:
     from tiny_models import tiny_gpt2, tiny_llama
 
