@@ -93,16 +93,21 @@ def _run(name: str, model: Path, steps: int, seq: int) -> dict[str, Any]:
     estimated = estimate(load_config(config, data_files=False), None, "cpu", processes).peak_bytes
     if done.returncode != 0:
         errors = [line for line in done.stderr.splitlines() if "Error" in line and "ChildFailedError" not in line]
-        return {"run": name, "error": (errors or done.stderr.splitlines()[-1:])[-1].strip()[:300], "estimated": estimated}
+        return {
+            "run": name,
+            "error": (errors or done.stderr.splitlines()[-1:])[-1].strip()[:300],
+            "estimated": estimated,
+        }
     lines = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     steps_ = [line for line in lines if "loss" in line and "step" in line]
     summary = next(line["summary"] for line in lines if "summary" in line)
     elapsed = [line["elapsed_s"] for line in steps_]
+    step_times = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]  # the first step's warm-up left out
     loading = [json.loads((root / f"rank{r}.json").read_text())["loading_anon"] for r in range(processes)]
     return {
         "run": name,
         "losses": [round(line["loss"], 5) for line in steps_],
-        "step_s": statistics.median(b - a for a, b in zip(elapsed, elapsed[1:])) if len(elapsed) > 1 else None,
+        "step_s": statistics.median(step_times) if step_times else None,
         "measured_step_peak": summary["measured_step_peak_bytes"],
         "estimated": estimated,
         "loading_anon_peak": max(loading),

@@ -22,9 +22,9 @@ from peftkit.errors import ConfigError, did_you_mean
 from peftkit.method import AdapterMethod
 from peftkit.quant.config import QuantizationConfig
 from peftkit.registry import get_method
+from peftkit.training.distributed import DistributedConfig, check_sharding, distributed_from_options
 from peftkit.training.models import model_skeleton
 from peftkit.training.optim import check_optimizer
-from peftkit.training.distributed import DistributedConfig, check_sharding, distributed_from_options
 from peftkit.training.quantized import quantization_from_options, skipped_modules
 from peftkit.validation import check_types, from_options
 

@@ -83,10 +83,8 @@ def distributed_from_options(options: Any) -> DistributedConfig:
     if isinstance(options, DistributedConfig):
         return options
     if not isinstance(options, dict):
-        raise ConfigError(
-            f"training.distributed must be a mapping of {', '.join(f.name for f in dataclasses.fields(DistributedConfig))}"
-            f", got {options!r}."
-        )
+        names = ", ".join(f.name for f in dataclasses.fields(DistributedConfig))
+        raise ConfigError(f"training.distributed must be a mapping of {names}, got {options!r}.")
     return from_options(DistributedConfig, options, "training.distributed")
 
 
@@ -97,15 +95,14 @@ def resolve_strategy(config: DistributedConfig, num_processes: int) -> Literal["
     return "ddp" if config.strategy == "auto" else config.strategy
 
 
-def check_sharding(
-    model_dtype: str, quantization: QuantizationConfig | None, optimizer: str, generations: int
-) -> None:
+def check_sharding(model_dtype: str, quantization: QuantizationConfig | None, optimizer: str, generations: int) -> None:
     """What FSDP cannot run, said before anything loads.
 
     Sample generations call the model outside the training forward, where FSDP gathers no
-    parameters (the loss module is the sharded root). A packed 4-bit weight stored in another dtype than the parameters FSDP gathers would be
-    cast as numbers, turning its codes into noise; bitsandbytes' 8-bit optimizers update a
-    parameter's whole local tensor, which under FSDP is a shard of a DTensor they do not know.
+    parameters (the loss module is the sharded root). A packed 4-bit weight stored in another
+    dtype than the parameters FSDP gathers would be cast as numbers, turning its codes into
+    noise; bitsandbytes' 8-bit optimizers update a parameter's whole local tensor, which under
+    FSDP is a shard of a DTensor they do not know.
     """
     storage = quantization.storage_dtype if quantization is not None else None
     if storage is not None and storage != model_dtype:
@@ -245,10 +242,11 @@ def check_resume_strategy(saved: dict[str, Any], strategy: str, num_processes: i
     was = saved.get("distributed") or {"strategy": "none", "num_processes": 1}
     if (was["strategy"] == "fsdp") == (strategy == "fsdp"):
         return
+    readers = "2 or more processes under strategy fsdp" if was["strategy"] == "fsdp" else "strategy ddp or 1 process"
     raise ConfigError(
         f"--resume: checkpoint {path!r} was written by {was['num_processes']} process(es) under strategy "
         f"{was['strategy']!r}; this run has {num_processes} process(es) under strategy {strategy!r}, which cannot "
-        f"read its optimizer state. Resume with {'2 or more processes and strategy fsdp' if was['strategy'] == 'fsdp' else 'strategy ddp (or one process)'}."
+        f"read its optimizer state. Resume it with {readers}."
     )
 
 

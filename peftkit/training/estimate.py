@@ -27,8 +27,8 @@ from peftkit.errors import ConfigError
 from peftkit.training.config import RunConfig, apply_overrides, build_config
 from peftkit.training.distributed import resolve_strategy
 from peftkit.training.memory import CATEGORIES, StepMemory
-from peftkit.training.process_memory import per_process
 from peftkit.training.models import text_config
+from peftkit.training.process_memory import per_process
 from peftkit.training.simulate import Simulation
 from peftkit.units import GIB, MIB, format_bytes
 
@@ -237,9 +237,7 @@ def _suggestions(
     return out
 
 
-def estimate(
-    config: RunConfig, gpu: str | None = None, device_type: str = "cuda", num_processes: int = 1
-) -> Estimate:
+def estimate(config: RunConfig, gpu: str | None = None, device_type: str = "cuda", num_processes: int = 1) -> Estimate:
     """`config`'s training step on `device_type`, per process of `num_processes` under `training.distributed`;
     with `gpu` (see parse_gpu, memory per process): the fit and the changes."""
     if num_processes < 1:
@@ -279,7 +277,7 @@ def _max_positions(simulation: Simulation) -> int:
 
 
 def _per_process(result: Estimate, config: RunConfig) -> str:
-    """" per process (N processes, strategy S)" where the estimate is one of several processes'."""
+    """The headline's note " per process (N processes, strategy S)" where the estimate is one process's of N."""
     if result.num_processes == 1:
         return ""
     dc = config.training.distributed

@@ -32,17 +32,6 @@ from peftkit.record import DEFAULT_ADAPTER, adapter_methods
 from peftkit.saving import save_adapter
 from peftkit.training.checkpoint import Checkpoint, find_resume_checkpoint, restore_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig
-from peftkit.training.distributed import (
-    check_offload,
-    check_resume_strategy,
-    full_optimizer_state,
-    gathered_adapter,
-    lockstep,
-    resolve_strategy,
-    restore_sharded,
-    shard_model,
-    sharded_quantization,
-)
 from peftkit.training.data import (
     IGNORE_INDEX,
     Datasets,
@@ -53,6 +42,17 @@ from peftkit.training.data import (
     global_batch,
     load_datasets,
     process_batches,
+)
+from peftkit.training.distributed import (
+    check_offload,
+    check_resume_strategy,
+    full_optimizer_state,
+    gathered_adapter,
+    lockstep,
+    resolve_strategy,
+    restore_sharded,
+    shard_model,
+    sharded_quantization,
 )
 from peftkit.training.loss import CausalLMLoss, loss_chunk_size
 from peftkit.training.memory import StepMemory, counting, headline

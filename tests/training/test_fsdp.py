@@ -54,7 +54,10 @@ def _torchrun(config: Path, out: Path, *args: str, timeout: float = 90) -> subpr
     """`torchrun --nproc_per_node 2 mp_fsdp.py CONFIG OUT ARGS`, with this checkout first on the path."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
     root = str(Path(__file__).parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([root, str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     return subprocess.run(
         [*command, str(SCRIPT), str(config), str(out), *args], timeout=timeout, capture_output=True, text=True, env=env
     )
@@ -133,7 +136,9 @@ def test_a_killed_process_ends_the_run_without_a_hang(tmp_path: Path, model_dir:
 
 
 def test_cpu_offload_is_refused_on_a_cpu_before_loading(tmp_path: Path, model_dir: Path) -> None:
-    config = load_config(_run(tmp_path, model_dir, 4, training={"distributed": {"strategy": "fsdp", "cpu_offload": True}}))
+    config = load_config(
+        _run(tmp_path, model_dir, 4, training={"distributed": {"strategy": "fsdp", "cpu_offload": True}})
+    )
     with pytest.raises(ConfigError, match=r"^training.distributed.cpu_offload needs a GPU .* drop cpu_offload.$"):
         train(config, quiet=True)
     assert not (tmp_path / "run").exists()
@@ -152,7 +157,10 @@ def test_decoder_blocks_are_found_by_structure(model_dir: Path) -> None:
     ("sections", "message"),
     [
         (
-            {"training": {"distributed": {"strategy": "fsdp"}}, "model": {"quantization": {"storage_dtype": "bfloat16"}}},
+            {
+                "training": {"distributed": {"strategy": "fsdp"}},
+                "model": {"quantization": {"storage_dtype": "bfloat16"}},
+            },
             "model.quantization.storage_dtype 'bfloat16' differs from model.dtype 'float32', the dtype FSDP shards "
             "and gathers this model's parameters in",
         ),
@@ -175,7 +183,9 @@ def test_decoder_blocks_are_found_by_structure(model_dir: Path) -> None:
     ],
     ids=["storage-dtype", "offload-without-fsdp", "strategy", "unknown-key", "8bit-optimizer"],
 )
-def test_bad_distributed_options_fail_in_one_line(tmp_path: Path, model_dir: Path, sections: dict, message: str) -> None:
+def test_bad_distributed_options_fail_in_one_line(
+    tmp_path: Path, model_dir: Path, sections: dict, message: str
+) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(write_run(tmp_path, model_dir, **sections))
     assert message in str(error.value) and "\n" not in str(error.value)

@@ -66,7 +66,9 @@ def test_fsdp_shards_resident_tensors_and_adds_the_gathered_blocks(model_dir: Pa
 def test_cpu_offload_and_ddp(model_dir: Path, simulated: tuple) -> None:
     simulation, one = simulated
     model = simulation.model
-    offload = per_process(one, model, build_config(_raw(model_dir, strategy="fsdp", cpu_offload=True), data_files=False), 2)
+    offload = per_process(
+        one, model, build_config(_raw(model_dir, strategy="fsdp", cpu_offload=True), data_files=False), 2
+    )
     frozen = _bytes([p for p in model.parameters() if not p.requires_grad])
     assert offload.breakdown["base_weights"] == one.breakdown["base_weights"] - frozen
     assert all(offload.breakdown[name] == 0 for name in SHARDED)
