@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,43 +73,59 @@ def _frozen_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
 
 
-@pytest.mark.multiprocess
-@pytest.mark.parametrize(
-    ("method", "model"),
-    [("lora", {}), ("dora", {}), ("lora", QUANTIZED)],
-    ids=["lora", "dora", "lora-4bit"],
-)
-def test_two_sharded_processes_train_as_one(tmp_path: Path, model_dir: Path, method: str, model: dict) -> None:
-    single = train(load_config(_run(tmp_path / "one", model_dir, 4, method, model=model)), quiet=True)
-    double = _run(tmp_path / "two", model_dir, 2, method, model=model)
-    done = _torchrun(double, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+CASES = {"lora": ("lora", {}), "dora": ("dora", {}), "lora-4bit": ("lora", QUANTIZED)}
 
-    one, two = _losses(tmp_path / "one" / "run"), _losses(tmp_path / "two" / "run")
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Callable[[str], tuple[Path, int]]:
+    """case -> (the directory of its 1-process and 2-process runs, the 1-process frozen base bytes), run once:
+    the 2-process run checkpoints every 2 steps, for the resume test to reuse."""
+    made: dict[str, tuple[Path, int]] = {}
+
+    def pair(case: str) -> tuple[Path, int]:
+        if case not in made:
+            method, model = CASES[case]
+            root = tmp_path_factory.mktemp(case)
+            single = train(load_config(_run(root / "one", model_dir, 4, method, model=model)), quiet=True)
+            double = _run(root / "two", model_dir, 2, method, model=model, output={"save_every": 2})
+            done = _torchrun(double, root)
+            assert done.returncode == 0, done.stderr[-3000:]
+            made[case] = root, _frozen_bytes(single.model)
+        return made[case]
+
+    return pair
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_sharded_processes_train_as_one(pairs: Callable[[str], tuple[Path, int]], case: str) -> None:
+    root, frozen = pairs(case)
+    one, two = _losses(root / "one" / "run"), _losses(root / "two" / "run")
     assert len(two) == 4 and two[-1] < two[0]
     assert torch.allclose(two, one, rtol=1e-5, atol=0), (one, two)
-    saved_one, saved_two = load_file(tmp_path / "one" / "run" / WEIGHTS), load_file(tmp_path / "two" / "run" / WEIGHTS)
+    saved_one, saved_two = load_file(root / "one" / "run" / WEIGHTS), load_file(root / "two" / "run" / WEIGHTS)
     assert saved_two.keys() == saved_one.keys() and len(saved_two) > 0
     assert all(torch.allclose(saved_two[k], saved_one[k], atol=1e-6, rtol=0) for k in saved_one)
-    config = json.loads((tmp_path / "two" / "run" / "adapter" / "adapter_config.json").read_text())
-    assert config["use_dora"] is (method == "dora") and config["r"] == 4
+    config = json.loads((root / "two" / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is (case == "dora") and config["r"] == 4
     # Each process holds half the frozen base (its shards), measured on the live tensors.
     for rank in (0, 1):
-        held = json.loads((tmp_path / f"rank{rank}.json").read_text())["frozen_bytes"]
-        assert abs(held / _frozen_bytes(single.model) - 0.5) < 0.03
+        held = json.loads((root / f"rank{rank}.json").read_text())["frozen_bytes"]
+        assert abs(held / frozen - 0.5) < 0.03
 
 
 @pytest.mark.multiprocess
-def test_a_sharded_checkpoint_resumes_to_the_uninterrupted_losses(tmp_path: Path, model_dir: Path) -> None:
-    config = _run(tmp_path / "full", model_dir, 2, output={"save_every": 2, "keep_last": 2})
-    done = _torchrun(config, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    whole = _losses(tmp_path / "full" / "run")
-    checkpoint = tmp_path / "full" / "run" / "checkpoints" / "step-000002"
+def test_a_sharded_checkpoint_resumes_to_the_uninterrupted_losses(
+    tmp_path: Path, pairs: Callable[[str], tuple[Path, int]]
+) -> None:
+    root, _ = pairs("lora")
+    config = root / "two" / "run.yaml"
+    whole = _losses(root / "two" / "run")
+    checkpoint = root / "two" / "run" / "checkpoints" / "step-000002"
     state = json.loads((checkpoint / "state.json").read_text())
     assert state["distributed"] == {"strategy": "fsdp", "num_processes": 2}
     # the checkpoint's adapter is the whole one, in the files one process writes
-    assert load_file(checkpoint / WEIGHTS).keys() == load_file(tmp_path / "full" / "run" / WEIGHTS).keys()
+    assert load_file(checkpoint / WEIGHTS).keys() == load_file(root / "two" / "run" / WEIGHTS).keys()
 
     resumed = _torchrun(config, tmp_path, "--resume", str(checkpoint), "--set", f"output.dir={tmp_path / 'resumed'}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
