@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import ConfigError
+from peftkit.peft_format import adapter_state_dict
 from peftkit.quant.config import QuantizationConfig
 from peftkit.record import DEFAULT_ADAPTER, adapter_method
 from peftkit.training.checkpoint import Checkpoint, restore_checkpoint
@@ -197,8 +198,6 @@ def sharded_adapter_tensors(
 ) -> dict[str, torch.Tensor]:
     """Saved whole tensors (PEFT key names) laid out as the live adapter's shards, ready to copy in."""
     from torch.distributed.tensor import distribute_tensor
-
-    from peftkit.peft_format import adapter_state_dict
 
     live = adapter_state_dict(model, name)
     out = dict(tensors)

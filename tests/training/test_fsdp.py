@@ -25,7 +25,7 @@ from tiny_run import write_run
 
 from peftkit.errors import ConfigError
 from peftkit.training.config import load_config
-from peftkit.training.distributed import decoder_blocks
+from peftkit.training.distributed import decoder_blocks, lockstep
 from peftkit.training.loop import train
 
 SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -159,6 +159,17 @@ def test_cpu_offload_is_refused_on_a_cpu_before_loading(tmp_path: Path, model_di
     with pytest.raises(ConfigError, match=r"^training.distributed.cpu_offload needs a GPU .* drop cpu_offload.$"):
         train(config, quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_lockstep_keeps_every_process_calling_the_collective_forward() -> None:
+    class Counts:  # what accelerate's gather returns: every process's batch count
+        device = torch.device("cpu")
+
+        def gather(self, mine: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([2, 3])
+
+    assert list(lockstep(["a", "b"], "x", Counts())) == [("a", True), ("b", True), ("a", False)]
+    assert list(lockstep([], "x", Counts())) == [("x", False)] * 3
 
 
 def test_decoder_blocks_are_found_by_structure(model_dir: Path) -> None:
