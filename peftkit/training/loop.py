@@ -225,8 +225,12 @@ class _Run:
 
     @contextmanager
     def measuring(self, model: nn.Module, optimizer: Any, done: int) -> Iterator[None]:
-        """Count live tensor bytes over steps 1 and 2 on CPU (the allocator's own peak counts on a GPU)."""
-        if done > 2 or self.acc.device.type != "cpu":
+        """Count live tensor bytes over steps 1 and 2 on CPU (the allocator's own peak counts on a GPU).
+
+        Not under fsdp: FSDP frees a gathered block by resizing its storage to zero, which the
+        meter cannot see, so it would count every block gathered as if it stayed (an upper bound).
+        """
+        if done > 2 or self.acc.device.type != "cpu" or self.sharded:
             yield
             return
         with counting(model, getattr(optimizer, "optimizer", optimizer)) as counter:
