@@ -47,6 +47,14 @@ SHAPES: dict[str, dict[str, Any]] = {
         num_attention_heads=32,
         num_key_value_heads=8,
     ),
+    "1b": dict(  # TinyLlama-1.1B's shape: bench_fsdp.py
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+    ),
     "tiny": dict(
         vocab_size=8192,
         hidden_size=512,

@@ -243,7 +243,7 @@ def _estimate(args: argparse.Namespace) -> None:
     if args.gpu:
         parse_gpu(args.gpu)  # a bad --gpu fails before anything is read
     config = load_config(args.config, args.set, data_files=False)
-    result = estimate(config, args.gpu, args.device)
+    result = estimate(config, args.gpu, args.device, args.num_processes)
     print(json.dumps(result.to_json()) if args.json else "\n".join(describe(result, config)))
 
 
@@ -305,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--gpu", help="a memory size (24GB, 16GiB, 12000MB) or a GPU's name (rtx4090, a100-40gb)")
     estimate.add_argument(
         "--device", choices=["cuda", "cpu"], default="cuda", help="the device the run trains on (default cuda)"
+    )
+    estimate.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="the peak of one of N processes under training.distributed (fsdp shards; --gpu is per process)",
     )
     estimate.add_argument("--json", action="store_true", help="print one JSON object (bytes)")
     estimate.set_defaults(run=_estimate)

@@ -79,13 +79,21 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep_last: int,
+    *,
+    adapter_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically, then drop all but the newest `keep_last`."""
+    """Write checkpoint `step` under `root` atomically, then drop all but the newest `keep_last`.
+
+    `adapter_state` and `optimizer_state` are the whole tensors gathered from sharded ones (FSDP),
+    written in place of the live, partial ones.
+    """
     root = Path(root)
     final = root / f"step-{step:06d}"
     with atomic_directory(final, replace=True) as tmp:
-        save_adapter(model, tmp / "adapter")
-        trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+        save_adapter(model, tmp / "adapter", state_dict=adapter_state)
+        optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        trainer = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state()}
         torch.save(trainer, tmp / TRAINER_NAME)
         # state.json goes last: its presence is what marks a checkpoint whole.
         own = {**state, "step": step, "python_rng": _jsonable(random.getstate())}
@@ -151,11 +159,18 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 
 def restore_checkpoint(
-    checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    checkpoint: Checkpoint,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    load_optimizer: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
-    """Put the checkpoint's adapter tensors (shape-checked), optimizer, scheduler and RNGs in place."""
+    """Put the checkpoint's adapter tensors (shape-checked), optimizer, scheduler and RNGs in place.
+
+    `load_optimizer` loads the optimizer state instead of `optimizer.load_state_dict` (FSDP's sharding loader).
+    """
     copy_adapter_tensors(model, DEFAULT_ADAPTER, checkpoint.adapter, checkpoint.path / "adapter")
-    optimizer.load_state_dict(checkpoint.trainer["optimizer"])
+    (load_optimizer or optimizer.load_state_dict)(checkpoint.trainer["optimizer"])
     scheduler.load_state_dict(checkpoint.trainer["scheduler"])
     torch.set_rng_state(checkpoint.trainer["rng"]["torch"])
     if checkpoint.trainer["rng"]["cuda"]:

@@ -22,6 +22,7 @@ from peftkit.errors import ConfigError, did_you_mean
 from peftkit.method import AdapterMethod
 from peftkit.quant.config import QuantizationConfig
 from peftkit.registry import get_method
+from peftkit.training.distributed import DistributedConfig, check_sharding, distributed_from_options
 from peftkit.training.models import model_skeleton
 from peftkit.training.optim import check_optimizer
 from peftkit.training.quantized import quantization_from_options, skipped_modules
@@ -157,7 +158,8 @@ class TrainingConfig(_Section):
     """Optimisation: `optimizer` (see peftkit.training.optim) with a warmup then a `schedule`; `batch_size` is
     per process; `loss_chunk_size` positions per loss chunk (None: automatic, 0: off; see peftkit.training.loss).
     `loraplus_lr_ratio` (LoRA+, off by default) trains each B at that multiple of `learning_rate`, LoRA
-    embeddings at `loraplus_lr_embedding` (PEFT's `create_loraplus_optimizer`)."""
+    embeddings at `loraplus_lr_embedding` (PEFT's `create_loraplus_optimizer`). `distributed`: how several
+    processes share the work (peftkit.training.distributed: ddp, or fsdp sharding)."""
 
     section = "training"
     positive = (
@@ -188,8 +190,10 @@ class TrainingConfig(_Section):
     loss_chunk_size: int | None = None
     loraplus_lr_ratio: float | None = None
     loraplus_lr_embedding: float = 1e-6
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
+        self.distributed = distributed_from_options(self.distributed)
         super().__post_init__()
         check_optimizer(self.optimizer)
 
@@ -335,7 +339,11 @@ def build_config(raw: Mapping[str, Any], base: Path | None = None, data_files: b
     quantization = sections["model"].quantization
     if quantization is not None:  # which layers stay dense, checked on the model's skeleton: no weights read
         skipped_modules(model_skeleton(sections["model"].name), quantization, "model.quantization")
-    return RunConfig(method=build_method(raw.get("method")), **sections)
+    method = build_method(raw.get("method"))
+    if sections["training"].distributed.strategy == "fsdp":
+        tc, generations = sections["training"], sections["eval"].generations
+        check_sharding(sections["model"].dtype, quantization or method.base_quantization(), tc.optimizer, generations)
+    return RunConfig(method=method, **sections)
 
 
 def read_text(path: str | os.PathLike[str], what: str) -> str:

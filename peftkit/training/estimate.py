@@ -25,8 +25,10 @@ from typing import Any
 
 from peftkit.errors import ConfigError
 from peftkit.training.config import RunConfig, apply_overrides, build_config
+from peftkit.training.distributed import resolve_strategy
 from peftkit.training.memory import CATEGORIES, StepMemory
 from peftkit.training.models import text_config
+from peftkit.training.process_memory import per_process
 from peftkit.training.simulate import Simulation
 from peftkit.units import GIB, MIB, format_bytes
 
@@ -62,6 +64,7 @@ class Estimate:
     step: StepMemory
     device_type: str
     seconds: float
+    num_processes: int = 1
     gpu: str | None = None
     gpu_bytes: int | None = None
     fits: bool | None = None
@@ -81,6 +84,7 @@ class Estimate:
             "batch_size": self.step.batch_size,
             "max_length": self.step.max_length,
             "device": self.device_type,
+            "num_processes": self.num_processes,
         }
         if self.gpu_bytes is not None:
             out.update(
@@ -115,9 +119,10 @@ def parse_gpu(text: str) -> tuple[str, int]:
 class _Peaks:
     """The peak of a config's step at any batch size and length: simulated whole, or along the depths' line."""
 
-    def __init__(self, config: RunConfig, simulation: Simulation, full: StepMemory) -> None:
-        """`simulation` is `config`'s, whole; `full` its step at the config's own batch and length."""
+    def __init__(self, config: RunConfig, simulation: Simulation, full: StepMemory, num_processes: int = 1) -> None:
+        """`simulation` is `config`'s, whole; `full` its step at the config's own batch and length (per process)."""
         self.device_type, self.depth = simulation.device_type, simulation.num_layers
+        self.num_processes = num_processes
         self._simulations: dict[tuple[str, int | None], Simulation] = {(repr(config.to_dict()), None): simulation}
         self.by_depth = False
         if self.depth is not None and self.depth > FULL_DEPTH:
@@ -131,14 +136,19 @@ class _Peaks:
         return self._simulations[key]
 
     def _along_depths(self, config: RunConfig, batch_size: int, max_length: int) -> int:
-        low, high = (self._simulation(config, n).step(batch_size, max_length).peak_bytes for n in _SMALL_DEPTHS)
+        low, high = (self._step(self._simulation(config, n), batch_size, max_length) for n in _SMALL_DEPTHS)
         per_layer = (high - low) / (_SMALL_DEPTHS[1] - _SMALL_DEPTHS[0])
         return int(low + per_layer * (self.depth - _SMALL_DEPTHS[0]))
 
     def peak(self, config: RunConfig, batch_size: int, max_length: int) -> int:
         if self.by_depth:
             return self._along_depths(config, batch_size, max_length)
-        return self._simulation(config, None).step(batch_size, max_length).peak_bytes
+        return self._step(self._simulation(config, None), batch_size, max_length)
+
+    def _step(self, simulation: Simulation, batch_size: int, max_length: int) -> int:
+        """The peak of one of the processes."""
+        step = simulation.step(batch_size, max_length)
+        return per_process(step, simulation.model, simulation.config, self.num_processes).peak_bytes
 
 
 def _largest(peak: Callable[[int], int], budget: int, unit: int, limit: int, start: int) -> int | None:
@@ -200,7 +210,8 @@ def _changes(config: RunConfig) -> list[list[str]]:
         changes.append([f"{section}.skip_modules=[]"])
     if not config.model.gradient_checkpointing:
         changes.append(["model.gradient_checkpointing=true"])
-    if config.training.optimizer in ("adamw", "paged_adamw"):
+    sharded = config.training.distributed.strategy == "fsdp"  # where 8-bit optimizers are refused
+    if config.training.optimizer in ("adamw", "paged_adamw") and not sharded:
         changes.append([f"training.optimizer={config.training.optimizer}_8bit"])
     return changes
 
@@ -227,17 +238,20 @@ def _suggestions(
     return out
 
 
-def estimate(config: RunConfig, gpu: str | None = None, device_type: str = "cuda") -> Estimate:
-    """`config`'s training step on `device_type`; with `gpu` (see parse_gpu): the fit and the changes."""
+def estimate(config: RunConfig, gpu: str | None = None, device_type: str = "cuda", num_processes: int = 1) -> Estimate:
+    """`config`'s training step on `device_type`, per process of `num_processes` under `training.distributed`;
+    with `gpu` (see parse_gpu, memory per process): the fit and the changes."""
+    if num_processes < 1:
+        raise ConfigError(f"--num-processes must be at least 1, got {num_processes}.")
     started = time.perf_counter()
     simulation = Simulation(config, device_type)
-    step = simulation.step()
-    result = Estimate(step, device_type, 0.0)
+    step = per_process(simulation.step(), simulation.model, config, num_processes)
+    result = Estimate(step, device_type, 0.0, num_processes=num_processes)
     if gpu is not None:
         result.gpu, result.gpu_bytes = parse_gpu(gpu)
         usable = int(result.gpu_bytes * USABLE)
         result.fits = step.peak_bytes <= usable
-        peaks = _Peaks(config, simulation, step)
+        peaks = _Peaks(config, simulation, step, num_processes)
         batch, length = config.training.batch_size, config.data.max_length
         limit = _max_positions(simulation)
         result.largest_batch_size = _largest(lambda b: peaks.peak(config, b, length), usable, 1, _MAX_BATCH, batch)
@@ -263,6 +277,15 @@ def _max_positions(simulation: Simulation) -> int:
     return min(positions or 2**20, 2**20)
 
 
+def _per_process(result: Estimate, config: RunConfig) -> str:
+    """The headline's note " per process (N processes, strategy S)" where the estimate is one process's of N."""
+    if result.num_processes == 1:
+        return ""
+    dc = config.training.distributed
+    strategy = resolve_strategy(dc, result.num_processes) + (" with cpu_offload" if dc.cpu_offload else "")
+    return f" per process ({result.num_processes} processes, strategy {strategy})"
+
+
 def describe(result: Estimate, config: RunConfig) -> list[str]:
     """The human-readable report of `result`, line by line."""
     step = result.step
@@ -272,7 +295,7 @@ def describe(result: Estimate, config: RunConfig) -> list[str]:
         f"batch {step.batch_size} x {step.max_length} tokens | optimizer {config.training.optimizer} | "
         f"checkpointing {'on' if config.model.gradient_checkpointing else 'off'} | "
         f"simulated for {result.device_type} in {result.seconds:.1f} s",
-        f"peak memory of a training step: {format_bytes(step.peak_bytes)}",
+        f"peak memory of a training step: {format_bytes(step.peak_bytes)}" + _per_process(result, config),
     ]
     lines += [f"  {name.replace('_', ' '):<22}{format_bytes(step.breakdown[name]):>12}" for name in CATEGORIES]
     if result.gpu_bytes is None:

@@ -43,6 +43,17 @@ from peftkit.training.data import (
     load_datasets,
     process_batches,
 )
+from peftkit.training.distributed import (
+    check_offload,
+    check_resume_strategy,
+    full_optimizer_state,
+    gathered_adapter,
+    lockstep,
+    resolve_strategy,
+    restore_sharded,
+    shard_model,
+    sharded_quantization,
+)
 from peftkit.training.loss import CausalLMLoss, loss_chunk_size
 from peftkit.training.memory import StepMemory, counting, headline
 from peftkit.training.metrics import METRICS_NAME, GenerationsLine, StepLine, Summary, ValidationLine
@@ -84,6 +95,9 @@ class _Run:
         # or every process believes it is rank 0 and nothing synchronises.
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.training.mixed_precision)
         self.main = self.acc.is_main_process
+        self.strategy = resolve_strategy(config.training.distributed, self.acc.num_processes)
+        self.sharded = self.strategy == "fsdp"
+        check_offload(config.training.distributed, self.acc.device)
         self.out = Path(config.output.dir)
         self.metrics_path = self.out / METRICS_NAME
         set_seed(config.training.seed)
@@ -119,12 +133,14 @@ class _Run:
             return None
         wrapper.eval()
         totals = torch.zeros(2, device=self.acc.device)
+        batches = list(
+            process_batches(examples, self.config.eval.batch_size, self.acc.process_index, self.acc.num_processes)
+        )
+        steps = lockstep(batches, examples[:1], self.acc) if self.sharded else ((batch, True) for batch in batches)
         with torch.no_grad():
-            for batch in process_batches(
-                examples, self.config.eval.batch_size, self.acc.process_index, self.acc.num_processes
-            ):
+            for batch, counts in steps:
                 tensors = {k: v.to(self.acc.device) for k, v in collate(batch, self.pad_id).items()}
-                count = (tensors["labels"][:, 1:] != IGNORE_INDEX).sum()
+                count = (tensors["labels"][:, 1:] != IGNORE_INDEX).sum() * counts
                 totals += torch.stack([wrapper(**tensors).float() * count, count.float()])
         wrapper.train()
         totals = self.acc.reduce(totals, reduction="sum")
@@ -209,8 +225,12 @@ class _Run:
 
     @contextmanager
     def measuring(self, model: nn.Module, optimizer: Any, done: int) -> Iterator[None]:
-        """Count live tensor bytes over steps 1 and 2 on CPU (the allocator's own peak counts on a GPU)."""
-        if done > 2 or self.acc.device.type != "cpu":
+        """Count live tensor bytes over steps 1 and 2 on CPU (the allocator's own peak counts on a GPU).
+
+        Not under fsdp: FSDP frees a gathered block by resizing its storage to zero, which the
+        meter cannot see, so it would count every block gathered as if it stayed (an upper bound).
+        """
+        if done > 2 or self.acc.device.type != "cpu" or self.sharded:
             yield
             return
         with counting(model, getattr(optimizer, "optimizer", optimizer)) as counter:
@@ -378,22 +398,34 @@ def _prepare(run: _Run, resume: str | bool | None, overwrite: bool) -> _Prepared
     sequences = tc.batch_size * acc.num_processes * tc.gradient_accumulation_steps
     digests = data_digests(config.data)
     changed = check_resume(resume_from, config.to_dict(), digests, sequences, total_steps) if resume_from else ""
+    if resume_from is not None:
+        check_resume_strategy(resume_from.state, run.strategy, acc.num_processes, str(resume_from.path))
     estimated = run.estimated_step()  # before the model loads: a run too large for the device is told first
-    model = load_model(config.model.name, config.model.dtype, config.base_quantization(), acc.device)
+    quantization = config.base_quantization()
+    if config.training.distributed.strategy == "fsdp":  # one process loads as several do: same numbers
+        quantization = sharded_quantization(quantization, config.model.dtype)
+    model = load_model(config.model.name, config.model.dtype, quantization, acc.device)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     adapt(model, config.method)
     run.initialize_from_data(model, train_set)
     if config.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = trainable_parameters(model)
-    optimizer, scheduler = _optimizer(model, tc, total_steps)
     chunk_size = loss_chunk_size(tc.loss_chunk_size, getattr(model.config, "vocab_size", 0))
-    wrapper, optimizer = acc.prepare(CausalLMLoss(model, chunk_size), optimizer)
+    wrapper = CausalLMLoss(model, chunk_size)
+    if run.sharded:  # the loss module is FSDP's root: its forward is the one every step calls
+        shard_model(wrapper, tc.distributed)
+    optimizer, scheduler = _optimizer(model, tc, total_steps)
+    if run.sharded:  # FSDP is the wrapper: accelerate only prepares the optimizer, autocast goes on the forward
+        optimizer = acc.prepare(optimizer)
+        wrapper.forward = acc.autocast()(wrapper.forward)
+    else:
+        wrapper, optimizer = acc.prepare(wrapper, optimizer)
     unwrapped = acc.unwrap_model(wrapper).model
 
     start = 0
     if resume_from is not None:
-        restore_checkpoint(resume_from, unwrapped, optimizer, scheduler)
+        (restore_sharded if run.sharded else restore_checkpoint)(resume_from, unwrapped, optimizer, scheduler)
         start = resume_from.step
     acc.wait_for_everyone()  # every process has checked the directory before the main one changes it
     discarded: list[str] = []
@@ -454,25 +486,49 @@ def _step_loop(run: _Run, p: _Prepared) -> list[float]:
             run.log(StepLine(done, loss, lr, tokens_per_s, elapsed))
         if config.eval.every and done % config.eval.every == 0 and done < p.total_steps:
             run.validate(p.wrapper, p.valid_set, done)
-        if run.main and config.output.save_every and (done % config.output.save_every == 0 or done == p.total_steps):
-            state = {"examples_seen": done * p.sequences, "config": config.to_dict(), "data_sha256": p.digests}
-            with writing(run.out):
-                save_checkpoint(
-                    run.out / "checkpoints", done, p.model, p.optimizer, p.scheduler, state, config.output.keep_last
-                )
+        if config.output.save_every and (done % config.output.save_every == 0 or done == p.total_steps):
+            _checkpoint(run, p, done)
         run.acc.wait_for_everyone()
     run.bar.close()
     run.bar = None
     return losses
 
 
+def _checkpoint(run: _Run, p: _Prepared, done: int) -> None:
+    """Write checkpoint `done` from the main process; under fsdp every process first gathers its shards."""
+    config = run.config
+    adapter = gathered_adapter(p.model) if run.sharded else None
+    optimizer = full_optimizer_state(p.model, p.optimizer.optimizer) if run.sharded else None
+    if not run.main:
+        return
+    state = {
+        "examples_seen": done * p.sequences,
+        "config": config.to_dict(),
+        "data_sha256": p.digests,
+        "distributed": {"strategy": run.strategy, "num_processes": run.acc.num_processes},
+    }
+    with writing(run.out):
+        save_checkpoint(
+            run.out / "checkpoints",
+            done,
+            p.model,
+            p.optimizer,
+            p.scheduler,
+            state,
+            config.output.keep_last,
+            adapter_state=adapter,
+            optimizer_state=optimizer,
+        )
+
+
 def _finish(run: _Run, p: _Prepared, losses: list[float]) -> TrainResult:
     """The final validation and samples, the adapter written, the summary logged and said."""
     val_loss = run.validate(p.wrapper, p.valid_set, p.total_steps)
     run.generations(p.model, p.valid_records, p.total_steps, "after")
+    gathered = gathered_adapter(p.model) if run.sharded else None  # collective: every process gathers
     if run.main:
         with writing(run.out), atomic_directory(run.out / "adapter", replace=True) as tmp:
-            save_adapter(p.model, tmp)
+            save_adapter(p.model, tmp, state_dict=gathered)
     run.acc.wait_for_everyone()
     window = losses[-10:]
     peak = _peak_memory_bytes()

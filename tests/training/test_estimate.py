@@ -187,8 +187,8 @@ def test_json_holds_the_figures_and_the_fit(model_dir: Path, tmp_path: Path, cap
     assert main(["estimate", str(path), "--json", "--gpu", "1MB"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {
-        "peak_bytes", "breakdown", "batch_size", "max_length", "device", "gpu", "gpu_bytes", "usable_bytes",
-        "fits", "largest_batch_size", "largest_max_length", "suggestions",
+        "peak_bytes", "breakdown", "batch_size", "max_length", "device", "num_processes", "gpu", "gpu_bytes",
+        "usable_bytes", "fits", "largest_batch_size", "largest_max_length", "suggestions",
     }  # fmt: skip
     assert out["gpu_bytes"] == MIB and out["fits"] is False and sum(out["breakdown"].values()) == out["peak_bytes"]
     assert all(set(s) == {"change", "peak_bytes", "fits"} for s in out["suggestions"]) and out["suggestions"]

@@ -1,0 +1,66 @@
+"""One process's share of a training step's memory under `training.distributed` (`estimate --num-processes`).
+
+The one-process step is simulated (peftkit.training.simulate); what N processes change is
+structural, so it is computed from the simulated model's tensors:
+
+- ddp: every process holds the whole step, plus DDP's gradient buckets (a copy of the
+  trainable parameters' gradients, all-reduced in place of them);
+- fsdp: the resident tensors (frozen weights, trainable parameters, their gradients, the
+  optimizer state) are 1/N each, while a step gathers whole: the root's own parameters
+  (embeddings, final norm, head: gathered for the whole forward and backward), two
+  decoder blocks (the one computing and the next, prefetched) and one block's unsharded
+  gradients before their reduce-scatter. The 4-bit quantization state and buffers are
+  not parameters: every process keeps them whole.
+- fsdp with cpu_offload: the sharded tensors live in host memory, not on the device.
+
+The figures move the one-process peak's own breakdown, so the peak stays at the moment
+the simulation found (the moment of most activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from torch import nn
+
+from peftkit.training.config import RunConfig
+from peftkit.training.distributed import decoder_blocks, resolve_strategy
+from peftkit.training.memory import StepMemory
+
+__all__ = ["per_process"]
+
+_SHARDED = ("trainable_parameters", "gradients", "optimizer_state")
+
+
+def _bytes(params: list[nn.Parameter]) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _gathered(model: nn.Module) -> int:
+    """Bytes an FSDP step holds whole at its peak: the root's parameters, two blocks, one block's gradients."""
+    blocks = decoder_blocks(model)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    root = _bytes([p for p in model.parameters() if id(p) not in in_blocks])
+    block = max((_bytes(list(b.parameters())) for b in blocks), default=0)
+    block_grads = max((_bytes([p for p in b.parameters() if p.requires_grad]) for b in blocks), default=0)
+    return root + 2 * block + block_grads
+
+
+def per_process(step: StepMemory, model: nn.Module, config: RunConfig, num_processes: int) -> StepMemory:
+    """One-process `step` of the simulated `model` as one of `num_processes` under `config`'s strategy.
+
+    The result's breakdown is device memory; under cpu_offload the sharded tensors are in host memory instead.
+    """
+    strategy = resolve_strategy(config.training.distributed, num_processes)
+    parts = dict(step.breakdown)
+    if strategy == "ddp":
+        parts["temporaries"] += _bytes([p for p in model.parameters() if p.requires_grad])
+    elif strategy == "fsdp":
+        frozen = _bytes([p for p in model.parameters() if not p.requires_grad])
+        offload = config.training.distributed.cpu_offload
+        parts["base_weights"] -= frozen if offload else frozen - math.ceil(frozen / num_processes)
+        for name in _SHARDED:
+            parts[name] = 0 if offload else math.ceil(parts[name] / num_processes)
+        parts["temporaries"] += _gathered(model)
+    return dataclasses.replace(step, peak_bytes=sum(parts.values()), breakdown=parts)
