@@ -10,7 +10,8 @@ behind them are not. See the README's "Writing a method".
 - injection: `hosts`, `add_adapter`, `DEFAULT_ADAPTER`, and the record of methods on a
   model (`adapter_methods`, `record_for_update` for a method that rebuilds its entry);
 - weights, whatever their storage (4-bit included): `read_weight`, `write_weight`,
-  `layer_features`, `is_linear`, `weight_source`, `using_weight_source`;
+  `layer_features`, `is_linear`, `weight_source`, `using_weight_source`, and
+  `rebuild_on_failure` for a weight that a failed adapt re-reads rather than holds;
 - a model's anatomy: `output_head_path`, `task_heads`, `tied_parameters`;
 - option checks: `from_options`, `check_pattern`.
 """
@@ -30,6 +31,7 @@ from peftkit.method import AdapterMethod
 from peftkit.options import MethodConfig, peft_option
 from peftkit.record import DEFAULT_ADAPTER, adapter_methods, record_for_update
 from peftkit.targets import ALL_LINEAR, candidate_modules, find_targets, matches_pattern
+from peftkit.undo import rebuild_on_failure
 from peftkit.validation import check_pattern, from_options
 from peftkit.weights import is_linear, layer_features, read_weight, using_weight_source, weight_source, write_weight
 
@@ -64,6 +66,7 @@ __all__ = [
     "output_head_path",
     "peft_option",
     "read_weight",
+    "rebuild_on_failure",
     "record_for_update",
     "task_heads",
     "tied_parameters",

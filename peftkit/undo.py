@@ -8,12 +8,18 @@ parameter's storage and `requires_grad`, and every module's plain attributes (fl
 lists of adapter names). No tensor is copied, so a snapshot is cheap; in exchange,
 values written in place into existing tensors are not covered, which is why merging
 checks every layer before it writes one.
+
+A parameter that can be rebuilt from elsewhere (a weight init re-reads the checkpoint
+it came from) need not be held: `rebuild_on_failure` swaps it out of the snapshots
+for a callable that puts it back, so replacing a model's 4-bit weights one layer at a
+time never keeps two copies of them.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["restore_on_failure"]
+__all__ = ["rebuild_on_failure", "restore_on_failure"]
 
 # nn.Module's own containers, restored by content; its other private state (hooks) is left alone.
 _CONTAINERS = ("_modules", "_parameters", "_buffers")
+
+
+@dataclass
+class _Rebuild:
+    """Where a snapshot would hold a parameter: the callable that puts an equal one back on its module."""
+
+    put_back: Callable[[], None]
 
 
 @dataclass
@@ -48,7 +61,13 @@ def _put_back(value: Any, content: Any) -> Any:
     return value
 
 
-def _snapshot(model: nn.Module) -> tuple[list[_ModuleState], list[tuple[nn.Parameter, torch.Tensor, bool]]]:
+_Params = list[tuple[nn.Parameter, torch.Tensor, bool]]
+_Snapshot = tuple[list[_ModuleState], _Params]
+# The snapshots open on each model (nested calls), for `rebuild_on_failure` to reach.
+_OPEN: weakref.WeakKeyDictionary[nn.Module, list[_Snapshot]] = weakref.WeakKeyDictionary()
+
+
+def _snapshot(model: nn.Module) -> _Snapshot:
     modules = [
         _ModuleState(
             module,
@@ -66,8 +85,12 @@ def _snapshot(model: nn.Module) -> tuple[list[_ModuleState], list[tuple[nn.Param
     return modules, list(params.values())
 
 
-def _restore(modules: list[_ModuleState], params: list[tuple[nn.Parameter, torch.Tensor, bool]]) -> None:
+def _restore(modules: list[_ModuleState], params: _Params) -> None:
     for state in modules:
+        for key, value in list(state.containers["_parameters"].items()):
+            if isinstance(value, _Rebuild):
+                value.put_back()
+                state.containers["_parameters"][key] = state.module._parameters[key]
         for name, content in state.containers.items():
             _put_back(getattr(state.module, name), content)
         for key in [k for k in vars(state.module) if not k.startswith("_") and k not in state.attributes]:
@@ -86,8 +109,25 @@ def _restore(modules: list[_ModuleState], params: list[tuple[nn.Parameter, torch
 def restore_on_failure(model: nn.Module) -> Iterator[None]:
     """Within the block, an exception puts back the structure `model` had when it was entered."""
     snapshot = _snapshot(model)
+    _OPEN.setdefault(model, []).append(snapshot)
     try:
         yield
     except BaseException:
         _restore(*snapshot)
         raise
+    finally:
+        _OPEN[model] = [open_ for open_ in _OPEN[model] if open_ is not snapshot]
+
+
+def rebuild_on_failure(model: nn.Module, module: nn.Module, name: str, put_back: Callable[[], None]) -> None:
+    """Let the open snapshots of `model` drop `module`'s parameter `name` as it is now; undo calls `put_back`.
+
+    `put_back` must give `module` a parameter equal to the current one (e.g. re-read from
+    the checkpoint it was loaded from). Call it before replacing or overwriting the parameter.
+    """
+    current = module._parameters[name]
+    for modules, params in _OPEN.get(model, []):
+        for state in modules:
+            if state.module is module and state.containers["_parameters"].get(name) is current:
+                state.containers["_parameters"][name] = _Rebuild(put_back)
+        params[:] = [entry for entry in params if entry[0] is not current]

@@ -32,7 +32,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from peftkit.authoring import AdapterLayer, ConfigError, UnsupportedModuleError, is_linear, read_weight, write_weight
+from peftkit.authoring import (
+    AdapterLayer,
+    ConfigError,
+    UnsupportedModuleError,
+    is_linear,
+    read_weight,
+    rebuild_on_failure,
+    write_weight,
+)
 
 __all__ = [
     "INITS",
@@ -128,7 +136,8 @@ def _is_packed(layer: nn.Module) -> bool:
 
 def _replace_weight(layer: nn.Module, weight: torch.Tensor) -> None:
     """Give `layer` the dense `[out, in]` weight as a new tensor (4-bit: re-quantized), so a failed
-    adapt can put the old one back (`peftkit.undo` restores parameter objects, not values)."""
+    adapt can put the old one back (`peftkit.undo` restores parameter objects, not values; a 4-bit
+    one read from a weight source is re-read from it instead)."""
     if not _is_packed(layer):
         layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
     write_weight(layer, weight)
@@ -158,6 +167,10 @@ def initialize_from_weights(
         original = source(path)
         if original is not None and original.shape != current.shape:
             original = original.T  # stored [in, out] (GPT-2's Conv1D)
+        if original is not None and _is_packed(base):
+            # The source gives the 4-bit weight back if adapt fails: holding it meanwhile would keep
+            # a second copy of every replaced layer until the last one is done.
+            rebuild_on_failure(model, base, "weight", lambda base=base, path=path: write_weight(base, source(path)))
         weight = (current if original is None else original).detach().to(current.device, torch.float32)
         if init == "pissa":
             down, up = svd_factors(weight, adapter.r, adapter.scaling, pissa_niter)

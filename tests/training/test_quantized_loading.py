@@ -8,6 +8,7 @@ dropout 0, where bitsandbytes' CPU path has one rounding.
 from __future__ import annotations
 
 import gc
+import weakref
 import json
 import sys
 from pathlib import Path
@@ -274,3 +275,40 @@ def test_cli_quantization_errors(model_dir: Path, spec: str, message: str, capsy
 
     assert main(["generate", "--base", str(model_dir), "--prompt", "x", "--quantization", spec]) == 2
     assert message in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_pissa_over_a_4bit_load_rereads_the_checkpoint_instead_of_holding_the_base(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the init replaces layer after layer, no replaced 4-bit weight stays alive (the 8B shape would hold
+    ~3.6 GB twice); when it fails at the last layer, every layer is re-quantized from the checkpoint bit for bit."""
+    import bitsandbytes as bnb
+
+    import variants.lora_init as lora_init
+
+    model = load_model(str(model_dir), "float32", QuantizationConfig())
+    layers = {path: model.get_submodule(path) for path in _linear_paths(model, bnb.nn.Linear4bit)}
+    before = {path: (layer.weight.data.clone(), layer.weight.quant_state.absmax.clone()) for path, layer in layers.items()}
+    logits = _logits(model)
+    replaced = [weakref.ref(layer.weight) for layer in layers.values()]
+    alive: list[int] = []
+    svd = lora_init.svd_factors
+
+    def counting(*args: object, **kwargs: object) -> object:
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in replaced))
+        if len(alive) == len(layers):
+            raise RuntimeError("the last layer's SVD fails")
+        return svd(*args, **kwargs)
+
+    monkeypatch.setattr(lora_init, "svd_factors", counting)
+    with pytest.raises(RuntimeError, match="the last layer's SVD fails"):
+        peftkit.adapt(model, "lora", target_modules="all-linear", r=4, init="pissa")
+    # Before layer k's SVD, the k - 1 layers done have dropped their original 4-bit weights.
+    assert alive == [len(layers) - k for k in range(len(layers))]
+    for path, layer in layers.items():
+        assert type(model.get_submodule(path)) is bnb.nn.Linear4bit
+        assert torch.equal(layer.weight.data, before[path][0]) and torch.equal(
+            layer.weight.quant_state.absmax, before[path][1]
+        ), path
+    torch.testing.assert_close(_logits(model), logits, atol=0, rtol=0)
