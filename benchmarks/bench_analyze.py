@@ -114,5 +114,6 @@ def main() -> None:
         print(f"  of which making the random base weights:        {making:7.1f} s")
         print(f"analyze --base (with intruders), 1 block x {BLOCKS}: {intruders / 60:7.1f} min")
 
+
 if __name__ == "__main__":
     main()

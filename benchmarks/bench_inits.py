@@ -27,6 +27,8 @@ double quantization, blocksize 64), W the full-precision weight.
 
     python benchmarks/bench_inits.py --json out.json          # everything (about 20 minutes on 2 cores)
     python benchmarks/bench_inits.py --inits pissa --no-scale --no-table
+    python benchmarks/bench_inits.py --inits --no-table --scale-shape 8b --scale-inits pissa_niter_4 \
+        --scale-peftkit-only
 """
 
 from __future__ import annotations
@@ -136,13 +138,18 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def costs(
-    model: str, rows: dict[str, tuple[str, dict[str, Any], Any]], names: list[str], rounds: int, checkpoint: str = ""
+    model: str,
+    rows: dict[str, tuple[str, dict[str, Any], Any]],
+    names: list[str],
+    rounds: int,
+    checkpoint: str = "",
+    peft: bool = True,
 ) -> list[dict[str, Any]]:
-    """Each row's peftkit and PEFT children (where PEFT has the row), `rounds` times in alternating
+    """Each row's peftkit and PEFT children (where PEFT has the row and `peft`), `rounds` times in alternating
     order; per side the round with the shortest init is kept (this machine is shared), all times listed."""
     out = []
     for name in names:
-        sides = ["peftkit"] + (["peft"] if rows[name][2] is not None else [])
+        sides = ["peftkit"] + (["peft"] if peft and rows[name][2] is not None else [])
         runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
         for round_ in range(rounds):
             for side in sides if round_ % 2 == 0 else sides[::-1]:
@@ -250,11 +257,14 @@ def error_report(table: dict[str, dict[str, float]]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--inits", nargs="+", default=list(GEMMA_ROWS), choices=list(GEMMA_ROWS))
+    parser.add_argument("--inits", nargs="*", default=list(GEMMA_ROWS), choices=list(GEMMA_ROWS))
     parser.add_argument("--scale-inits", nargs="+", default=list(SCALE_ROWS), choices=list(SCALE_ROWS))
     parser.add_argument("--scale-shape", default="8b-2blocks", choices=[s for s in SHAPES if s.startswith("8b")])
     parser.add_argument("--no-scale", action="store_true", help="skip the 8B shape")
     parser.add_argument("--no-table", action="store_true", help="skip the error table")
+    parser.add_argument(
+        "--scale-peftkit-only", action="store_true", help="no PEFT child on the 8B shape (it loads 16 GB dense)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="runs of each Gemma child (the 8B shape's: 1)")
     parser.add_argument("--json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -272,7 +282,7 @@ def main() -> None:
     if not args.no_scale:
         directory, _ = ensure_model(args.scale_shape)
         blocks = SHAPES[args.scale_shape]["num_hidden_layers"]
-        rows = costs(args.scale_shape, SCALE_ROWS, args.scale_inits, 1, str(directory))
+        rows = costs(args.scale_shape, SCALE_ROWS, args.scale_inits, 1, str(directory), not args.scale_peftkit_only)
         summary["scale"] = {"shape": args.scale_shape, "rows": rows}
         lines += ["", *scale_report(summary["scale"]["rows"], blocks)]
     if not args.no_table:

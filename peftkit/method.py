@@ -164,7 +164,7 @@ class AdapterMethod(ABC):
         return adapter_tensors(model, adapter_name, self.config.bias)
 
     def frozen_tensors(self, model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
-        """Tensors of `trainable_state` that are saved but not trained (LoRA-FA's A): no gradient, no optimizer state."""
+        """Tensors of `trainable_state` saved but not trained (LoRA-FA's A): no gradient, no optimizer state."""
         return []
 
     def parameter_roles(self, model: nn.Module, adapter_name: str) -> dict[str, str] | None:
@@ -179,7 +179,11 @@ class AdapterMethod(ABC):
     def initialize_from_data(
         self, model: nn.Module, adapter_name: str, batches: Iterable[Mapping[str, torch.Tensor]]
     ) -> None:
-        """Initialise the adapter from model inputs (dicts of tensors for `model(**batch)`); see `needs_data`."""
+        """Initialise the adapter from model inputs (dicts of tensors for `model(**batch)`); see `needs_data`.
+
+        A hook with nothing to do by default, as most methods start without data.
+        """
+        return None
 
     def saved_form(
         self, model: nn.Module, adapter_name: str, values: dict[str, torch.Tensor]

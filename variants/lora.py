@@ -393,7 +393,7 @@ class LoRA(AdapterMethod):
         return type(self)(dataclasses.replace(self.config, init="kaiming"))
 
     def peft_fields(self) -> dict[str, Any]:
-        """PEFT's `init_lora_weights`: True for Kaiming, else the init's name (`pissa_niter_k` for a randomized PiSSA)."""
+        """PEFT's `init_lora_weights`: True for Kaiming, else the init's name (`pissa_niter_k`: randomized PiSSA)."""
         init = self.config.init
         if init == "pissa" and self.config.pissa_niter:
             return {"init_lora_weights": f"pissa_niter_{self.config.pissa_niter}"}

@@ -150,8 +150,9 @@ def initialize_eva(
     moments, shared = _collect(model, layers, batches, config.eva_batches)
     if not moments or any(m.count == 0 for m in moments.values()):
         raise ConfigError(
-            f"init 'eva' needs training data: no labelled, attended token reached {next(iter(layers), 'the layers')!r}; "
-            "give batches with input_ids (and attention_mask/labels), e.g. through peftkit train."
+            "init 'eva' needs training data: no labelled, attended token reached "
+            f"{next(iter(layers), 'the layers')!r}; give batches with input_ids (and attention_mask/labels), "
+            "e.g. through peftkit train."
         )
     principal = {path: m.principal() for path, m in moments.items()}
     ranks = {path: config.rank_and_alpha(path)[0] for path in layers}

@@ -144,11 +144,11 @@ def analysis_section(rows: Sequence[dict[str, Any]], runs_dir: Path, base_name: 
                 "",
                 "## What the adapters learned",
                 "",
-                "Per LoRA-family run, the update ΔW = s·BA of each adapted layer (DoRA: its direction), mean over layers: "
-                "the effective rank (fewest singular values holding 90% / 99% of the energy), the entropy-based "
-                "effective rank, ||ΔW||_F, the amplification factor ||ΔW||_F / ||U^T W V||_F (Hu et al., section 7.3) "
-                "and the 99% rank per layer type as a suggested rank. `peftkit analyze runs/<run>/adapter --base MODEL` "
-                "gives them per layer, with intruder dimensions.",
+                "Per LoRA-family run, the update ΔW = s·BA of each adapted layer (DoRA: its direction), "
+                "mean over layers: the effective rank (fewest singular values holding 90% / 99% of the energy), "
+                "the entropy-based effective rank, ||ΔW||_F, the amplification factor ||ΔW||_F / ||U^T W V||_F "
+                "(Hu et al., section 7.3) and the 99% rank per layer type as a suggested rank. "
+                "`peftkit analyze runs/<run>/adapter --base MODEL` gives them per layer, with intruder dimensions.",
                 "",
                 "| run | r | eff. rank 90% | eff. rank 99% | entropy rank | mean ‖ΔW‖_F | amplification "
                 "| suggested r by type |",

@@ -283,7 +283,8 @@ def _setup(meta: dict[str, Any]) -> list[str]:
     validation = f"`{data['validation']}`" if data["validation"] else f"{data['validation_split']:.0%} of train"
     lines = [
         f"- model `{model['name']}` ({model['dtype']}, mixed precision {training['mixed_precision']})",
-        f"- data `{data['train']}`, validation {validation}, test `{data.get('test')}`, max_length {data['max_length']}",
+        f"- data `{data['train']}`, validation {validation}, test `{data.get('test')}`, "
+        f"max_length {data['max_length']}",
         f"- budget: every run takes the same {steps} steps x {sequences} sequences in the same order for a seed "
         f"(so the same examples and tokens), learning rate {training['learning_rate']:g} unless its entry sets "
         f"its own ({training['schedule']}, {training['warmup_steps']} warmup steps)",

@@ -8,9 +8,9 @@ dropout 0, where bitsandbytes' CPU path has one rounding.
 from __future__ import annotations
 
 import gc
-import weakref
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import bitsandbytes.functional as bnb_functional
@@ -288,7 +288,9 @@ def test_pissa_over_a_4bit_load_rereads_the_checkpoint_instead_of_holding_the_ba
 
     model = load_model(str(model_dir), "float32", QuantizationConfig())
     layers = {path: model.get_submodule(path) for path in _linear_paths(model, bnb.nn.Linear4bit)}
-    before = {path: (layer.weight.data.clone(), layer.weight.quant_state.absmax.clone()) for path, layer in layers.items()}
+    before = {
+        path: (layer.weight.data.clone(), layer.weight.quant_state.absmax.clone()) for path, layer in layers.items()
+    }
     logits = _logits(model)
     replaced = [weakref.ref(layer.weight) for layer in layers.values()]
     alive: list[int] = []

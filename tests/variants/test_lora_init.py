@@ -63,7 +63,7 @@ def assert_same_adapters(ours: nn.Module, theirs: nn.Module) -> None:
     mine, peft_side = peftkit_pairs(ours), peft_pairs(theirs)
     assert sorted(mine) == sorted(peft_side) and len(mine) == 8
     for path in mine:
-        for a, b in zip(mine[path], peft_side[path]):
+        for a, b in zip(mine[path], peft_side[path], strict=False):
             assert_close(a, b)
 
 
@@ -95,7 +95,7 @@ def test_pissa_top_directions_and_randomized_svd(ids: torch.Tensor) -> None:
             torch.testing.assert_close(residual + 2 * b @ a, weights[path], rtol=1e-5, atol=1e-5)
     exact = torch.linalg.svdvals(next(iter(weights.values())))[8:].norm().item()
     assert errors[0][0] == pytest.approx(exact, rel=1e-4)
-    for exact_error, randomized in zip(errors[0], errors[4]):
+    for exact_error, randomized in zip(errors[0], errors[4], strict=False):
         assert exact_error <= randomized <= 1.02 * exact_error
 
 

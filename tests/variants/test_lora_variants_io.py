@@ -93,7 +93,7 @@ def test_loraplus_groups_equal_peft() -> None:
         theirs, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16, loraplus_weight_decay=0.01
     ).param_groups
     assert len(groups) == len(reference) == 4
-    for mine, peft_group in zip(groups, reference):
+    for mine, peft_group in zip(groups, reference, strict=False):
         assert (mine["lr"], mine["weight_decay"]) == (peft_group["lr"], peft_group["weight_decay"])
         assert sorted(p.shape for p in mine["params"]) == sorted(p.shape for p in peft_group["params"])
     assert [len(g["params"]) for g in groups] == [6, 2, 13, 0]  # A; embedding A, B; B and DoRA magnitudes; no bias
