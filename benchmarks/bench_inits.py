@@ -219,8 +219,8 @@ def scale_report(rows: list[dict[str, Any]], blocks: int) -> list[str]:
     extrapolating = blocks < 32
     head = f" init s, x{scale:g} for 32 blocks (extrapolated) |" if extrapolating else ""
     lines = [
-        f"| init | peftkit load s | load peak RssAnon GB | init s ({blocks} blocks) |{head} init peak above before, MiB "
-        "| PEFT, dense bf16 load: init s | PEFT load peak GB | PEFT init peak MiB |",
+        f"| init | peftkit load s | load peak RssAnon GB | init s ({blocks} blocks) |{head} "
+        "init peak above before, MiB | PEFT, dense bf16 load: init s | PEFT load peak GB | PEFT init peak MiB |",
         "| --- " * (8 + extrapolating) + "|",
     ]
     for row in rows:
