@@ -118,11 +118,13 @@ def per_process_state(optimizer: LocalShardOptimizer) -> dict[str, Any] | None:
     """Every process's state (in process order) on process 0, None on the others (collective).
 
     Kept as each process holds it: its blockwise 8-bit state has no whole form that another
-    number of processes could split without quantizing it again in other blocks.
+    number of processes could split without quantizing it again in other blocks. Sent from
+    the host: a GPU tensor would be unpickled onto its own process's GPU inside process 0.
     """
     import torch.distributed as dist
+    from accelerate.utils import send_to_device
 
-    mine = optimizer.state_dict()
+    mine = send_to_device(optimizer.state_dict(), "cpu")
     gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     return {_PER_PROCESS: gathered} if gathered is not None else None
