@@ -341,8 +341,8 @@ def build_config(raw: Mapping[str, Any], base: Path | None = None, data_files: b
         skipped_modules(model_skeleton(sections["model"].name), quantization, "model.quantization")
     method = build_method(raw.get("method"))
     if sections["training"].distributed.strategy == "fsdp":
-        tc, generations = sections["training"], sections["eval"].generations
-        check_sharding(sections["model"].dtype, quantization or method.base_quantization(), tc.optimizer, generations)
+        generations = sections["eval"].generations
+        check_sharding(sections["model"].dtype, quantization or method.base_quantization(), generations)
     return RunConfig(method=method, **sections)
 
 

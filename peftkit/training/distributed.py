@@ -11,7 +11,9 @@ around the forward, not FSDP's parameter cast).
 
 What leaves the processes is whole: the adapter and the optimizer state are
 gathered (collectively, every process calling) into the files a one-process run
-writes, so a checkpoint resumes under any number of FSDP processes.
+writes, so a checkpoint resumes under any number of FSDP processes. bitsandbytes'
+optimizers step each process's shards (peftkit.training.sharded_optim): their
+blockwise 8-bit state is saved per process and resumes under as many processes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from peftkit.peft_format import adapter_state_dict
 from peftkit.quant.config import QuantizationConfig
 from peftkit.record import DEFAULT_ADAPTER, adapter_method
 from peftkit.training.checkpoint import Checkpoint, restore_checkpoint
+from peftkit.training.optim import is_bitsandbytes
+from peftkit.training.sharded_optim import LocalShardOptimizer, is_sharded, load_per_process_state, per_process_state
 from peftkit.validation import check_types, from_options
 
 __all__ = [
@@ -96,14 +100,13 @@ def resolve_strategy(config: DistributedConfig, num_processes: int) -> Literal["
     return "ddp" if config.strategy == "auto" else config.strategy
 
 
-def check_sharding(model_dtype: str, quantization: QuantizationConfig | None, optimizer: str, generations: int) -> None:
+def check_sharding(model_dtype: str, quantization: QuantizationConfig | None, generations: int) -> None:
     """What FSDP cannot run, said before anything loads.
 
     Sample generations call the model outside the training forward, where FSDP gathers no
     parameters (the loss module is the sharded root). A packed 4-bit weight stored in another
     dtype than the parameters FSDP gathers would be cast as numbers, turning its codes into
-    noise; bitsandbytes' 8-bit optimizers update a parameter's whole local tensor, which under
-    FSDP is a shard of a DTensor they do not know.
+    noise.
     """
     storage = quantization.storage_dtype if quantization is not None else None
     if storage is not None and storage != model_dtype:
@@ -111,11 +114,6 @@ def check_sharding(model_dtype: str, quantization: QuantizationConfig | None, op
             f"model.quantization.storage_dtype {storage!r} differs from model.dtype {model_dtype!r}, the dtype FSDP "
             f"shards and gathers this model's parameters in: the packed 4-bit codes would be cast to it and turn to "
             f"noise. Set storage_dtype: {model_dtype} or leave it unset (the model's dtype under fsdp)."
-        )
-    if optimizer.endswith("8bit"):
-        raise ConfigError(
-            f"training.optimizer {optimizer!r} cannot step FSDP's sharded parameters (bitsandbytes' 8-bit "
-            "optimizers do not take DTensors); use adamw under strategy fsdp, or strategy ddp."
         )
     if generations:
         raise ConfigError(
@@ -178,19 +176,13 @@ def shard_model(model: nn.Module, config: DistributedConfig) -> int:
     return len(blocks)
 
 
-def _is_sharded(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
 def gathered_adapter(model: nn.Module, name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
     """The adapter's sharded tensors gathered whole (model path -> tensor), for `save_adapter(state_dict=...)`.
 
     Collective: every process calls it, in the same order, and every process gets the whole tensors.
     """
     state = adapter_method(model, name).trainable_state(model, name)
-    return {path: t.full_tensor() for path, t in state.items() if _is_sharded(t)}
+    return {path: t.full_tensor() for path, t in state.items() if is_sharded(t)}
 
 
 def sharded_adapter_tensors(
@@ -202,23 +194,32 @@ def sharded_adapter_tensors(
     live = adapter_state_dict(model, name)
     out = dict(tensors)
     for key, target in live.items():
-        if _is_sharded(target) and key in tensors and tensors[key].shape == target.shape:
+        if is_sharded(target) and key in tensors and tensors[key].shape == target.shape:
             whole = tensors[key].to(device=target.to_local().device, dtype=target.dtype)
             out[key] = distribute_tensor(whole, target.device_mesh, target.placements)
     return out
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The sharded optimizer's state gathered whole on the CPU, keyed by parameter path (collective)."""
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """The sharded optimizer's state gathered whole on the CPU, keyed by parameter path (collective);
+    bitsandbytes' is every process's own, on process 0 (None on the others)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    if isinstance(optimizer, LocalShardOptimizer):
+        return per_process_state(optimizer)
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Shard a whole optimizer state (as `full_optimizer_state` wrote it, under any process count) into place."""
+    """Shard a whole optimizer state (as `full_optimizer_state` wrote it, under any process count) into place;
+    bitsandbytes' per-process state goes to the process that wrote it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if isinstance(optimizer, LocalShardOptimizer):
+        load_per_process_state(optimizer, state)
+        return
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
@@ -235,13 +236,18 @@ def restore_sharded(checkpoint: Checkpoint, model: nn.Module, optimizer: Any, sc
 def check_resume_strategy(saved: dict[str, Any], strategy: str, num_processes: int, path: str) -> None:
     """Refuse a checkpoint whose optimizer state this launch cannot read, naming both process counts.
 
-    FSDP checkpoints hold the optimizer state by parameter path (any FSDP process count reads it);
-    the others hold torch's per-process form (any DDP count, or one process, reads it).
+    FSDP checkpoints hold the optimizer state by parameter path (any FSDP process count reads it),
+    but bitsandbytes' per process (only as many FSDP processes read it); the others hold torch's
+    per-process form (any DDP count, or one process, reads it).
     """
     was = saved.get("distributed") or {"strategy": "none", "num_processes": 1}
-    if (was["strategy"] == "fsdp") == (strategy == "fsdp"):
+    per_process = was["strategy"] == "fsdp" and is_bitsandbytes(saved["config"]["training"]["optimizer"])
+    readable = (was["strategy"] == "fsdp") == (strategy == "fsdp")
+    if readable and not (per_process and was["num_processes"] != num_processes):
         return
     readers = "2 or more processes under strategy fsdp" if was["strategy"] == "fsdp" else "strategy ddp or 1 process"
+    if per_process:
+        readers = f"{was['num_processes']} processes under strategy fsdp (bitsandbytes' optimizer state is per process)"
     raise ConfigError(
         f"--resume: checkpoint {path!r} was written by {was['num_processes']} process(es) under strategy "
         f"{was['strategy']!r}; this run has {num_processes} process(es) under strategy {strategy!r}, which cannot "

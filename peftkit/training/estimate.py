@@ -210,8 +210,7 @@ def _changes(config: RunConfig) -> list[list[str]]:
         changes.append([f"{section}.skip_modules=[]"])
     if not config.model.gradient_checkpointing:
         changes.append(["model.gradient_checkpointing=true"])
-    sharded = config.training.distributed.strategy == "fsdp"  # where 8-bit optimizers are refused
-    if config.training.optimizer in ("adamw", "paged_adamw") and not sharded:
+    if config.training.optimizer in ("adamw", "paged_adamw"):
         changes.append([f"training.optimizer={config.training.optimizer}_8bit"])
     return changes
 

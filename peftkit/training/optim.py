@@ -27,6 +27,7 @@ so checkpoints read it back with `torch.load(weights_only=True)` and resume exac
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -35,11 +36,44 @@ import torch
 from torch import nn
 
 from peftkit.errors import ConfigError, did_you_mean
+from peftkit.training.sharded_optim import LocalShardOptimizer, is_sharded
 
-__all__ = ["OPTIMIZERS", "check_optimizer", "build_optimizer", "loraplus_param_groups"]
+__all__ = [
+    "OPTIMIZERS",
+    "check_optimizer",
+    "build_optimizer",
+    "is_bitsandbytes",
+    "bitsandbytes_state_bytes",
+    "loraplus_param_groups",
+]
 
 _BITSANDBYTES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW"}
 OPTIMIZERS = ["adamw", *_BITSANDBYTES]
+_MIN_8BIT_SIZE, _BLOCK, _CODES = 4096, 256, 256  # bitsandbytes' defaults, which build_optimizer keeps
+
+
+def is_bitsandbytes(name: str) -> bool:
+    """Whether optimizer `name` is bitsandbytes' (plain tensors only: it steps local shards under FSDP)."""
+    return name in _BITSANDBYTES
+
+
+def bitsandbytes_state_bytes(name: str, numels: Iterable[int]) -> int:
+    """The bytes bitsandbytes' optimizer `name` allocates for tensors of `numels` elements.
+
+    An 8-bit optimizer keeps two uint8 moments and a float32 scale per 256 elements each for a
+    tensor of at least 4096 elements, and its two 256-entry float32 code maps once; a smaller
+    tensor, or any under a 32-bit optimizer, keeps two float32 moments. Under FSDP `numels` are
+    one process's shards, so a shard smaller than 4096 elements costs 8 bytes an element.
+    """
+    eight_bit = name.endswith("8bit")
+    total, maps = 0, 0
+    for numel in numels:
+        if eight_bit and numel >= _MIN_8BIT_SIZE:
+            total += 2 * (numel + 4 * math.ceil(numel / _BLOCK))
+            maps = 2 * 4 * _CODES
+        else:
+            total += 2 * 4 * numel
+    return total + maps
 
 
 def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -89,18 +123,26 @@ def check_optimizer(name: str, device: torch.device | None = None) -> None:
 def build_optimizer(
     params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], name: str, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """The optimizer `name` over `params` (tensors, or param groups); every one is AdamW with decoupled weight decay."""
-    return _optimizer_class(name)(list(params), lr=lr, weight_decay=weight_decay)
+    """The optimizer `name` over `params` (tensors, or param groups); every one is AdamW with decoupled weight decay.
+
+    bitsandbytes' optimizers over FSDP's DTensor parameters step their local shards (LocalShardOptimizer).
+    """
+    params = list(params)
+    make = functools.partial(_optimizer_class(name), lr=lr, weight_decay=weight_decay)
+    if is_bitsandbytes(name) and any(is_sharded(p) for p in _tensors(params)):
+        return LocalShardOptimizer(params, make)
+    return make(params)
+
+
+def _tensors(params: list[Any]) -> Iterable[torch.Tensor]:
+    for item in params:
+        yield from item["params"] if isinstance(item, dict) else [item]
 
 
 def _decays(model: nn.Module) -> set[str]:
     """Names of parameters weight decay applies to: not a bias, not inside a LayerNorm (transformers' rule)."""
     norms = {name for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)}
-    return {
-        name
-        for name, _ in model.named_parameters()
-        if "bias" not in name and name.rpartition(".")[0] not in norms
-    }
+    return {name for name, _ in model.named_parameters() if "bias" not in name and name.rpartition(".")[0] not in norms}
 
 
 def loraplus_param_groups(

@@ -12,6 +12,9 @@ structural, so it is computed from the simulated model's tensors:
   gradients before their reduce-scatter. The 4-bit quantization state and buffers are
   not parameters: every process keeps them whole.
 - fsdp with cpu_offload: the sharded tensors live in host memory, not on the device.
+- bitsandbytes' optimizers under fsdp keep their state per shard, as they allocate it for
+  the largest process's shard of each tensor (a shard under 4096 elements keeps float32
+  state: see peftkit.training.optim.bitsandbytes_state_bytes).
 
 The figures move the one-process peak's own breakdown, so the peak stays at the moment
 the simulation found (the moment of most activations).
@@ -27,6 +30,7 @@ from torch import nn
 from peftkit.training.config import RunConfig
 from peftkit.training.distributed import decoder_blocks, resolve_strategy
 from peftkit.training.memory import StepMemory
+from peftkit.training.optim import bitsandbytes_state_bytes, is_bitsandbytes
 
 __all__ = ["per_process"]
 
@@ -47,6 +51,12 @@ def _gathered(model: nn.Module) -> int:
     return root + 2 * block + block_grads
 
 
+def _largest_shard(param: nn.Parameter, num_processes: int) -> int:
+    """Elements of the largest of FSDP's `num_processes` shards of `param` (its rows split as torch.chunk does)."""
+    rows = param.shape[0] if param.ndim else 1
+    return math.ceil(rows / num_processes) * (param.numel() // max(rows, 1))
+
+
 def per_process(step: StepMemory, model: nn.Module, config: RunConfig, num_processes: int) -> StepMemory:
     """One-process `step` of the simulated `model` as one of `num_processes` under `config`'s strategy.
 
@@ -62,5 +72,9 @@ def per_process(step: StepMemory, model: nn.Module, config: RunConfig, num_proce
         parts["base_weights"] -= frozen if offload else frozen - math.ceil(frozen / num_processes)
         for name in _SHARDED:
             parts[name] = 0 if offload else math.ceil(parts[name] / num_processes)
+        optimizer = config.training.optimizer
+        if is_bitsandbytes(optimizer) and not offload:
+            shards = [_largest_shard(p, num_processes) for p in model.parameters() if p.requires_grad]
+            parts["optimizer_state"] = bitsandbytes_state_bytes(optimizer, shards)
         parts["temporaries"] += _gathered(model)
     return dataclasses.replace(step, peak_bytes=sum(parts.values()), breakdown=parts)

@@ -82,7 +82,7 @@ def test_estimate_cli_reports_per_process(tmp_path: Path, model_dir: Path, capsy
     path.write_text(yaml.safe_dump(_raw(model_dir, strategy="fsdp")), encoding="utf-8")
     assert main(["estimate", str(path), "--device", "cpu", "--num-processes", "2", "--gpu", "1MB"]) == 0
     out = capsys.readouterr().out
-    assert "model.gradient_checkpointing=true" in out and "_8bit" not in out  # refused under fsdp: not suggested
+    assert "model.gradient_checkpointing=true" in out and "training.optimizer=adamw_8bit" in out  # shards too
     result = estimate(build_config(_raw(model_dir, strategy="fsdp"), data_files=False), None, "cpu", 2)
     assert "per process (2 processes, strategy fsdp)" in out and result.num_processes == 2
     assert main(["estimate", str(path), "--num-processes", "0"]) == 2
