@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peftkit.activations import enable_gradient_checkpointing
-from peftkit.adapters import adapt, trainable_parameters
+from peftkit.adapters import trainable_parameters
 from peftkit.errors import ConfigError
 from peftkit.files import atomic_directory
 from peftkit.record import DEFAULT_ADAPTER, adapter_methods
@@ -51,13 +51,11 @@ from peftkit.training.distributed import (
     lockstep,
     resolve_strategy,
     restore_sharded,
-    shard_model,
-    sharded_quantization,
 )
 from peftkit.training.loss import CausalLMLoss, loss_chunk_size
 from peftkit.training.memory import StepMemory, counting, headline
 from peftkit.training.metrics import METRICS_NAME, GenerationsLine, StepLine, Summary, ValidationLine
-from peftkit.training.models import check_model_source, generate_text, load_model, load_tokenizer
+from peftkit.training.models import check_model_source, generate_text, load_tokenizer
 from peftkit.training.optim import build_optimizer, loraplus_param_groups
 from peftkit.training.rundir import (
     check_new_run,
@@ -67,6 +65,7 @@ from peftkit.training.rundir import (
     start_writing,
     writing,
 )
+from peftkit.training.sharded_loading import attach_adapter, base_model, shard_from_main
 from peftkit.training.simulate import Simulation
 from peftkit.units import format_bytes
 
@@ -401,20 +400,16 @@ def _prepare(run: _Run, resume: str | bool | None, overwrite: bool) -> _Prepared
     if resume_from is not None:
         check_resume_strategy(resume_from.state, run.strategy, acc.num_processes, str(resume_from.path))
     estimated = run.estimated_step()  # before the model loads: a run too large for the device is told first
-    quantization = config.base_quantization()
-    if config.training.distributed.strategy == "fsdp":  # one process loads as several do: same numbers
-        quantization = sharded_quantization(quantization, config.model.dtype)
-    model = load_model(config.model.name, config.model.dtype, quantization, acc.device)
+    model = base_model(config, acc.device, run.sharded)  # under fsdp the main process's alone holds weights
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    adapt(model, config.method)
-    run.initialize_from_data(model, train_set)
+    attach_adapter(model, config.method, run.sharded, lambda m: run.initialize_from_data(m, train_set))
     if config.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = trainable_parameters(model)
     chunk_size = loss_chunk_size(tc.loss_chunk_size, getattr(model.config, "vocab_size", 0))
     wrapper = CausalLMLoss(model, chunk_size)
     if run.sharded:  # the loss module is FSDP's root: its forward is the one every step calls
-        shard_model(wrapper, tc.distributed)
+        shard_from_main(wrapper, tc.distributed, acc.device)
     optimizer, scheduler = _optimizer(model, tc, total_steps)
     if run.sharded:  # FSDP is the wrapper: accelerate only prepares the optimizer, autocast goes on the forward
         optimizer = acc.prepare(optimizer)
