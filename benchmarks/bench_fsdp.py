@@ -64,14 +64,13 @@ def child(config: str, out: str) -> None:
     from peftkit.training.config import load_config
 
     with AnonPeak("loading") as peak:
-        real = loop.load_model
+        real = loop._optimizer
 
-        def load_model(*args: Any, **kwargs: Any) -> Any:
-            model = real(*args, **kwargs)
+        def optimizer(*args: Any, **kwargs: Any) -> Any:  # built once the model is loaded, adapted and sharded
             peak.enter("training")
-            return model
+            return real(*args, **kwargs)
 
-        loop.load_model = load_model
+        loop._optimizer = optimizer
         loop.train(load_config(config), quiet=True)
     rank = os.environ.get("RANK", "0")
     phases = {

@@ -41,6 +41,7 @@ __all__ = [
     "load_model",
     "checkpoint_weights",
     "generate_text",
+    "transformers_bars",
 ]
 
 EMBEDDED_MODEL = "gemma-3-270m"
@@ -330,3 +331,19 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens:
         )
     model.train(was_training)
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@contextmanager
+def transformers_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars (weight loading) follow the run's: off when quiet and
+    on every process but the main one; the caller's setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
