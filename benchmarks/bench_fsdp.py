@@ -1,9 +1,10 @@
 """Sharded QLoRA with FSDP2 on 2 CPU processes (gloo): a 1B-class Llama shape with a 4-bit base.
 
 For fsdp, fsdp + cpu_offload, ddp (2 processes each, batch 1 per process) and 1 process (batch 2):
-peak RssAnon per process while loading and while training (above its RssAnon before loading),
-the loop's live tensor bytes of steps 1-2 (rank 0; not under fsdp, whose freed blocks it cannot
-see), the median step time and the per-step losses; beside each, the per-process peak
+peak RssAnon of each process while loading (until the model is adapted and, under fsdp, sharded
+and filled) and while training (above its RssAnon before loading), the loop's live tensor bytes
+of steps 1-2 (rank 0's; under fsdp its shards and the blocks it has gathered, resized storages
+counted), the median step time and the per-step losses; beside each, the per-process peak
 `peftkit estimate --num-processes` gives. PEFT's own FSDP QLoRA recipe is
 tried on the same shape and its reason for not running on CPU is reported.
 
@@ -113,11 +114,13 @@ def _run(name: str, model: Path, steps: int, seq: int) -> dict[str, Any]:
         "run": name,
         "losses": [round(line["loss"], 5) for line in steps_],
         "step_s": statistics.median(step_times) if step_times else None,
-        "measured_step_peak": summary["measured_step_peak_bytes"],  # live tensors, steps 1-2 (None under fsdp)
+        "measured_step_peak": summary["measured_step_peak_bytes"],  # rank 0's live tensors, steps 1-2
         "estimated": estimated,
-        "loading_anon_peak": max(r["loading_anon"] for r in ranks),
+        # per rank: under fsdp only rank 0 reads the checkpoint, the others receive their shards
+        "loading_anon_peak": [r["loading_anon"] for r in ranks],
+        "loading_anon_above_start": [r["loading_anon"] - r["baseline_anon"] for r in ranks],
         # the steps' RssAnon peak above the process's RssAnon before anything loaded (torch, Python, gloo)
-        "training_anon_above_start": max(r["training_anon"] - r["baseline_anon"] for r in ranks),
+        "training_anon_above_start": [r["training_anon"] - r["baseline_anon"] for r in ranks],
     }
 
 
