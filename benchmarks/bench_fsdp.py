@@ -36,11 +36,10 @@ RUNS = {  # name: (processes, training.distributed)
 
 
 def _config(root: Path, model: Path, processes: int, distributed: dict[str, Any], steps: int, seq: int) -> Path:
+    # Text records longer than `seq` tokens: every sequence is cut to `seq` and every token is labelled,
+    # the step `peftkit estimate` simulates (its worst case), so the two figures are of the same step.
     words = [f"w{i}" for i in range(50)]
-    records = [
-        {"prompt": " ".join(words[(i + j) % 50] for j in range(seq // 2)), "completion": " ".join(words[i % 50 :][:8])}
-        for i in range(16)
-    ]
+    records = [{"text": " ".join(words[(i + j) % 50] for j in range(seq))} for i in range(16)]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     config = {
         "model": {"name": str(model), "dtype": "bfloat16", "quantization": {"compute_dtype": "float32"}},
