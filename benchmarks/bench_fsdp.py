@@ -8,7 +8,7 @@ counted), the median step time and the per-step losses; beside each, the per-pro
 `peftkit estimate --num-processes` gives. PEFT's own FSDP QLoRA recipe is
 tried on the same shape and its reason for not running on CPU is reported.
 
-    flock /tmp/peftkit-cpu.lock .venv/bin/python benchmarks/bench_fsdp.py [--steps 3] [--seq 64]
+    flock /tmp/peftkit-cpu.lock .venv/bin/python benchmarks/bench_fsdp.py [--steps 3] [--seq 64] [--runs fsdp ...]
 """
 
 from __future__ import annotations
@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--shape", default="1b")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs (default all)")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "OUT"))
     args = parser.parse_args()
     if args.child:
@@ -153,7 +154,7 @@ def main() -> None:
         return
     model, record = ensure_model(args.shape)
     print(f"# {machine()} | shape {record['shape']} | {args.steps} steps x batch 2 x {args.seq} tokens", flush=True)
-    for name in RUNS:
+    for name in args.runs:
         print(json.dumps(_run(name, model, args.steps, args.seq)), flush=True)
     print(json.dumps({"run": "PEFT FSDP QLoRA recipe", "error": peft_recipe()}), flush=True)
 

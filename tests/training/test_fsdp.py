@@ -131,6 +131,10 @@ def test_only_the_main_process_reads_the_whole_model(pairs: Callable[[str], tupl
     assert rank1["held_bytes"] <= rank1["loading_peak"] <= rank1["held_bytes"] + rank1["largest_bytes"] + 4096
     if case != "lora-4bit":  # dense: half the parameters, never the whole model (the 4-bit one is mostly its head)
         assert rank1["loading_peak"] < 0.7 * rank1["whole_bytes"], rank1
+    # The loop's meter runs under fsdp too (the main process's share: its shards, the blocks while gathered).
+    lines = [json.loads(line) for line in (root / "two" / "run" / "metrics.jsonl").read_text().splitlines()]
+    measured = next(line["summary"]["measured_step_peak_bytes"] for line in lines if "summary" in line)
+    assert measured > json.loads((root / "rank0.json").read_text())["held_bytes"]
 
 
 @pytest.mark.multiprocess
