@@ -87,7 +87,7 @@ def shard_from_main(wrapper: nn.Module, config: DistributedConfig, device: torch
     """`shard_model`, each process's shards filled from the main process's whole model; returns the block count.
 
     Collective. Refuses, naming the first difference, a model the other processes built otherwise
-    than the main process loaded it (a check that costs one small broadcast).
+    than the main process loaded it (a check that costs one small all-gather).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
