@@ -1,13 +1,14 @@
 """Sharded QLoRA with FSDP2 on 2 CPU processes (gloo): a 1B-class Llama shape with a 4-bit base.
 
 For fsdp, fsdp + cpu_offload, ddp (2 processes each, batch 1 per process) and 1 process (batch 2):
-peak RssAnon per process while loading and while training (above its RssAnon before loading),
-the loop's live tensor bytes of steps 1-2 (rank 0; not under fsdp, whose freed blocks it cannot
-see), the median step time and the per-step losses; beside each, the per-process peak
+peak RssAnon of each process while loading (until the model is adapted and, under fsdp, sharded
+and filled) and while training (above its RssAnon before loading), the loop's live tensor bytes
+of steps 1-2 (rank 0's; under fsdp its shards and the blocks it has gathered, resized storages
+counted), the median step time and the per-step losses; beside each, the per-process peak
 `peftkit estimate --num-processes` gives. PEFT's own FSDP QLoRA recipe is
 tried on the same shape and its reason for not running on CPU is reported.
 
-    flock /tmp/peftkit-cpu.lock .venv/bin/python benchmarks/bench_fsdp.py [--steps 3] [--seq 64]
+    flock /tmp/peftkit-cpu.lock .venv/bin/python benchmarks/bench_fsdp.py [--steps 3] [--seq 64] [--runs fsdp ...]
 """
 
 from __future__ import annotations
@@ -35,11 +36,10 @@ RUNS = {  # name: (processes, training.distributed)
 
 
 def _config(root: Path, model: Path, processes: int, distributed: dict[str, Any], steps: int, seq: int) -> Path:
+    # Text records longer than `seq` tokens: every sequence is cut to `seq` and every token is labelled,
+    # the step `peftkit estimate` simulates (its worst case), so the two figures are of the same step.
     words = [f"w{i}" for i in range(50)]
-    records = [
-        {"prompt": " ".join(words[(i + j) % 50] for j in range(seq // 2)), "completion": " ".join(words[i % 50 :][:8])}
-        for i in range(16)
-    ]
+    records = [{"text": " ".join(words[(i + j) % 50] for j in range(seq))} for i in range(16)]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     config = {
         "model": {"name": str(model), "dtype": "bfloat16", "quantization": {"compute_dtype": "float32"}},
@@ -64,14 +64,13 @@ def child(config: str, out: str) -> None:
     from peftkit.training.config import load_config
 
     with AnonPeak("loading") as peak:
-        real = loop.load_model
+        real = loop._optimizer
 
-        def load_model(*args: Any, **kwargs: Any) -> Any:
-            model = real(*args, **kwargs)
+        def optimizer(*args: Any, **kwargs: Any) -> Any:  # built once the model is loaded, adapted and sharded
             peak.enter("training")
-            return model
+            return real(*args, **kwargs)
 
-        loop.load_model = load_model
+        loop._optimizer = optimizer
         loop.train(load_config(config), quiet=True)
     rank = os.environ.get("RANK", "0")
     phases = {
@@ -114,11 +113,13 @@ def _run(name: str, model: Path, steps: int, seq: int) -> dict[str, Any]:
         "run": name,
         "losses": [round(line["loss"], 5) for line in steps_],
         "step_s": statistics.median(step_times) if step_times else None,
-        "measured_step_peak": summary["measured_step_peak_bytes"],  # live tensors, steps 1-2 (None under fsdp)
+        "measured_step_peak": summary["measured_step_peak_bytes"],  # rank 0's live tensors, steps 1-2
         "estimated": estimated,
-        "loading_anon_peak": max(r["loading_anon"] for r in ranks),
+        # per rank: under fsdp only rank 0 reads the checkpoint, the others receive their shards
+        "loading_anon_peak": [r["loading_anon"] for r in ranks],
+        "loading_anon_above_start": [r["loading_anon"] - r["baseline_anon"] for r in ranks],
         # the steps' RssAnon peak above the process's RssAnon before anything loaded (torch, Python, gloo)
-        "training_anon_above_start": max(r["training_anon"] - r["baseline_anon"] for r in ranks),
+        "training_anon_above_start": [r["training_anon"] - r["baseline_anon"] for r in ranks],
     }
 
 
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--shape", default="1b")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs (default all)")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "OUT"))
     args = parser.parse_args()
     if args.child:
@@ -152,7 +154,7 @@ def main() -> None:
         return
     model, record = ensure_model(args.shape)
     print(f"# {machine()} | shape {record['shape']} | {args.steps} steps x batch 2 x {args.seq} tokens", flush=True)
-    for name in RUNS:
+    for name in args.runs:
         print(json.dumps(_run(name, model, args.steps, args.seq)), flush=True)
     print(json.dumps({"run": "PEFT FSDP QLoRA recipe", "error": peft_recipe()}), flush=True)
 

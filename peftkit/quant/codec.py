@@ -98,6 +98,7 @@ def shell(module: nn.Module, config: QuantizationConfig, compute_dtype: torch.dt
         compute_dtype=compute_dtype,
         compress_statistics=config.double_quant,
         quant_type=config.quant_type,
+        quant_storage=config.storage(),
         device="meta",
     )
 

@@ -1,9 +1,10 @@
-"""4-bit layers without data, for estimating memory: every tensor at its exact packed size, none allocated.
+"""4-bit layers without data: every tensor at its exact packed size, none allocated.
 
 `peftkit estimate` runs a training step on fake tensors (see
 `peftkit.training.simulate`); what that needs to know of bitsandbytes' insides (the
 packed sizes, Params4bit's attributes, its CPU optimizer kernels) lives here, beside the
-codec, not in the simulation.
+codec, not in the simulation. Under fsdp, the processes that do not read the checkpoint
+build their 4-bit layers here too, and receive the codes and scales (`training.sharded_loading`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from peftkit.quant.config import QuantizationConfig
 from peftkit.targets import candidate_modules
 from peftkit.weights import is_linear
 
-__all__ = ["packed_on_meta", "quantize_on_meta", "fake_packed", "cpu_optimizer_kernels"]
+__all__ = ["packed_on_meta", "quantize_on_meta", "fake_packed", "remade_state", "cpu_optimizer_kernels"]
 
 
 def packed_on_meta(
@@ -65,6 +66,7 @@ def packed_on_meta(
         bnb_quantized=True,
         module=layer,
     )
+    layer.quant_state = state  # where bitsandbytes finds it when FSDP hands the layer a plain weight
     if layer.bias is not None:
         layer.bias = nn.Parameter(meta(layer.out_features, dtype=dtype), requires_grad=False)
     return layer
@@ -95,17 +97,18 @@ def fake_packed(weight: torch.Tensor, fake: Callable[[torch.Tensor], torch.Tenso
     made = nn.Parameter(fake(weight), requires_grad=False)
     for attribute in _PARAMS4BIT_ATTRIBUTES:
         setattr(made, attribute, getattr(weight, attribute))
-    made.quant_state = _fake_state(weight.quant_state, fake)
+    made.quant_state = remade_state(weight.quant_state, fake)
     return made
 
 
-def _fake_state(state: Any, fake: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """A copy of a bitsandbytes QuantState whose tensors are fake."""
+def remade_state(state: Any, make: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """A copy of a bitsandbytes QuantState whose tensors are `make(tensor)` (fake ones, or empty real ones to
+    receive a meta layer's state), its nested state too."""
     copy = dataclasses.replace(state) if dataclasses.is_dataclass(state) else type(state).__new__(type(state))
     copy.__dict__.update(
-        {k: fake(v) if isinstance(v, torch.Tensor) else v for k, v in state.__dict__.items() if k != "state2"}
+        {k: make(v) if isinstance(v, torch.Tensor) else v for k, v in state.__dict__.items() if k != "state2"}
     )
-    copy.state2 = None if state.state2 is None else _fake_state(state.state2, fake)
+    copy.state2 = None if state.state2 is None else remade_state(state.state2, make)
     return copy
 
 

@@ -24,12 +24,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from peftkit.activations import enable_gradient_checkpointing
-from peftkit.adapters import adapt, trainable_parameters
 from peftkit.errors import ConfigError
 from peftkit.files import atomic_directory
 from peftkit.record import DEFAULT_ADAPTER, adapter_methods
 from peftkit.saving import save_adapter
+from peftkit.training.assembly import Assembled, assemble
 from peftkit.training.checkpoint import Checkpoint, find_resume_checkpoint, restore_checkpoint, save_checkpoint
 from peftkit.training.config import RunConfig, TrainingConfig
 from peftkit.training.data import (
@@ -51,13 +50,10 @@ from peftkit.training.distributed import (
     lockstep,
     resolve_strategy,
     restore_sharded,
-    shard_model,
-    sharded_quantization,
 )
-from peftkit.training.loss import CausalLMLoss, loss_chunk_size
 from peftkit.training.memory import StepMemory, counting, headline
 from peftkit.training.metrics import METRICS_NAME, GenerationsLine, StepLine, Summary, ValidationLine
-from peftkit.training.models import check_model_source, generate_text, load_model, load_tokenizer
+from peftkit.training.models import check_model_source, generate_text, load_tokenizer, transformers_bars
 from peftkit.training.optim import build_optimizer, loraplus_param_groups
 from peftkit.training.rundir import (
     check_new_run,
@@ -225,12 +221,9 @@ class _Run:
 
     @contextmanager
     def measuring(self, model: nn.Module, optimizer: Any, done: int) -> Iterator[None]:
-        """Count live tensor bytes over steps 1 and 2 on CPU (the allocator's own peak counts on a GPU).
-
-        Not under fsdp: FSDP frees a gathered block by resizing its storage to zero, which the
-        meter cannot see, so it would count every block gathered as if it stayed (an upper bound).
-        """
-        if done > 2 or self.acc.device.type != "cpu" or self.sharded:
+        """Count live tensor bytes over steps 1 and 2 on CPU (the allocator's own peak counts on a GPU);
+        under fsdp, this process's: its shards, and the blocks it gathers while they are gathered."""
+        if done > 2 or self.acc.device.type != "cpu":
             yield
             return
         with counting(model, getattr(optimizer, "optimizer", optimizer)) as counter:
@@ -326,22 +319,6 @@ def _param_groups(model: nn.Module, tc: TrainingConfig) -> list[dict[str, Any]] 
     )
 
 
-@contextmanager
-def _transformers_bars(enabled: bool) -> Iterator[None]:
-    """transformers' own progress bars (weight loading) follow the run's: off when quiet and
-    on every process but the main one; the caller's setting is restored afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled and not enabled:
-            hf_logging.enable_progress_bar()
-
-
 def train(
     config: RunConfig, resume: str | bool | None = None, quiet: bool = False, overwrite: bool = False
 ) -> TrainResult:
@@ -353,7 +330,7 @@ def train(
     if resume and overwrite:
         raise ConfigError("--resume continues the run in output.dir and --overwrite deletes it; give one.")
     run = _Run(config, quiet)
-    with _transformers_bars(enabled=run.main and not quiet):
+    with transformers_bars(enabled=run.main and not quiet):
         return _train(run, resume, overwrite)
 
 
@@ -361,13 +338,8 @@ def train(
 class _Prepared:
     """Everything the step loop needs, made once by `_prepare`."""
 
-    model: nn.Module  # the adapted model, unwrapped
-    wrapper: nn.Module  # the loss module as accelerate prepared it
-    optimizer: Any
-    scheduler: Any
-    train_set: list[Example]
-    valid_set: list[Example]
-    valid_records: list[dict[str, Any]]
+    built: Assembled  # the model (unwrapped), the loss module as accelerate prepared it, the optimizer
+    datasets: Datasets
     total_steps: int
     start: int  # the step the loop starts after (the resumed one, else 0)
     sequences: int  # per optimizer step, all processes together
@@ -401,31 +373,17 @@ def _prepare(run: _Run, resume: str | bool | None, overwrite: bool) -> _Prepared
     if resume_from is not None:
         check_resume_strategy(resume_from.state, run.strategy, acc.num_processes, str(resume_from.path))
     estimated = run.estimated_step()  # before the model loads: a run too large for the device is told first
-    quantization = config.base_quantization()
-    if config.training.distributed.strategy == "fsdp":  # one process loads as several do: same numbers
-        quantization = sharded_quantization(quantization, config.model.dtype)
-    model = load_model(config.model.name, config.model.dtype, quantization, acc.device)
-    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    adapt(model, config.method)
-    run.initialize_from_data(model, train_set)
-    if config.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    trainable, total = trainable_parameters(model)
-    chunk_size = loss_chunk_size(tc.loss_chunk_size, getattr(model.config, "vocab_size", 0))
-    wrapper = CausalLMLoss(model, chunk_size)
-    if run.sharded:  # the loss module is FSDP's root: its forward is the one every step calls
-        shard_model(wrapper, tc.distributed)
-    optimizer, scheduler = _optimizer(model, tc, total_steps)
-    if run.sharded:  # FSDP is the wrapper: accelerate only prepares the optimizer, autocast goes on the forward
-        optimizer = acc.prepare(optimizer)
-        wrapper.forward = acc.autocast()(wrapper.forward)
-    else:
-        wrapper, optimizer = acc.prepare(wrapper, optimizer)
-    unwrapped = acc.unwrap_model(wrapper).model
-
+    built = assemble(
+        config,
+        acc,
+        run.sharded,
+        lambda m: run.initialize_from_data(m, train_set),
+        lambda m: _optimizer(m, tc, total_steps),
+    )
     start = 0
     if resume_from is not None:
-        (restore_sharded if run.sharded else restore_checkpoint)(resume_from, unwrapped, optimizer, scheduler)
+        restore = restore_sharded if run.sharded else restore_checkpoint
+        restore(resume_from, built.model, built.optimizer, built.scheduler)
         start = resume_from.step
     acc.wait_for_everyone()  # every process has checked the directory before the main one changes it
     discarded: list[str] = []
@@ -435,9 +393,10 @@ def _prepare(run: _Run, resume: str | bool | None, overwrite: bool) -> _Prepared
             run.say(f"--resume: deleted {', '.join(discarded)}, past the resumed step {start}.")
         if dropped:
             run.say(f"--resume: dropped {dropped} line(s) past step {start} from metrics.jsonl; they are logged anew.")
+    trainable, total = built.trainable, built.total
     run.say(
         f"peftkit: {config.method.name} on {config.model.name} | trainable {trainable:,} / {total:,} params "
-        f"({100 * trainable / total:.2f}%) | base weights {base_bytes / 1e9:.2f} GB | {len(train_set)} train / "
+        f"({100 * trainable / total:.2f}%) | base weights {built.base_bytes / 1e9:.2f} GB | {len(train_set)} train / "
         f"{len(valid_set)} val examples{_dropped(datasets, config.data.max_length)} | "
         f"{total_steps} steps x {sequences} sequences | "
         f"{acc.num_processes} process(es) on {acc.device}"
@@ -448,44 +407,32 @@ def _prepare(run: _Run, resume: str | bool | None, overwrite: bool) -> _Prepared
         resumed = {"resumed_from": str(resume_from.path), "skipped": skipped, "deleted": discarded, "changed": changed}
         run.log({"step": start, **resumed})
     run.log({"step": start, "data": {name: dataclasses.asdict(r) for name, r in datasets.reports.items()}})
-    return _Prepared(
-        unwrapped,
-        wrapper,
-        optimizer,
-        scheduler,
-        train_set,
-        valid_set,
-        datasets.validation_records,
-        total_steps,
-        start,
-        sequences,
-        digests,
-        estimated,
-        started,
-    )
+    return _Prepared(built, datasets, total_steps, start, sequences, digests, estimated, started)
 
 
 def _step_loop(run: _Run, p: _Prepared) -> list[float]:
     """The optimizer steps after `p.start`, with their logging, validation and checkpoints; the step losses."""
     config, tc = run.config, run.config.training
-    run.val_before = run.validate(p.wrapper, p.valid_set, p.start)
-    run.generations(p.model, p.valid_records, p.start, "before")
-    p.wrapper.train()
+    run.val_before = run.validate(p.built.wrapper, p.datasets.validation, p.start)
+    run.generations(p.built.model, p.datasets.validation_records, p.start, "before")
+    p.built.wrapper.train()
     losses: list[float] = []
     bar_off = run.quiet or not run.main
     run.bar = tqdm(total=p.total_steps, initial=p.start, disable=bar_off, desc="train", dynamic_ncols=True)
     for done in range(p.start + 1, p.total_steps + 1):
-        with run.measuring(p.model, p.optimizer, done - p.start):
-            loss, tokens_per_s = run.train_step(p.wrapper, p.optimizer, p.scheduler, p.train_set, done - 1)
+        with run.measuring(p.built.model, p.built.optimizer, done - p.start):
+            loss, tokens_per_s = run.train_step(
+                p.built.wrapper, p.built.optimizer, p.built.scheduler, p.datasets.train, done - 1
+            )
         losses.append(loss)
-        lr = p.scheduler.get_last_lr()[0]
+        lr = p.built.scheduler.get_last_lr()[0]
         run.bar.update(1)
         run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
         if done % tc.log_every == 0 or done == p.total_steps:
             elapsed = time.perf_counter() - p.started
             run.log(StepLine(done, loss, lr, tokens_per_s, elapsed))
         if config.eval.every and done % config.eval.every == 0 and done < p.total_steps:
-            run.validate(p.wrapper, p.valid_set, done)
+            run.validate(p.built.wrapper, p.datasets.validation, done)
         if config.output.save_every and (done % config.output.save_every == 0 or done == p.total_steps):
             _checkpoint(run, p, done)
         run.acc.wait_for_everyone()
@@ -497,8 +444,8 @@ def _step_loop(run: _Run, p: _Prepared) -> list[float]:
 def _checkpoint(run: _Run, p: _Prepared, done: int) -> None:
     """Write checkpoint `done` from the main process; under fsdp every process first gathers its shards."""
     config = run.config
-    adapter = gathered_adapter(p.model) if run.sharded else None
-    optimizer = full_optimizer_state(p.model, p.optimizer.optimizer) if run.sharded else None
+    adapter = gathered_adapter(p.built.model) if run.sharded else None
+    optimizer = full_optimizer_state(p.built.model, p.built.optimizer.optimizer) if run.sharded else None
     if not run.main:
         return
     state = {
@@ -511,9 +458,9 @@ def _checkpoint(run: _Run, p: _Prepared, done: int) -> None:
         save_checkpoint(
             run.out / "checkpoints",
             done,
-            p.model,
-            p.optimizer,
-            p.scheduler,
+            p.built.model,
+            p.built.optimizer,
+            p.built.scheduler,
             state,
             config.output.keep_last,
             adapter_state=adapter,
@@ -523,12 +470,12 @@ def _checkpoint(run: _Run, p: _Prepared, done: int) -> None:
 
 def _finish(run: _Run, p: _Prepared, losses: list[float]) -> TrainResult:
     """The final validation and samples, the adapter written, the summary logged and said."""
-    val_loss = run.validate(p.wrapper, p.valid_set, p.total_steps)
-    run.generations(p.model, p.valid_records, p.total_steps, "after")
-    gathered = gathered_adapter(p.model) if run.sharded else None  # collective: every process gathers
+    val_loss = run.validate(p.built.wrapper, p.datasets.validation, p.total_steps)
+    run.generations(p.built.model, p.datasets.validation_records, p.total_steps, "after")
+    gathered = gathered_adapter(p.built.model) if run.sharded else None  # collective: every process gathers
     if run.main:
         with writing(run.out), atomic_directory(run.out / "adapter", replace=True) as tmp:
-            save_adapter(p.model, tmp, state_dict=gathered)
+            save_adapter(p.built.model, tmp, state_dict=gathered)
     run.acc.wait_for_everyone()
     window = losses[-10:]
     peak = _peak_memory_bytes()
@@ -546,4 +493,4 @@ def _finish(run: _Run, p: _Prepared, losses: list[float]) -> TrainResult:
     )
     run.log(summary)
     run.say_summary(summary, len(window))
-    return TrainResult(p.model, dataclasses.asdict(summary))
+    return TrainResult(p.built.model, dataclasses.asdict(summary))

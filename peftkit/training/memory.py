@@ -69,34 +69,74 @@ class LiveBytes(TorchDispatchMode):
     it dequantizes inside (its ops run below the mode, unseen).
 
     Storages are told apart by their C++ object (`_cdata`, also on fake tensors) and
-    given a serial number, since a freed storage's address is reused.
+    given a serial number, since a freed storage's address is reused. A storage resized
+    in place (FSDP frees a gathered block by resizing its storage to zero, and gathers
+    into it again) is logged as freed and made anew: `UntypedStorage.resize_` is no op
+    the mode sees, so it is wrapped while the mode is on. A sharded tensor (DTensor)
+    counts its local shard.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.log: list[tuple[int, int]] = []  # (serial, +bytes) when made, (serial, -bytes) when freed
         self._serial: dict[int, int] = {}  # live storage -> its serial
+        self._bytes: dict[int, int] = {}  # serial -> its storage's bytes now
         self._next = 0
+        self._resize: Any = None
 
     def serial(self, tensor: torch.Tensor) -> int | None:
         """The serial of `tensor`'s storage, if it is counted."""
-        return self._serial.get(tensor.untyped_storage()._cdata)
+        return self._serial.get(_local(tensor).untyped_storage()._cdata)
 
     def add(self, tensor: torch.Tensor) -> int:
         """Count `tensor`'s storage (once); its serial."""
-        storage = tensor.untyped_storage()
+        return self._add_storage(_local(tensor).untyped_storage())
+
+    def _add_storage(self, storage: torch.UntypedStorage) -> int:
         key = storage._cdata
         if key not in self._serial:
             self._next += 1
             self._serial[key] = serial = self._next
+            self._bytes[serial] = storage.nbytes()
             self.log.append((serial, storage.nbytes()))
-            weakref.finalize(storage, self._free, key, serial, storage.nbytes())
+            weakref.finalize(storage, self._free, key, serial)
         return self._serial[key]
 
-    def _free(self, key: int, serial: int, nbytes: int) -> None:
+    def _free(self, key: int, serial: int) -> None:
         if self._serial.get(key) == serial:
             del self._serial[key]
-        self.log.append((serial, -nbytes))
+        nbytes = self._bytes.pop(serial, 0)
+        if nbytes:
+            self.log.append((serial, -nbytes))
+
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        """Log a storage's new size: its old bytes freed, its new ones made (counting it from now if it was not)."""
+        serial = self._serial.get(storage._cdata)
+        if serial is None:
+            if storage.nbytes():
+                self._add_storage(storage)
+            return
+        old, new = self._bytes[serial], storage.nbytes()
+        if old:
+            self.log.append((serial, -old))
+        if new:
+            self.log.append((serial, new))
+        self._bytes[serial] = new
+
+    def __enter__(self) -> LiveBytes:
+        original = self._resize = torch.UntypedStorage.resize_
+
+        def resize_(storage: torch.UntypedStorage, size: int) -> Any:
+            out = original(storage, size)
+            self._resized(storage)
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        torch.UntypedStorage.resize_ = self._resize
+        super().__exit__(*exc)
 
     def alive(self) -> set[int]:
         """The serials of the storages alive now."""
@@ -120,6 +160,13 @@ class LiveBytes(TorchDispatchMode):
     def peak_bytes(self) -> int:
         """The largest total the log reached."""
         return highest(self.log)[0]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor's local shard (what this process holds), else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from peftkit.dtypes import dtype_named
 from peftkit.errors import ConfigError
 from peftkit.files import atomic_directory, check_writable, destination_errors
 from peftkit.quant.config import QuantizationConfig, resolve_compute_dtype
-from peftkit.training.quantized import bitsandbytes_config, local_device, skipped_modules
+from peftkit.training.quantized import LOAD_BLOCKSIZE, bitsandbytes_config, local_device, skipped_modules
 from peftkit.weights import WeightSource, set_weight_source
 
 __all__ = [
@@ -34,12 +34,14 @@ __all__ = [
     "load_tokenizer",
     "model_config",
     "model_skeleton",
+    "model_on_meta",
     "text_config",
     "layer_count",
     "with_layers",
     "load_model",
     "checkpoint_weights",
     "generate_text",
+    "transformers_bars",
 ]
 
 EMBEDDED_MODEL = "gemma-3-270m"
@@ -229,6 +231,32 @@ def model_skeleton(name: str, dtype: torch.dtype | None = None, num_layers: int 
         raise ConfigError(f"model.name {name!r}: transformers cannot build it as a causal LM: {error}") from None
 
 
+def model_on_meta(
+    name: str,
+    dtype: torch.dtype,
+    quantization: QuantizationConfig | None = None,
+    compute_dtype: torch.dtype | None = None,
+    num_layers: int | None = None,
+) -> nn.Module:
+    """What `load_model` makes, built on the meta device from the config alone: no weight read or allocated.
+
+    With `quantization`, the linear layers it quantizes are the 4-bit layers a quantized load
+    makes (transformers' blocksize, codes and scales at their packed sizes, computing in
+    `compute_dtype`). The memory estimate steps it on fake tensors; under fsdp, the processes
+    that do not read the checkpoint shard it and receive their shards (`sharded_loading`).
+    """
+    model = model_skeleton(name, dtype, num_layers)
+    if quantization is not None:
+        from peftkit.quant import keep_one_kernel
+        from peftkit.quant.meta import quantize_on_meta  # 4 bits asked for: bitsandbytes is needed anyway
+
+        skipped = set(skipped_modules(model, quantization, "model.quantization"))
+        quantize_on_meta(model, quantization, skipped, compute_dtype, dtype, LOAD_BLOCKSIZE)
+        keep_one_kernel(model)
+    model.config._name_or_path = name
+    return model
+
+
 def load_model(
     name: str,
     dtype: str = "float32",
@@ -303,3 +331,19 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens:
         )
     model.train(was_training)
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@contextmanager
+def transformers_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars (weight loading) follow the run's: off when quiet and
+    on every process but the main one; the caller's setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()

@@ -47,9 +47,8 @@ from peftkit.quant.config import COMPUTE_DTYPES, default_compute_dtype
 from peftkit.training.config import RunConfig
 from peftkit.training.loss import CausalLMLoss, loss_chunk_size
 from peftkit.training.memory import LiveBytes, StepMemory, peak_breakdown, resident
-from peftkit.training.models import layer_count, model_config, model_skeleton
+from peftkit.training.models import layer_count, model_config, model_on_meta
 from peftkit.training.optim import build_optimizer
-from peftkit.training.quantized import LOAD_BLOCKSIZE, skipped_modules
 
 __all__ = ["Simulation"]
 
@@ -174,15 +173,12 @@ class Simulation:
         dtype = dtype_named(config.model.dtype, "model.dtype")
         quantization = config.base_quantization()
         self.num_layers = layer_count(model_config(config.model.name))
-        model = model_skeleton(config.model.name, dtype, num_layers)
+        compute = None
+        if quantization is not None:
+            compute = COMPUTE_DTYPES[quantization.compute_dtype or default_compute_dtype(device_type)]
         # The adapter is attached on the meta device (FakeTensorMode refuses the tensor swaps of
         # `Module.to`), then every tensor becomes a fake one.
-        if quantization is not None:  # as a 4-bit load replaces them, at transformers' blocksize
-            from peftkit.quant.meta import quantize_on_meta
-
-            skipped = set(skipped_modules(model, quantization, "model.quantization"))
-            compute = COMPUTE_DTYPES[quantization.compute_dtype or default_compute_dtype(device_type)]
-            quantize_on_meta(model, quantization, skipped, compute, dtype, LOAD_BLOCKSIZE)
+        model = model_on_meta(config.model.name, dtype, quantization, compute, num_layers)
         with _FakeStep():  # for the .item() of a check
             adapt(model, config.method)
         if config.model.gradient_checkpointing:

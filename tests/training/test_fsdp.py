@@ -41,13 +41,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("tiny") / "model", **SHAPE)
 
 
-def _run(root: Path, model_dir: Path, batch_size: int, method: str = "lora", **sections: Any) -> Path:
+def _run(
+    root: Path, model_dir: Path, batch_size: int, method: str = "lora", init: dict | None = None, **sections: Any
+) -> Path:
     training = {"batch_size": batch_size, "max_steps": 4, "learning_rate": 5e-3, "distributed": {"strategy": "fsdp"}}
     training.update(sections.pop("training", {}))
     return write_run(
         root,
         model_dir,
-        method={"name": method, "r": 4, "alpha": 8, "target_modules": "all-linear"},
+        method={"name": method, "r": 4, "alpha": 8, "target_modules": "all-linear", **(init or {})},
         training=training,
         **sections,
     )
@@ -76,6 +78,7 @@ def _frozen_bytes(model: torch.nn.Module) -> int:
 
 
 CASES = {"lora": ("lora", {}), "dora": ("dora", {}), "lora-4bit": ("lora", QUANTIZED)}
+INITS = {"pissa": {"init": "pissa"}, "eva": {"init": "eva"}}
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +89,11 @@ def pairs(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Callable
 
     def pair(case: str) -> tuple[Path, int]:
         if case not in made:
-            method, model = CASES[case]
+            method, model = CASES.get(case, ("lora", {}))
             root = tmp_path_factory.mktemp(case)
-            single = train(load_config(_run(root / "one", model_dir, 4, method, model=model)), quiet=True)
-            double = _run(root / "two", model_dir, 2, method, model=model, output={"save_every": 2})
+            init = INITS.get(case, {})
+            single = train(load_config(_run(root / "one", model_dir, 4, method, init, model=model)), quiet=True)
+            double = _run(root / "two", model_dir, 2, method, init, model=model, output={"save_every": 2})
             done = _torchrun(double, root)
             assert done.returncode == 0, done.stderr[-3000:]
             made[case] = root, _frozen_bytes(single.model)
@@ -115,6 +119,39 @@ def test_two_sharded_processes_train_as_one(pairs: Callable[[str], tuple[Path, i
     for rank in (0, 1):
         held = json.loads((root / f"rank{rank}.json").read_text())["frozen_bytes"]
         assert abs(held / frozen - 0.5) < 0.03
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", list(CASES))
+def test_only_the_main_process_reads_the_whole_model(pairs: Callable[[str], tuple[Path, int]], case: str) -> None:
+    """Rank 1 builds the model on the meta device and receives its shards: while loading, its live tensors
+    peak at what it keeps (its shards, buffers, 4-bit quantization states) plus one whole tensor in flight."""
+    root, _ = pairs(case)
+    rank1 = json.loads((root / "rank1.json").read_text())
+    assert rank1["held_bytes"] <= rank1["loading_peak"] <= rank1["held_bytes"] + rank1["largest_bytes"] + 4096
+    if case != "lora-4bit":  # dense: half the parameters, never the whole model (the 4-bit one is mostly its head)
+        assert rank1["loading_peak"] < 0.7 * rank1["whole_bytes"], rank1
+    # The loop's meter runs under fsdp too (the main process's share: its shards, the blocks while gathered).
+    lines = [json.loads(line) for line in (root / "two" / "run" / "metrics.jsonl").read_text().splitlines()]
+    measured = next(line["summary"]["measured_step_peak_bytes"] for line in lines if "summary" in line)
+    assert measured > json.loads((root / "rank0.json").read_text())["held_bytes"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", list(INITS))
+def test_inits_that_read_the_weights_or_data_run_on_the_main_process(
+    pairs: Callable[[str], tuple[Path, int]], case: str
+) -> None:
+    """PiSSA changes the base weights, EVA reads the first batches (and may change the ranks): computed on
+    the main process, whose random sequence is one process's, then sent; 2 processes train as 1."""
+    root, _ = pairs(case)
+    assert torch.allclose(_losses(root / "two" / "run"), _losses(root / "one" / "run"), rtol=1e-5, atol=0)
+    saved_one, saved_two = load_file(root / "one" / "run" / WEIGHTS), load_file(root / "two" / "run" / WEIGHTS)
+    assert saved_two.keys() == saved_one.keys()
+    assert max((saved_two[k] - saved_one[k]).abs().max() for k in saved_one) < 1e-5
+    config = json.loads((root / "two" / "run" / "adapter" / "adapter_config.json").read_text())
+    # PiSSA saves the plain LoRA of rank 2r that applies to the original base
+    assert (config["r"], config["init_lora_weights"]) == ((8, True) if case == "pissa" else (4, "eva"))
 
 
 @pytest.mark.multiprocess

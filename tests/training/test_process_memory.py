@@ -56,11 +56,29 @@ def test_fsdp_shards_resident_tensors_and_adds_the_gathered_blocks(model_dir: Pa
     root = _bytes([p for p in model.parameters() if id(p) not in in_layers])
     block = _bytes(list(layers[0].parameters()))
     block_grads = _bytes([p for p in layers[0].parameters() if p.requires_grad])
-    assert two.breakdown["temporaries"] == one.breakdown["temporaries"] + root + 2 * block + block_grads
+    # At the step's peak: the root gathered, its all-gather output and the last block's kept, one block's gradients.
+    assert two.breakdown["temporaries"] == one.breakdown["temporaries"] + 2 * root + block + block_grads
     # This model is mostly its embedding and head (the root, gathered whole for the step): no saving here.
     assert two.peak_bytes == sum(two.breakdown.values()) > one.peak_bytes
+    # At the forward's start the root and the first block are gathered beside their all-gather outputs.
+    start = sum(two.breakdown[name] for name in ("base_weights", "trainable_parameters", "optimizer_state"))
+    assert two.peak_bytes >= start + 2 * (root + block)
     # With one process the same file runs unsharded: the figure is the one-process step's.
     assert per_process(one, model, config, 1) == one
+
+
+def test_a_short_step_of_a_model_mostly_head_peaks_at_the_forwards_start(model_dir: Path, simulated: tuple) -> None:
+    simulation, _ = simulated
+    model = simulation.model
+    one = simulation.step(batch_size=1, max_length=4)  # almost no activations
+    two = per_process(one, model, build_config(_raw(model_dir, strategy="fsdp"), data_files=False), 2)
+    layers = list(model.model.layers)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    root = _bytes([p for p in model.parameters() if id(p) not in in_layers])
+    block = _bytes(list(layers[0].parameters()))
+    assert (two.breakdown["activations"], two.breakdown["gradients"]) == (0, 0)
+    assert two.breakdown["temporaries"] == 2 * (root + block)
+    assert two.peak_bytes > 2 * one.peak_bytes  # the root twice, where one process holds it once
 
 
 def test_cpu_offload_and_ddp(model_dir: Path, simulated: tuple) -> None:

@@ -160,16 +160,16 @@ def test_qlora_under_train_loads_straight_into_4bit(
     model_dir: Path, tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`qlora` means lora over the default 4-bit base: every linear layer but the head, at load time."""
-    import peftkit.training.loop as loop
+    import peftkit.training.sharded_loading as loading  # where the loop's loading calls load_model
 
     loads: list[object] = []
-    real = loop.load_model
+    real = loading.load_model
 
     def spy(name: str, dtype: str, quantization: object, device: object) -> nn.Module:
         loads.append(quantization)
         return real(name, dtype, quantization, device)
 
-    monkeypatch.setattr(loop, "load_model", spy)
+    monkeypatch.setattr(loading, "load_model", spy)
     config = load_config(
         write_run(
             tmp_path, model_dir, model={"dtype": "bfloat16"}, method={"name": method, "target_modules": ["q_proj"]}

@@ -18,6 +18,7 @@ import peftkit.saving
 import peftkit.training.checkpoint
 import peftkit.training.loop
 import peftkit.training.rundir as rundir
+import peftkit.training.sharded_loading
 from peftkit.cli import main
 from peftkit.training.checkpoint import list_checkpoints
 from peftkit.training.rundir import run_state
@@ -175,7 +176,7 @@ def no_model_loads(monkeypatch) -> None:
         raise AssertionError("the model loaded before the output directory was checked")
 
     monkeypatch.setattr(peftkit.training.loop, "load_tokenizer", refuse)
-    monkeypatch.setattr(peftkit.training.loop, "load_model", refuse)
+    monkeypatch.setattr(peftkit.training.sharded_loading, "load_model", refuse)
 
 
 def test_a_full_disk_fails_before_the_model_loads(tmp_path: Path, model_dir: Path, capsys, monkeypatch) -> None:
