@@ -262,12 +262,15 @@ def load_model(
     dtype: str = "float32",
     quantization: QuantizationConfig | None = None,
     device: str | torch.device | None = None,
+    compute_device: torch.device | None = None,
 ) -> nn.Module:
     """A causal LM for `name`; it remembers `name` (not the cache path) so adapters record it.
 
     With `quantization` (a `peftkit.quant.QuantizationConfig`) the linear layers load
     straight into 4 bits on `device` (default: this process's), weight by weight as the shards are
-    read; the layers it leaves dense stay in `dtype`.
+    read; the layers it leaves dense stay in `dtype`. Their compute dtype is chosen for
+    `compute_device` (default: `device`), the one the model will run on when it loads elsewhere
+    (under fsdp the main process loads into host memory for a GPU).
     """
     from transformers import AutoModelForCausalLM
 
@@ -276,7 +279,7 @@ def load_model(
     if quantization is not None:
         target = torch.device(device or local_device())
         skipped = skipped_modules(model_skeleton(name), quantization, "model.quantization")
-        compute = resolve_compute_dtype(quantization.compute_dtype, target)
+        compute = resolve_compute_dtype(quantization.compute_dtype, compute_device or target)
         options = {
             "quantization_config": bitsandbytes_config(quantization, compute, skipped),
             "device_map": {"": target},

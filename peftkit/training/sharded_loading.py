@@ -49,11 +49,13 @@ def base_model(config: RunConfig, device: torch.device, sharded: bool) -> nn.Mod
     quantization = config.base_quantization()
     if config.training.distributed.strategy == "fsdp":  # one process loads as several do: same numbers
         quantization = sharded_quantization(quantization, config.model.dtype)
-    if sharded and not _on_main():
-        dtype = dtype_named(config.model.dtype, "model.dtype")
-        compute = resolve_compute_dtype(quantization.compute_dtype, device) if quantization else None
-        return model_on_meta(config.model.name, dtype, quantization, compute)
-    return load_model(config.model.name, config.model.dtype, quantization, device)
+    if not sharded:
+        return load_model(config.model.name, config.model.dtype, quantization, device)
+    if _on_main():  # host memory: FSDP moves each block to the device as it shards it
+        return load_model(config.model.name, config.model.dtype, quantization, "cpu", compute_device=device)
+    dtype = dtype_named(config.model.dtype, "model.dtype")
+    compute = resolve_compute_dtype(quantization.compute_dtype, device) if quantization else None
+    return model_on_meta(config.model.name, dtype, quantization, compute)
 
 
 def attach_adapter(
@@ -97,7 +99,7 @@ def shard_from_main(wrapper: nn.Module, config: DistributedConfig, device: torch
     blocks = shard_model(wrapper, config)
     if not main:
         wrapper.to_empty(device=device)
-        _allocate_quant_states(wrapper, device)
+    _place_quant_states(wrapper, device, main)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(wrapper, whole, options=options)
     whole.clear()
@@ -129,11 +131,14 @@ def _quant_states(model: nn.Module) -> Iterator[tuple[str, Any]]:
             yield path, module.quant_state
 
 
-def _allocate_quant_states(model: nn.Module, device: torch.device) -> None:
+def _place_quant_states(model: nn.Module, device: torch.device, filled: bool) -> None:
+    """Put each 4-bit layer's quantization state on `device`: moved there on the main process (`filled`:
+    `fully_shard` moves parameters and buffers, not this module attribute), allocated to receive it elsewhere."""
     from peftkit.quant.meta import remade_state  # the model has 4-bit layers: bitsandbytes is loaded
 
+    make = (lambda t: t.to(device)) if filled else (lambda t: torch.empty_like(t, device=device))
     for path, state in list(_quant_states(model)):
-        model.get_submodule(path).quant_state = remade_state(state, lambda t: torch.empty_like(t, device=device))
+        model.get_submodule(path).quant_state = remade_state(state, make)
 
 
 def _signature(model: nn.Module) -> tuple[list[tuple[Any, ...]], list[str]]:
