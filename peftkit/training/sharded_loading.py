@@ -11,8 +11,8 @@
 
 accelerate's `cpu_ram_efficient_loading` for FSDP2 does the same for dense models (and
 leaves 4-bit ones out): a process other than the main one holds its shards plus one
-whole tensor in flight, never the model. The main process holds the whole model until
-its tensors are sent, then its shards. Everything the adapter's init computes (PiSSA,
+whole tensor in flight (two at a hand-over), never the model. The main process holds the
+whole model until its tensors are sent, then its shards. Everything the adapter's init computes (PiSSA,
 OLoRA, LoftQ from the weights, EVA from the data, and the Kaiming draws of A) is computed
 there, on the random sequence a one-process run follows, and sent: every process starts
 from the values one process would have.
