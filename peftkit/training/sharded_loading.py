@@ -151,10 +151,11 @@ def _signature(model: nn.Module) -> tuple[list[tuple[Any, ...]], list[str]]:
         (name, tuple(p.shape), str(p.dtype), p.requires_grad) for name, p in model.named_parameters()
     ]
     same += [(name, tuple(b.shape), str(b.dtype)) for name, b in _buffers(model, persistent=True)]
-    if any(True for _ in _quant_states(model)):
+    states = list(_quant_states(model))
+    if states:
         from peftkit.quant import quant_state_tensors  # the model has 4-bit layers: bitsandbytes is loaded
 
-        for path, state in _quant_states(model):
+        for path, state in states:
             shapes = [(tuple(t.shape), str(t.dtype)) for t in quant_state_tensors(state)]
             same.append((path, state.blocksize, state.quant_type, str(state.dtype), shapes))
     return same, [name for name, _ in _buffers(model, persistent=False)]
